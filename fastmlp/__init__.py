@@ -1,0 +1,29 @@
+"""fastmlp: train deep MLPs while watching every layer (Glorot & Bengio, 2010)."""
+
+from fastmlp.activations import ACTIVATIONS, Activation, get_activation
+from fastmlp.init import INITS, initialize_
+from fastmlp.layers import MLP, InstrumentedLinear
+from fastmlp.model_stats import ModelStats, instrumented_layers
+from fastmlp.probe import probe
+from fastmlp.snapshot import QuantityStats, Snapshot
+from fastmlp.stats import QUANTITIES, LayerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "MLP",
+    "QUANTITIES",
+    "Activation",
+    "InstrumentedLinear",
+    "LayerStats",
+    "ModelStats",
+    "QuantityStats",
+    "Snapshot",
+    "__version__",
+    "get_activation",
+    "initialize_",
+    "instrumented_layers",
+    "probe",
+]

@@ -1,0 +1,218 @@
+"""Host-side views of accumulated statistics: :class:`Snapshot` and :class:`QuantityStats`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fastmlp.stats import (
+    ACTIVATION,
+    COUNT,
+    MAX,
+    MIN,
+    NONFINITE,
+    QUANTITIES,
+    SAT_HIGH,
+    SAT_LOW,
+    SUM,
+    SUMSQ,
+    LayerStats,
+)
+
+__all__ = ["QuantityStats", "Snapshot", "ROW_FIELDS"]
+
+ROW_FIELDS = (
+    "layer",
+    "quantity",
+    "count",
+    "mean",
+    "var",
+    "std",
+    "min",
+    "max",
+    "nonfinite",
+    "saturated_low",
+    "saturated_high",
+    "saturated",
+    "hist_edges",
+    "hist_counts",
+    "underflow",
+    "overflow",
+)
+
+
+@dataclass(frozen=True)
+class QuantityStats:
+    """Statistics of one quantity of one layer, accumulated since the last reset.
+
+    Figures that have no data (``count == 0``, a disabled histogram, saturation
+    of a non-saturating activation) are ``None``. ``var`` is the population
+    variance. Saturated fractions are relative to ``count`` (finite values).
+    """
+
+    layer: int
+    quantity: str
+    count: int
+    nonfinite: int
+    mean: float | None = None
+    var: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    saturated_low: float | None = None
+    saturated_high: float | None = None
+    hist_edges: list[float] | None = field(default=None, repr=False)
+    hist_counts: list[int] | None = field(default=None, repr=False)
+    underflow: int | None = None
+    overflow: int | None = None
+
+    @property
+    def saturated(self) -> float | None:
+        """Fraction saturated at either end."""
+        if self.saturated_low is None or self.saturated_high is None:
+            return None
+        return self.saturated_low + self.saturated_high
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-th percentile (0..100), read off the histogram by linear interpolation.
+
+        Values in the underflow (overflow) count are spread between ``min`` and
+        the range's low edge (the high edge and ``max``). ``None`` without data.
+        """
+        if not 0 <= q <= 100:
+            raise ValueError(f"percentile must be in [0, 100], got {q}")
+        if self.count == 0 or self.hist_counts is None:
+            return None
+        edges = [self.min, *self.hist_edges, self.max]
+        counts = [self.underflow, *self.hist_counts, self.overflow]
+        lows = [min(edges[0], edges[1]), *self.hist_edges[:-1], self.hist_edges[-1]]
+        highs = [self.hist_edges[0], *self.hist_edges[1:], max(edges[-1], edges[-2])]
+        target = q / 100 * self.count
+        seen = 0.0
+        for lo, hi, c in zip(lows, highs, counts, strict=True):
+            if c and seen + c >= target:
+                frac = (target - seen) / c
+                value = lo + frac * (hi - lo)
+                return float(min(max(value, self.min), self.max))
+            seen += c
+        return float(self.max)
+
+    def row(self) -> dict:
+        """This quantity as a flat dict in the row schema of DESIGN.md."""
+        out = {name: getattr(self, name) for name in ROW_FIELDS}
+        return out
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def quantity_stats(
+    layer: int,
+    q: int,
+    acc: np.ndarray,
+    shift: float,
+    hist: np.ndarray | None,
+    hist_range: np.ndarray,
+    saturation: bool,
+) -> QuantityStats:
+    """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
+    n = int(acc[COUNT])
+    nonfinite = int(acc[NONFINITE])
+    if n == 0:
+        return QuantityStats(layer, QUANTITIES[q], 0, nonfinite)
+    m1 = acc[SUM] / n
+    var = max(acc[SUMSQ] / n - m1 * m1, 0.0)
+    kw: dict = {
+        "mean": float(shift + m1),
+        "var": float(var),
+        "std": math.sqrt(var),
+        "min": _finite_or_none(acc[MIN]),
+        "max": _finite_or_none(acc[MAX]),
+    }
+    if saturation and q == ACTIVATION:
+        kw["saturated_low"] = float(acc[SAT_LOW] / n)
+        kw["saturated_high"] = float(acc[SAT_HIGH] / n)
+    if hist is not None:
+        bins = hist.shape[0] - 2
+        lo, hi = float(hist_range[0]), float(hist_range[1])
+        kw["hist_edges"] = np.linspace(lo, hi, bins + 1).tolist()
+        kw["hist_counts"] = hist[1:-1].astype(np.int64).tolist()
+        kw["underflow"] = int(hist[0])
+        kw["overflow"] = int(hist[-1])
+    return QuantityStats(layer, QUANTITIES[q], n, nonfinite, **kw)
+
+
+class Snapshot:
+    """Statistics of every instrumented layer, copied to the host.
+
+    Index as ``snapshot[layer][quantity]`` (layers are 1-based; the output
+    layer of an :class:`~fastmlp.MLP` is ``depth + 1``).
+    """
+
+    def __init__(self, layers: dict[int, dict[str, QuantityStats]]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def from_layers(cls, indexed: Sequence[tuple[int, LayerStats]]) -> Snapshot:
+        """Copy the accumulators of ``(layer index, LayerStats)`` pairs to the host at once."""
+        if not indexed:
+            return cls({})
+        parts = []
+        for _, s in indexed:
+            parts += [s.acc.reshape(-1), s.shift, s.hist_range.reshape(-1)]
+            parts.append(s.hist.reshape(-1).to(torch.float64))
+        flat = torch.cat([p.to(indexed[0][1].acc.device) for p in parts]).cpu().numpy()
+        layers: dict[int, dict[str, QuantityStats]] = {}
+        pos = 0
+        for index, s in indexed:
+            nq, nf = s.acc.shape
+            acc = flat[pos : pos + nq * nf].reshape(nq, nf)
+            pos += nq * nf
+            shift = flat[pos : pos + nq]
+            pos += nq
+            rng = flat[pos : pos + 2 * nq].reshape(nq, 2)
+            pos += 2 * nq
+            hist = flat[pos : pos + s.hist.numel()].reshape(s.hist.shape)
+            pos += s.hist.numel()
+            layers[index] = {
+                name: quantity_stats(
+                    index,
+                    q,
+                    acc[q],
+                    shift[q],
+                    hist[q] if s.histograms and s.calibrated[q] else None,
+                    rng[q],
+                    s.saturation_active,
+                )
+                for q, name in enumerate(QUANTITIES)
+            }
+        return cls(layers)
+
+    def __getitem__(self, layer: int) -> dict[str, QuantityStats]:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise KeyError(f"no layer {layer}; layers are {sorted(self.layers)}") from None
+
+    def __iter__(self) -> Iterator[QuantityStats]:
+        for index in sorted(self.layers):
+            yield from self.layers[index].values()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def rows(self) -> list[dict]:
+        """One flat dict per layer x quantity (the row schema of DESIGN.md)."""
+        return [qs.row() for qs in self]
+
+    def percentile(self, layer: int, quantity: str, q: float) -> float | None:
+        """Shorthand for ``snapshot[layer][quantity].percentile(q)``."""
+        return self[layer][quantity].percentile(q)
+
+    def __repr__(self) -> str:
+        return f"Snapshot(layers={sorted(self.layers)})"

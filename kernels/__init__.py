@@ -1,0 +1,1 @@
+"""Fused Triton kernels (installed as ``fastmlp.kernels``)."""
