@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import fastmlp
+
+# Modules under fastmlp.commands, each with ``register(subparsers)`` adding its sub-command
+# (a parser whose ``func(args) -> int`` runs it).
+COMMANDS: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train deep MLPs while watching every layer (Glorot & Bengio, 2010).",
     )
     parser.add_argument("--version", action="version", version=f"fastmlp {fastmlp.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"fastmlp.commands.{name}").register(sub)
     return parser
 
 
@@ -26,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

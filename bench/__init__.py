@@ -1,0 +1,1 @@
+"""Benchmarks: fastmlp vs hooks vs plain PyTorch (installed as ``fastmlp.bench``)."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fastmlp`` CLI; each module defines ``register(subparsers)``."""
