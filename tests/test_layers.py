@@ -1,0 +1,223 @@
+"""InstrumentedLinear and MLP against plain PyTorch; gradcheck; bad input (issue 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference import ACTS, torch_act
+from torch import nn
+from torch.func import functional_call
+
+from fastmlp import ACTIVATIONS, INITS, MLP, InstrumentedLinear, ModelStats
+
+
+def _plain(layer: InstrumentedLinear) -> nn.Linear:
+    """nn.Linear with the same parameters (the uninstrumented reference)."""
+    lin = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.weight.dtype
+    )
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias)
+    return lin
+
+
+def _compare_with_plain(layer, x, up):
+    lin = _plain(layer)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    out = layer(xa)
+    ref = torch_act(layer.activation.name, lin(xb))
+    torch.testing.assert_close(out, ref)
+    out.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, lin.weight.grad)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, lin.bias.grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("batch", [1, 10, 257])
+def test_outputs_and_gradients_equal_plain_pytorch(act, batch, bias):
+    g = torch.Generator().manual_seed(batch)
+    layer = InstrumentedLinear(37, 29, act, bias=bias, zero_bias=False, generator=g)
+    x = 2 * torch.randn(batch, 37, generator=g)
+    up = torch.randn(batch, 29, generator=g)
+    _compare_with_plain(layer, x, up)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_float64(act):
+    g = torch.Generator().manual_seed(0)
+    layer = InstrumentedLinear(5, 3, act, zero_bias=False, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    if act == "relu":  # keep pre-activations away from the kink
+        with torch.no_grad():
+            z = x @ layer.weight.T + layer.bias
+            layer.bias.add_(torch.where(z.abs().amin(0) < 0.05, 0.2, 0.0))
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    x.requires_grad_(True)
+
+    def f(x, w, b):
+        return functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert ModelStats(layer).snapshot()[1]["weight_grad"].count > 0  # instrumented throughout
+
+
+def test_gradcheck_without_bias_float64():
+    layer = InstrumentedLinear(4, 6, "softsign", bias=False, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: functional_call(layer, {"weight": w}, (x,)), (x, w)
+    )
+
+
+def test_one_dimensional_input():
+    g = torch.Generator().manual_seed(0)
+    layer = InstrumentedLinear(7, 3, "tanh", zero_bias=False, generator=g)
+    x = torch.randn(7, generator=g)
+    out = layer(x)
+    assert out.shape == (3,)
+    out.sum().backward()
+    snap = ModelStats(layer).snapshot()[1]
+    assert snap["preactivation"].count == 3 and snap["weight_grad"].count == 21
+    torch.testing.assert_close(out, layer(x[None])[0])
+
+
+def test_leading_batch_dimensions():
+    layer = InstrumentedLinear(7, 3, "sigmoid")
+    x = torch.randn(2, 5, 7)
+    out = layer(x)
+    assert out.shape == (2, 5, 3)
+    torch.testing.assert_close(out.reshape(10, 3), layer(x.reshape(10, 7)))
+
+
+def test_non_contiguous_input():
+    g = torch.Generator().manual_seed(1)
+    layer = InstrumentedLinear(6, 4, "softsign", zero_bias=False, generator=g)
+    base = torch.randn(6, 11, generator=g)
+    x = base.t()  # [11, 6], non-contiguous
+    assert not x.is_contiguous()
+    up = torch.randn(11, 4, generator=g)
+    _compare_with_plain(layer, x, up)
+    wide = torch.randn(11, 12, generator=g)[:, ::2]  # strided columns
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(layer(wide), layer(wide.contiguous()))
+
+
+def test_float64_layer_matches_plain():
+    g = torch.Generator().manual_seed(2)
+    layer = InstrumentedLinear(9, 5, "tanh", zero_bias=False, generator=g, dtype=torch.float64)
+    x = torch.randn(8, 9, generator=g, dtype=torch.float64)
+    up = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    _compare_with_plain(layer, x, up)
+
+
+def test_mlp_equals_plain_sequential():
+    model = MLP(12, 4, depth=3, width=[9, 7, 5], activation="tanh", seed=0, zero_bias=False)
+    assert model.depth == 3
+    assert [layer.layer_index for layer in model.layers] == [1, 2, 3, 4]
+    assert [layer.activation.name for layer in model.layers] == ["tanh"] * 3 + ["identity"]
+    mods = []
+    for layer in model.layers:
+        mods.append(_plain(layer))
+        if layer.activation.name == "tanh":
+            mods.append(nn.Tanh())
+    plain = nn.Sequential(*mods)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 12, generator=g)
+    y = torch.randint(0, 4, (10,), generator=g)
+    loss_a = nn.functional.cross_entropy(model(x), y)
+    loss_b = nn.functional.cross_entropy(plain(x), y)
+    torch.testing.assert_close(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    plain_linears = [m for m in plain if isinstance(m, nn.Linear)]
+    for layer, lin in zip(model.layers, plain_linears, strict=True):
+        torch.testing.assert_close(layer.weight.grad, lin.weight.grad)
+        torch.testing.assert_close(layer.bias.grad, lin.bias.grad)
+    snap = model.stats.snapshot()
+    assert sorted(snap.layers) == [1, 2, 3, 4]
+    assert snap[4]["preactivation"].count == 40 and snap[4]["weight_grad"].count == 20
+
+
+def test_mlp_default_is_the_papers_network():
+    model = MLP(20, 10, seed=0)
+    assert model.depth == 5
+    shapes = [tuple(layer.weight.shape) for layer in model.layers]
+    assert shapes == [(1000, 20)] + [(1000, 1000)] * 4 + [(10, 1000)]
+    assert model.layers[0].activation.name == "tanh"
+
+
+def test_mlp_flattens_images():
+    model = MLP(16, 3, depth=1, width=5, seed=0)
+    assert model(torch.randn(2, 4, 4)).shape == (2, 3)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_wrong_feature_count_names_shapes():
+    layer = InstrumentedLinear(7, 3)
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(4, 5))
+    msg = str(info.value)
+    assert "7" in msg and "(4, 5)" in msg
+    with pytest.raises(ValueError):
+        layer(torch.tensor(1.0))
+    model = MLP(7, 3, depth=1, width=4)
+    with pytest.raises(ValueError, match="7"):
+        model(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64]
+)
+def test_non_float_dtype_raises_type_error(dtype):
+    layer = InstrumentedLinear(3, 2)
+    x = torch.ones(2, 3).to(dtype)
+    with pytest.raises(TypeError):
+        layer(x)
+
+
+def test_dtype_mismatch_raises_type_error():
+    layer = InstrumentedLinear(3, 2)
+    with pytest.raises(TypeError):
+        layer(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_unknown_activation_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        InstrumentedLinear(3, 2, "swish")
+    for name in ACTIVATIONS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError):
+        MLP(3, 2, depth=1, width=4, activation="gelu")
+
+
+def test_unknown_init_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        InstrumentedLinear(3, 2, init="he")
+    for name in INITS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError):
+        MLP(3, 2, depth=1, width=4, init="orthogonal")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError):
+        InstrumentedLinear(bad, 3)
+    with pytest.raises(ValueError):
+        InstrumentedLinear(3, bad)
+
+
+def test_odd_bins_raise():
+    with pytest.raises(ValueError):
+        InstrumentedLinear(3, 2, bins=63)

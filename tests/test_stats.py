@@ -1,0 +1,453 @@
+"""Every statistic against an independent float64 numpy reference (issue 2, acceptance)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from _reference import (
+    ACTS,
+    FIXED_RANGE,
+    QUANTITIES,
+    ROW_KEYS,
+    SATURATION,
+    assert_matches,
+    capture,
+    stream_stats,
+)
+
+from fastmlp import MLP, InstrumentedLinear, LayerStats, ModelStats, get_activation
+
+
+def _layer(n_in, n_out, act, *, seed=0, bins=64, bias=True, dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    layer = InstrumentedLinear(
+        n_in, n_out, act, bias=bias, zero_bias=False, bins=bins, generator=g, dtype=dtype
+    )
+    return layer
+
+
+def _run(layer, xs, upstreams, grad_from_h=None):
+    """Forward/backward every batch through ``layer``; return the float64 reference quantities.
+
+    ``grad_from_h``: None (float64 autograd), True (``f'`` through the float64 ``h``) or
+    "layer" (``f'`` through the layer's own output, see ``capture``).
+    """
+    captured = {q: [] for q in QUANTITIES}
+    for x, up in zip(xs, upstreams, strict=True):
+        out = layer(x)
+        gh = out if grad_from_h == "layer" else grad_from_h
+        ref = capture(x, layer.weight, layer.bias, layer.activation.name, up, grad_from_h=gh)
+        out.backward(up)
+        for q in QUANTITIES:
+            captured[q].append(ref[q])
+    return captured
+
+
+def _check(layer, captured, *, rel_tol=1e-5, check_percentile=True, grad_minmax_rel=1e-5):
+    act = layer.activation.name
+    snap = ModelStats(layer).snapshot()[layer.layer_index]
+    for q in QUANTITIES:
+        fin = [b[np.isfinite(b)] for b in captured[q]]
+        maxabs = max((float(np.abs(f).max()) for f in fin if f.size), default=0.0)
+        is_act = q == "activation"
+        ref = stream_stats(
+            captured[q],
+            bins=layer.stats.bins,
+            fixed_range=FIXED_RANGE.get(act) if is_act else None,
+            thresholds=SATURATION.get(act) if is_act else None,
+            tol=rel_tol * maxabs,
+        )
+        assert_matches(
+            snap[q],
+            ref,
+            saturating=is_act and act in SATURATION,
+            check_percentile=check_percentile,
+            minmax_rel=grad_minmax_rel if q.endswith("grad") else 1e-5,
+        )
+    return snap
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("batch", [1, 10, 257])
+@pytest.mark.parametrize("shape", [(37, 29), (3, 1)])
+def test_single_batch_matches_reference(act, batch, shape):
+    n_in, n_out = shape
+    layer = _layer(n_in, n_out, act, seed=batch)
+    g = torch.Generator().manual_seed(1000 + batch)
+    x = 2 * torch.randn(batch, n_in, generator=g)
+    up = torch.randn(batch, n_out, generator=g)
+    _check(layer, _run(layer, [x], [up]))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_several_steps_with_growing_values_match_reference(act):
+    """Three steps, the later ones with larger values: exercises under/overflow and range growth."""
+    layer = _layer(23, 19, act, seed=5, bins=16)
+    g = torch.Generator().manual_seed(7)
+    xs = [s * torch.randn(31, 23, generator=g) for s in (0.5, 4.0, 3.0)]
+    ups = [s * torch.randn(31, 19, generator=g) for s in (1.0, 20.0, 10.0)]
+    _check(layer, _run(layer, xs, ups), check_percentile=False)
+
+
+# Targets (z offset, z spread) that pin each activation's output near a saturation bound.
+_PINNED = {
+    # sigmoid(6.9068) = 0.999; dh/dz = h(1-h) ~ 1e-3, so a spread of 0.1 in z gives 1e-4 in h
+    "sigmoid": (math.log(0.999 / 0.001), 0.1),
+    "tanh": (math.atanh(0.999), 0.05),  # 1 - h^2 ~ 2e-3
+    "softsign": (999.0, 100.0),  # (1 - |h|)^2 ~ 1e-6
+    "relu": (1000.0, 1e-3),  # large offset, tiny spread: shifted sums matter
+    "identity": (-1000.0, 1e-3),
+}
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("act", ACTS)
+def test_pinned_near_saturation(act, sign):
+    offset, spread = _PINNED[act]
+    if act == "sigmoid" and sign < 0:
+        offset = -offset  # sigmoid outputs 0.001 +- 1e-4
+    elif act != "identity":
+        offset = sign * offset if act != "relu" else offset
+    n_in, n_out, batch = 31, 17, 257
+    layer = _layer(n_in, n_out, act, seed=3)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_out, n_in, generator=g) * spread / math.sqrt(n_in))
+        layer.bias.fill_(offset)
+    xs = [torch.randn(batch, n_in, generator=g) for _ in range(2)]
+    ups = [torch.randn(batch, n_out, generator=g) for _ in range(2)]
+    captured = _run(layer, xs, ups, grad_from_h="layer")
+    h = np.concatenate([b.ravel() for b in captured["activation"]])
+    if act in ("sigmoid", "tanh", "softsign"):
+        target = 0.999 if offset > 0 else (0.001 if act == "sigmoid" else -0.999)
+        assert abs(h.mean() - target) < 3e-5 and 5e-5 < h.std() < 2e-4  # the setup is right
+    # float32 ``1 - h*h`` at |h| = 0.999 carries ~1.5e-5 relative rounding: the gradient
+    # values themselves (not their statistics) are that far from float64
+    snap = _check(layer, captured, rel_tol=1e-6, grad_minmax_rel=1e-4)
+    if act in SATURATION:
+        a = snap["activation"]
+        assert (a.saturated_high if offset > 0 else a.saturated_low) == 1.0
+
+
+def test_accumulation_over_more_than_1e7_elements():
+    """A 1000x1000 sigmoid layer pinned near 0.999, 5 steps of batch 2048 (1.02e7 elements)."""
+    n, batch, steps = 1000, 2048, 5
+    layer = _layer(n, n, "sigmoid", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, n, generator=g) * 0.1 / math.sqrt(n))
+        layer.bias.fill_(math.log(0.999 / 0.001))
+    xs = [torch.randn(batch, n, generator=g) for _ in range(steps)]
+    ups = [torch.randn(batch, n, generator=g) for _ in range(steps)]
+    captured = _run(layer, xs, ups, grad_from_h="layer")
+    snap = _check(layer, captured, rel_tol=1e-6, check_percentile=False)
+    assert snap["activation"].count == steps * batch * n > 10**7
+    assert snap["weight_grad"].count == steps * n * n
+
+
+def test_count_exact_beyond_float32_integers():
+    """One batch of 2**24 + 3 float32 values: the count must be exact (float32 cannot hold it)."""
+    s = LayerStats(get_activation("identity"))
+    x = torch.randn(2**24 + 3, generator=torch.Generator().manual_seed(0))
+    s.update(0, x)
+    assert int(s.acc[0, 0].item()) == 2**24 + 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: finite float32 values whose float32 sum overflows (e.g. 1e38 x 15) poison "
+    "sum/sumsq with NaN (the masked path takes a float32 mean = inf)",
+)
+def test_huge_finite_values_do_not_poison_moments():
+    s = LayerStats(get_activation("identity"))
+    x = torch.tensor([1e38, 1e38, 1e38, -5e37, 1.0] * 3)
+    s.update(0, x)
+    ref = x.double().numpy()
+    assert s.acc[0, 0].item() == 15
+    assert torch.isfinite(s.acc[0]).all()
+    assert abs((s.acc[0, 1] / 15 + s.shift[0]).item() - ref.mean()) <= 1e-5 * ref.std()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: float32 dot((x-mean),(x-mean)) overflows to inf for |x| ~ 1e20, so the "
+    "variance of finite float32 values becomes inf",
+)
+def test_large_finite_values_give_finite_variance():
+    s = LayerStats(get_activation("identity"))
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 1e20
+    s.update(0, x)
+    ref = x.double().numpy()
+    var = (s.acc[0, 2] / 100 - (s.acc[0, 1] / 100) ** 2).item()
+    assert math.isfinite(var) and abs(var - ref.var()) <= 1e-4 * ref.var()
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_nonfinite_inputs_counted_and_excluded(act):
+    layer = _layer(37, 29, act, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = 2 * torch.randn(10, 37, generator=g)
+    x[0, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[4, 1] = float("-inf")
+    x[7, 0], x[7, 9] = float("inf"), float("-inf")  # inf - inf: NaN in that row
+    up = torch.randn(10, 29, generator=g)
+    x2 = 2 * torch.randn(10, 37, generator=g)  # a clean second step
+    captured = _run(layer, [x, x2], [up, up], grad_from_h=True)
+    snap = _check(layer, captured, check_percentile=False)
+    assert snap["preactivation"].nonfinite == 4 * 29
+    assert snap["weight_grad"].nonfinite > 0
+    json.dumps(ModelStats(layer).snapshot().rows(), allow_nan=False)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_nonfinite_upstream_gradients_counted_and_excluded(act):
+    layer = _layer(37, 29, act, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = 2 * torch.randn(10, 37, generator=g)
+    up = torch.randn(10, 29, generator=g)
+    up[1, 2] = float("nan")
+    up[3, 4] = float("inf")
+    up[5, 6] = float("-inf")
+    captured = _run(layer, [x], [up], grad_from_h=True)
+    snap = _check(layer, captured)
+    assert snap["preactivation"].nonfinite == 0 and snap["activation"].nonfinite == 0
+    assert snap["preactivation_grad"].nonfinite >= 1
+    assert snap["weight_grad"].nonfinite >= 37
+    json.dumps(ModelStats(layer).snapshot().rows(), allow_nan=False)
+
+
+def test_all_nonfinite_batch_reports_no_figures():
+    layer = _layer(5, 3, "tanh")
+    x = torch.full((4, 5), float("nan"))
+    layer(x).sum().backward()
+    for qs in ModelStats(layer).snapshot()[1].values():
+        assert qs.count == 0 and qs.nonfinite > 0
+        assert qs.mean is None and qs.var is None and qs.min is None and qs.max is None
+
+
+# ---------------------------------------------------------------- histogram semantics
+
+
+def _identity_layer(n, bins):
+    layer = InstrumentedLinear(n, n, "identity", bias=False, bins=bins)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(n))
+    return layer
+
+
+def test_histogram_edge_semantics_exact():
+    """Bins [e_i, e_i+1), the last closed; range +-R with R the power of two >= max|x|."""
+    bins = 8
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    layer = _identity_layer(bins + 1, bins)
+    with torch.no_grad():
+        layer(torch.tensor(edges, dtype=torch.float32)[None])
+    qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    np.testing.assert_array_equal(qs.hist_edges, edges)
+    assert qs.hist_counts == [1] * (bins - 1) + [2]
+    assert qs.underflow == 0 and qs.overflow == 0
+    # R is the power of two at or above max|x|: 0.75 -> 1, 1.5 -> 2, 0.25 -> 0.25
+    for m, r in ((0.75, 1.0), (1.5, 2.0), (0.25, 0.25), (3.0, 4.0)):
+        layer.stats.reset()
+        with torch.no_grad():
+            layer(torch.tensor([[m] + [0.01] * bins]))
+        qs = ModelStats(layer).snapshot()[1]["preactivation"]
+        assert qs.hist_edges[0] == -r and qs.hist_edges[-1] == r, (m, qs.hist_edges)
+
+
+def test_auto_range_growth_counts_overflow_then_covers_and_merges_exactly():
+    bins = 8
+    n = 9
+    layer = _identity_layer(n, bins)
+    b1 = np.linspace(-1.0, 1.0, n)
+    b1[-1] = 0.9  # a value exactly at the old +R is test_value_at_old_range_edge_after_growth
+    b2 = np.array([3.0, -2.5, 0.3, 0.6, -0.9, 0.0, 0.1, 0.2, -0.2])
+    b3 = np.array([3.5, -3.9, 2.0, -2.0, 1.5, 0.0, 0.1, 0.2, -0.2])
+    snaps = []
+    for b in (b1, b2, b3):
+        with torch.no_grad():
+            layer(torch.tensor(b, dtype=torch.float32)[None])
+        snaps.append(ModelStats(layer).snapshot()[1]["preactivation"])
+    s2, s3 = snaps[1], snaps[2]
+    # batch 2: 3.0 beyond R=1 -> overflow, -2.5 -> underflow; then R grows to 4
+    assert (s2.underflow, s2.overflow) == (1, 1)
+    assert s2.hist_edges[0] == -4.0 and s2.hist_edges[-1] == 4.0
+    in_range = np.concatenate([b1, b2[2:]])
+    expected, _ = np.histogram(in_range, bins=bins, range=(-4, 4))
+    assert s2.hist_counts == expected.tolist()  # exact merge of the old bins
+    assert sum(s2.hist_counts) + s2.underflow + s2.overflow == s2.count == 2 * n
+    # batch 3 is fully covered by the grown range
+    assert (s3.underflow, s3.overflow) == (1, 1)
+    expected, _ = np.histogram(np.concatenate([in_range, b3]), bins=bins, range=(-4, 4))
+    assert s3.hist_counts == expected.tolist()
+    assert sum(s3.hist_counts) + s3.underflow + s3.overflow == s3.count == 3 * n
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (corner case): a value exactly at the old +R sits in the closed last bin; "
+    "after the range grows the merge keeps it in the bin below R instead of [R, ...)",
+)
+def test_value_at_old_range_edge_after_growth():
+    layer = _identity_layer(2, 8)
+    with torch.no_grad():
+        layer(torch.tensor([[1.0, 0.1]]))  # R = 1, 1.0 in the closed last bin [0.75, 1]
+        layer(torch.tensor([[3.0, 0.1]]))  # overflow, R -> 4, bins of width 1
+    qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    expected, _ = np.histogram([1.0, 0.1, 0.1], bins=8, range=(-4, 4))
+    assert qs.hist_counts == expected.tolist()
+
+
+def test_range_growth_by_many_doublings_preserves_total():
+    layer = _identity_layer(16, 64)
+    g = torch.Generator().manual_seed(0)
+    total = 0
+    for scale in (1e-3, 1.0, 1e3, 1e5):
+        with torch.no_grad():
+            layer(scale * torch.randn(50, 16, generator=g))
+        total += 50 * 16
+        qs = ModelStats(layer).snapshot()[1]["preactivation"]
+        assert sum(qs.hist_counts) + qs.underflow + qs.overflow == qs.count == total
+        assert qs.hist_edges[-1] >= qs.max and qs.hist_edges[0] <= qs.min
+    # later batches within the range are fully covered
+    before = (qs.underflow, qs.overflow)
+    with torch.no_grad():
+        layer(1e4 * torch.randn(50, 16, generator=g))
+    qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    assert (qs.underflow, qs.overflow) == before
+
+
+def test_bounded_activation_histogram_on_fixed_range():
+    for act, (lo, hi) in FIXED_RANGE.items():
+        layer = _layer(7, 5, act, bins=10)
+        layer(5 * torch.randn(20, 7, generator=torch.Generator().manual_seed(1))).sum().backward()
+        qs = ModelStats(layer).snapshot()[1]["activation"]
+        np.testing.assert_allclose(qs.hist_edges, np.linspace(lo, hi, 11), rtol=0, atol=1e-15)
+        assert qs.underflow == 0 and qs.overflow == 0 and sum(qs.hist_counts) == 100
+
+
+# ---------------------------------------------------------------- snapshot, rows, reset, switches
+
+
+def test_snapshot_before_any_step():
+    model = MLP(6, 3, depth=2, width=5, activation="sigmoid", seed=0)
+    snap = model.stats.snapshot()
+    assert sorted(snap.layers) == [1, 2, 3]
+    rows = snap.rows()
+    assert len(rows) == 3 * 4
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+        assert row["count"] == 0 and row["nonfinite"] == 0
+        for k in ROW_KEYS:
+            if k not in ("layer", "quantity", "count", "nonfinite"):
+                assert row[k] is None, (k, row[k])
+    for qs in snap:
+        assert qs.percentile(98) is None
+    json.dumps(rows, allow_nan=False)
+
+
+def test_rows_follow_schema():
+    model = MLP(6, 3, depth=2, width=5, activation="tanh", seed=0)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 3).backward()
+    rows = model.stats.snapshot().rows()
+    assert [(r["layer"], r["quantity"]) for r in rows] == [
+        (layer, q) for layer in (1, 2, 3) for q in QUANTITIES
+    ]
+    for r in rows:
+        assert tuple(r) == ROW_KEYS
+        n_out, n_in = {1: (5, 6), 2: (5, 5), 3: (3, 5)}[r["layer"]]
+        assert r["count"] == (n_out * n_in if r["quantity"] == "weight_grad" else 8 * n_out)
+        assert isinstance(r["count"], int) and isinstance(r["nonfinite"], int)
+        assert len(r["hist_counts"]) + 1 == len(r["hist_edges"]) == 65
+        saturating = r["quantity"] == "activation" and r["layer"] < 3
+        for k in ("saturated_low", "saturated_high", "saturated"):
+            assert (r[k] is not None) == saturating, (r["layer"], r["quantity"], k)
+    json.dumps(rows, allow_nan=False)
+
+
+def test_reset_then_record_again():
+    layer = _layer(11, 7, "tanh", seed=1)
+    g = torch.Generator().manual_seed(2)
+    _run(layer, [3 * torch.randn(9, 11, generator=g)], [torch.randn(9, 7, generator=g)])
+    assert ModelStats(layer).snapshot()[1]["activation"].count == 63
+    ModelStats(layer).reset()
+    for qs in ModelStats(layer).snapshot()[1].values():
+        assert qs.count == 0 and qs.mean is None and qs.hist_counts is None
+    # recalibrated on the first batch after the reset: a much smaller batch gets a smaller range
+    x = 0.01 * torch.randn(5, 11, generator=g)
+    up = 0.01 * torch.randn(5, 7, generator=g)
+    _check(layer, _run(layer, [x], [up]))
+
+
+def test_disabled_statistics_record_nothing_and_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 9, generator=g)
+    up = torch.randn(13, 4, generator=g)
+    results = []
+    for enabled in (True, False):
+        model = MLP(9, 4, depth=2, width=7, activation="softsign", seed=1)
+        model.stats.reset()
+        model.stats.enabled = enabled
+        assert model.stats.enabled is enabled
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        out.backward(up)
+        grads = [xi.grad] + [p.grad for p in model.parameters()]
+        results.append((out.detach(), grads, model))
+    (o1, g1, _), (o2, g2, m2) = results
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    for qs in m2.stats.snapshot():
+        assert qs.count == 0 and qs.nonfinite == 0
+    for layer in m2.layers:
+        fresh = layer.stats.fresh()
+        for name in ("acc", "shift", "hist", "hist_range"):
+            assert torch.equal(getattr(layer.stats, name), getattr(fresh, name))
+
+
+def test_histograms_and_saturation_switches():
+    model = MLP(5, 2, depth=1, width=6, activation="sigmoid", seed=0)
+    model.stats.histograms = False
+    model.stats.saturation = False
+    model(torch.randn(4, 5)).sum().backward()
+    for qs in model.stats.snapshot():
+        assert qs.count > 0 and qs.hist_counts is None and qs.saturated_low is None
+
+
+def test_bins_configurable_and_validated():
+    layer = _layer(4, 3, "relu", bins=6)
+    layer(torch.randn(5, 4)).sum().backward()
+    assert len(ModelStats(layer).snapshot()[1]["preactivation"].hist_counts) == 6
+    for bad in (3, 7, 1, 0, -2):
+        with pytest.raises(ValueError):
+            InstrumentedLinear(4, 3, "relu", bins=bad)
+    with pytest.raises(ValueError):
+        MLP(4, 3, depth=1, width=5, bins=5)
+
+
+def test_float64_layer_statistics_match_reference():
+    layer = _layer(13, 11, "tanh", seed=9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(21, 13, generator=g, dtype=torch.float64)
+    up = torch.randn(21, 11, generator=g, dtype=torch.float64)
+    _check(layer, _run(layer, [x], [up]), rel_tol=1e-12)
+
+
+def test_deepcopy_keeps_statistics():
+    layer = _layer(4, 3, "tanh")
+    layer(torch.randn(5, 4)).sum().backward()
+    clone = copy.deepcopy(layer)
+    a = ModelStats(layer).snapshot().rows()
+    b = ModelStats(clone).snapshot().rows()
+    assert a == b
