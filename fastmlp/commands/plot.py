@@ -1,0 +1,42 @@
+"""``fastmlp plot RUN [RUN...]``: draw the paper's figures from run directories."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fastmlp plot``."""
+    p = subparsers.add_parser(
+        "plot",
+        help="draw the paper's figures (PNG) from run directories",
+        description="Draw Fig 2/3/4/6/7/8/9/10/11 of Glorot & Bengio (2010) and the Jacobian "
+        "singular values as PNGs under RUN/figures/. With several runs the test-error curves "
+        "are also overlaid in one figure.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the overlaid test-error figure goes (default: the first RUN/figures/)",
+    )
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fastmlp plot``."""
+    from fastmlp.plot import plot_runs
+
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        args._parser.error(f"not a directory: {', '.join(missing)}")
+    try:
+        paths = plot_runs(args.runs, out=args.out)
+    except FileNotFoundError as e:
+        args._parser.error(str(e))
+    for p in paths:
+        print(p)
+    return 0

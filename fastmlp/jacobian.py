@@ -1,0 +1,82 @@
+"""Singular values of each hidden layer's Jacobian (Glorot & Bengio 2010, eq. 17).
+
+For hidden layer ``i`` with ``s^i = z^i W^i + b^i`` and ``z^{i+1} = f(s^i)``, the
+Jacobian of the layer's output with respect to its input is, per example,
+``J^i = dz^{i+1}/dz^i = diag(f'(s^i)) W^i`` (shape ``[out, in]`` in PyTorch's
+weight layout). The paper reports the average singular value: about 0.8 with
+normalized init and about 0.5 with standard init (tanh, width 1000).
+
+One ``svdvals`` of a 1000x1000 matrix costs ~0.1 s on a laptop CPU, so the
+function takes a limited number of examples (``max_examples``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastmlp.model_stats import instrumented_layers
+
+__all__ = ["jacobian_singular_values"]
+
+_CHUNK = 16  # examples per batched svdvals call (bounds memory: 16 x out x in floats)
+
+
+@torch.no_grad()
+def jacobian_singular_values(
+    model: nn.Module, x: torch.Tensor, *, max_examples: int | None = 10
+) -> list[dict]:
+    """Summary of the singular values of every hidden layer's Jacobian on examples ``x``.
+
+    Args:
+        model: a :class:`~fastmlp.MLP` (or any model whose instrumented layers are
+            applied one after the other).
+        x: inputs ``[n, in_features]`` (images are flattened).
+        max_examples: use only the first ``max_examples`` examples (``None``: all).
+
+    Returns:
+        One dict per hidden layer (the output layer is skipped): ``layer``
+        (1-based), ``examples``, and ``mean``, ``std`` (population), ``min``,
+        ``max``, ``median`` of the singular values pooled over the examples.
+        Statistics accumulators are not touched.
+    """
+    layers = instrumented_layers(model)
+    if x.dim() > 2:
+        x = x.flatten(1)
+    if max_examples is not None:
+        if max_examples <= 0:
+            raise ValueError(f"max_examples must be positive or None, got {max_examples}")
+        x = x[:max_examples]
+    if x.shape[0] == 0:
+        raise ValueError("need at least one example")
+    rows = []
+    z = x
+    for layer in layers:
+        if layer.activation.name == "identity" and layer is layers[-1]:
+            break  # the output layer: logits, no nonlinearity
+        w = layer.weight
+        s = z.to(w.dtype) @ w.T
+        if layer.bias is not None:
+            s = s + layer.bias
+        h = layer.activation.forward(s)
+        dh = layer.activation.grad_from_output(h)  # f'(s), [n, out]
+        sv = torch.cat(
+            [
+                # diag(f'(s)) W for a chunk of examples: [chunk, out, in]
+                torch.linalg.svdvals(d.unsqueeze(-1) * w.float().unsqueeze(0)).reshape(-1)
+                for d in dh.float().split(_CHUNK)
+            ]
+        ).double()
+        rows.append(
+            {
+                "layer": layer.layer_index,
+                "examples": int(x.shape[0]),
+                "mean": float(sv.mean()),
+                "std": float(sv.std(correction=0)),
+                "min": float(sv.min()),
+                "max": float(sv.max()),
+                "median": float(sv.median()),
+            }
+        )
+        z = h
+    return rows

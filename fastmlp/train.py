@@ -1,0 +1,493 @@
+"""The paper's training protocol: plain SGD on small minibatches, with per-layer monitoring.
+
+``train(TrainConfig(...))`` trains an :class:`~fastmlp.MLP` with SGD and
+cross-entropy and writes a run directory (:mod:`fastmlp.run`):
+
+- every ``eval_every`` steps: loss (NLL) and error (%) on the validation and
+  test sets, and on the training minibatches seen since the last evaluation;
+- every ``probe_every`` steps: :func:`fastmlp.probe` on a fixed probe set (the
+  first ``probe_size`` test examples, 300 as in the paper), and a snapshot +
+  reset of the streaming training statistics (rows with ``source`` ``probe``
+  and ``train``);
+- every ``jacobian_every`` steps (and at the first and last step): singular
+  values of each hidden layer's Jacobian on the probe set;
+- a checkpoint after each of those, so ``--resume`` continues a killed run with
+  every row exactly once.
+
+Distributed-ready: data is drawn per ``rank`` / ``world_size`` and only rank 0
+writes the run directory, evaluates and probes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from fastmlp import data as datasets
+from fastmlp.jacobian import jacobian_singular_values
+from fastmlp.layers import MLP
+from fastmlp.probe import probe
+from fastmlp.run import RunDir, load_checkpoint, save_checkpoint
+from fastmlp.snapshot import Snapshot
+
+__all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``).
+
+    The defaults are the main job: Shapeset-3x2, 5 hidden layers of 1000 tanh
+    units with normalized init, SGD on minibatches of 10, sized to finish in a
+    few minutes on a 2-core CPU.
+    """
+
+    dataset: str = "shapeset"
+    depth: int = 5
+    width: int = 1000
+    activation: str = "tanh"
+    init: str = "normalized"
+    lr: float = 0.05
+    batch_size: int = 10
+    steps: int = 3000
+    eval_every: int = 500
+    probe_every: int = 250
+    probe_size: int = 300
+    jacobian_every: int = 0
+    """Steps between Jacobian measurements; 0: only at the first and the last step; -1: never."""
+    jacobian_examples: int = 10
+    valid_size: int | None = 2000
+    test_size: int | None = 2000
+    """Validation / test set sizes (``None``: the dataset's full split)."""
+    eval_batch_size: int = 1000
+    device: str = "auto"
+    seed: int = 0
+    data_dir: str = "data"
+    download: bool = False
+    image_size: int = 37
+    out: str | None = None
+    """Run directory (``None``: ``runs/<dataset>-<activation>-<init>-<depth>x<width>-seed<N>``)."""
+    train_stats: bool = True
+    """Record the streaming statistics of every training step (snapshots with source ``train``)."""
+    train_histograms: bool | None = None
+    """Histograms in the training statistics; ``None``: on CUDA only (they are costly on CPU)."""
+    probe_histograms: bool = True
+    bins: int = 64
+    backend: str = "auto"
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; ``None``: at every evaluation, probe and Jacobian step."""
+    tensorboard: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+    """Free-form labels carried into ``config.json`` (e.g. by ``fastmlp reproduce``)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and what was expected."""
+        from fastmlp.activations import ACTIVATIONS
+        from fastmlp.init import INITS
+        from fastmlp.layers import BACKENDS
+
+        def positive(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        if self.dataset not in datasets_names():
+            raise ValueError(
+                f"dataset must be one of {list(datasets_names())}, got {self.dataset!r}"
+            )
+        if self.activation not in ACTIVATIONS or self.activation == "identity":
+            choices = [a for a in ACTIVATIONS if a != "identity"]
+            raise ValueError(f"activation must be one of {choices}, got {self.activation!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
+        for name in ("width", "batch_size", "steps", "eval_every", "probe_every", "probe_size"):
+            positive(name)
+        for name in ("jacobian_examples", "eval_batch_size", "image_size"):
+            positive(name)
+        for name in ("valid_size", "test_size", "checkpoint_every"):
+            positive(name, allow_none=True)
+        if not isinstance(self.jacobian_every, int) or self.jacobian_every < -1:
+            raise ValueError(
+                f"jacobian_every must be an integer >= -1, got {self.jacobian_every!r}"
+            )
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.bins < 2 or self.bins % 2:
+            raise ValueError(f"bins must be an even integer >= 2, got {self.bins!r}")
+        if self.test_size is not None and self.test_size < self.probe_size:
+            raise ValueError(
+                f"test_size ({self.test_size}) must be at least probe_size ({self.probe_size}): "
+                "the probe set is taken from the test set"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Build from a dict (e.g. ``config.json``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return cls(**d)
+
+
+def datasets_names() -> tuple[str, ...]:
+    return tuple(getattr(datasets, "DATASETS", ("shapeset", "mnist", "cifar10", "imagefolder")))
+
+
+def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    """``runs/<dataset>-<activation>-<init>-<depth>x<width>-seed<seed>``, suffixed ``-2``, ``-3``...
+    when that directory already holds a run."""
+    base = Path(root) / (
+        f"{config.dataset}-{config.activation}-{config.init}-"
+        f"{config.depth}x{config.width}-seed{config.seed}"
+    )
+    path, k = base, 1
+    while (path / "config.json").exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` saved in ``run_dir/config.json``."""
+    return TrainConfig.from_dict(RunDir(run_dir, enabled=False).read_config())
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _stats_disabled(model: MLP) -> Iterator[None]:
+    stats = [s for _, s in model.stats.layer_stats()]
+    saved = [s.enabled for s in stats]
+    try:
+        for s in stats:
+            s.enabled = False
+        yield
+    finally:
+        for s, e in zip(stats, saved, strict=True):
+            s.enabled = e
+
+
+@contextlib.contextmanager
+def _histograms(model: MLP, on: bool) -> Iterator[None]:
+    stats = [s for _, s in model.stats.layer_stats()]
+    saved = [s.histograms for s in stats]
+    try:
+        for s in stats:
+            s.histograms = on
+        yield
+    finally:
+        for s, h in zip(stats, saved, strict=True):
+            s.histograms = h
+
+
+@torch.no_grad()
+def evaluate(
+    model: MLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Mean NLL and error (%) of ``model`` on ``(x, y)``; records no statistics."""
+    total = torch.zeros(2, dtype=torch.float64, device=x.device)
+    with _stats_disabled(model):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            logits = model(xb)
+            total[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+            total[1] += (logits.argmax(1) != yb).sum()
+    loss, wrong = total.tolist()
+    n = max(int(y.shape[0]), 1)
+    return loss / n, 100.0 * wrong / n
+
+
+def _saturation_readout(snap: Snapshot | None, depth: int) -> str:
+    """``"sat% 0|1|12|40|3"``: saturated activations per hidden layer, in percent."""
+    if snap is None:
+        return ""
+    parts = []
+    for layer in range(1, depth + 1):
+        s = snap[layer]["activation"].saturated
+        parts.append("-" if s is None else f"{100 * s:.0f}")
+    return "|".join(parts)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train as ``config`` says; returns the run directory.
+
+    With ``resume=True``, ``config.out`` must be an existing run directory with a
+    checkpoint: training continues from it (``config.steps`` may be larger than
+    the original to extend a run) and every log row written after the
+    checkpoint is dropped and produced again.
+    """
+    config.validate()
+    rank, world_size = _dist_info()
+    is_main = rank == 0
+    device = resolve_device(config.device)
+    if resume:
+        if config.out is None:
+            raise ValueError("resume=True needs config.out, the run directory to continue")
+        run_dir = Path(config.out)
+    else:
+        run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
+        if (run_dir / "config.json").exists():
+            raise FileExistsError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                "or choose another --out"
+            )
+    torch.manual_seed(config.seed)
+
+    # Data: fixed validation/test sets; the probe set is the first test examples (paper).
+    splits = datasets.load(
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        seed=config.seed,
+        device=device,
+        valid_size=config.valid_size,
+        test_size=config.test_size,
+        image_size=config.image_size,
+    )
+    x_probe, y_probe = (t[: config.probe_size] for t in splits.test)
+
+    model = MLP(
+        splits.in_features,
+        splits.num_classes,
+        depth=config.depth,
+        width=config.width,
+        activation=config.activation,
+        init=config.init,
+        bins=config.bins,
+        backend=config.backend,
+        seed=config.seed,
+        device=device,
+    )
+    train_hist = config.train_histograms
+    if train_hist is None:
+        train_hist = device.type == "cuda"
+    model.stats.enabled = config.train_stats
+    model.stats.histograms = train_hist
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    # Training loss / wrong / count since the last evaluation, kept on the device.
+    running = torch.zeros(3, dtype=torch.float64, device=device)
+
+    run = RunDir(run_dir, enabled=is_main, tensorboard=config.tensorboard)
+    step = 0
+    if resume:
+        ckpt_path = run.checkpoint_path
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"no checkpoint in {run_dir}; cannot resume")
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"{ckpt_path}: unsupported checkpoint version {ckpt.get('version')}")
+        _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        running.copy_(ckpt["running"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        step = int(ckpt["step"])
+        if step > config.steps:
+            raise ValueError(f"checkpoint is at step {step}, beyond steps={config.steps}")
+        run.write_config(config.to_dict())
+        run.open(ckpt["logs"], tb_step=step + 1)
+    else:
+        run.write_config(config.to_dict())
+        run.open(None)
+    start_step = step
+
+    batches = splits.train_batches(
+        config.batch_size, seed=config.seed, start_step=step, rank=rank, world_size=world_size
+    )
+    jac_every = config.jacobian_every
+    ckpt_every = config.checkpoint_every
+    last_probe: Snapshot | None = None
+    last_test_error: float | None = None
+    bar = _progress(config, step, is_main)
+    t0 = time.perf_counter()
+    refresh = max(1, min(50, config.steps // 100))
+
+    def checkpoint(at: int) -> None:
+        if not is_main:
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": config.to_dict(),
+            "step": at,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "running": running.cpu(),
+            "rng": rng,
+            "logs": run.positions(),
+        }
+        if run.tb is not None:
+            run.tb.flush()
+        save_checkpoint(run.checkpoint_path, state)
+
+    try:
+        while True:
+            # ---- monitoring at this step (already done for the step a resume starts from)
+            if step > start_step or not resume:
+                logged = False
+                if is_main and _due(step, config.eval_every, config.steps):
+                    if step > 0 and running[2] > 0:
+                        loss_sum, wrong, n = running.tolist()
+                        run.log_metrics(step, "train", loss_sum / n, 100.0 * wrong / n)
+                        running.zero_()
+                    for split, (x, y) in (("valid", splits.valid), ("test", splits.test)):
+                        loss, err = evaluate(model, x, y, config.eval_batch_size)
+                        run.log_metrics(step, split, loss, err)
+                        if split == "test":
+                            last_test_error = err
+                    logged = True
+                if is_main and _due(step, config.probe_every, config.steps):
+                    with _histograms(model, config.probe_histograms):
+                        last_probe = probe(model, x_probe, y_probe)
+                    run.log_stats(step, "probe", last_probe.rows())
+                    if config.train_stats and step > 0:
+                        run.log_stats(step, "train", model.stats.snapshot().rows())
+                        model.stats.reset()
+                    logged = True
+                if (
+                    is_main
+                    and jac_every >= 0
+                    and (step in (0, config.steps) or (jac_every > 0 and step % jac_every == 0))
+                ):
+                    n_jac = min(config.jacobian_examples, x_probe.shape[0])
+                    run.log_jacobian(
+                        step, jacobian_singular_values(model, x_probe, max_examples=n_jac)
+                    )
+                    logged = True
+                if (ckpt_every is None and logged) or (
+                    ckpt_every is not None and (step % ckpt_every == 0 or step == config.steps)
+                ):
+                    checkpoint(step)
+            if step >= config.steps:
+                break
+
+            # ---- one SGD step
+            x, y = next(batches)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                running[0] += loss.detach().double() * y.shape[0]
+                running[1] += (logits.argmax(1) != y).sum()
+                running[2] += y.shape[0]
+            step += 1
+
+            if bar is not None:
+                bar.update(1)
+                if step % refresh == 0 or step == config.steps:
+                    bar.set_postfix_str(
+                        _postfix(running, last_test_error, last_probe, config.depth), refresh=False
+                    )
+    finally:
+        if bar is not None:
+            bar.close()
+        run.close()
+    if is_main and config.progress:
+        elapsed = time.perf_counter() - t0
+        print(
+            f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n"
+            f"  draw its figures: fastmlp plot {run_dir}",
+            file=sys.stderr,
+        )
+    return run_dir
+
+
+_MODEL_FIELDS = (
+    "dataset",
+    "depth",
+    "width",
+    "activation",
+    "init",
+    "batch_size",
+    "seed",
+    "bins",
+    "probe_size",
+    "valid_size",
+    "test_size",
+    "image_size",
+)
+
+
+def _check_compatible(saved: TrainConfig, config: TrainConfig) -> None:
+    diff = [
+        f"{name}: checkpoint {getattr(saved, name)!r} vs {getattr(config, name)!r}"
+        for name in _MODEL_FIELDS
+        if getattr(saved, name) != getattr(config, name)
+    ]
+    if diff:
+        raise ValueError("cannot resume with a different configuration: " + "; ".join(diff))
+
+
+def _postfix(
+    running: torch.Tensor, test_error: float | None, snap: Snapshot | None, depth: int
+) -> str:
+    """``loss=.. err=..% test=..% sat%=a|b|c|d|e``: training loss and error since the last
+    evaluation, the last test error and the saturated activations of each hidden layer."""
+    loss_sum, wrong, n = running.tolist()
+    parts = []
+    if n:
+        parts.append(f"loss={loss_sum / n:.3f} err={100 * wrong / n:.1f}%")
+    if test_error is not None:
+        parts.append(f"test={test_error:.1f}%")
+    if snap is not None:
+        parts.append(f"sat%={_saturation_readout(snap, depth)}")
+    return " ".join(parts)
+
+
+def _progress(config: TrainConfig, step: int, is_main: bool):  # noqa: ANN202 - tqdm or None
+    if not (config.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    desc = f"{config.dataset} {config.depth}x{config.width} {config.activation} {config.init}"
+    return tqdm(total=config.steps, initial=step, desc=desc, dynamic_ncols=True)
