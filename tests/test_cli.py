@@ -1,0 +1,80 @@
+"""The ``fastmlp`` console script: --help and --version (issue 2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastmlp
+from fastmlp.cli import main
+
+
+def _script() -> str:
+    found = Path(sys.executable).with_name("fastmlp")
+    if found.exists():
+        return str(found)
+    path = shutil.which("fastmlp")
+    if path is None:
+        pytest.fail("the fastmlp console script is not installed next to this Python")
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run(
+        [*args], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+
+
+def test_console_script_version():
+    r = _run(_script(), "--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"fastmlp {fastmlp.__version__}"
+
+
+def test_console_script_help():
+    r = _run(_script(), "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastmlp" in r.stdout
+    assert "--version" in r.stdout
+
+
+def test_python_dash_m():
+    r = _run(sys.executable, "-m", "fastmlp", "--version")
+    assert r.returncode == 0, r.stderr
+    assert fastmlp.__version__ in r.stdout
+
+
+def test_main_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastmlp {fastmlp.__version__}"
+
+
+def test_main_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "usage: fastmlp" in capsys.readouterr().out
+
+
+def test_main_without_arguments_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: fastmlp" in capsys.readouterr().out
+
+
+def test_unknown_option_fails(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--no-such-option"])
+    assert info.value.code != 0
+    assert "usage" in capsys.readouterr().err
+
+
+def test_version_string():
+    assert isinstance(fastmlp.__version__, str) and fastmlp.__version__.count(".") >= 2
