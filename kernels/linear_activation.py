@@ -1,0 +1,762 @@
+"""Fused ``h = f(x W^T + b)`` with statistics, forward and backward (Triton).
+
+Kernels:
+
+- ``_fwd_kernel``: tiled GEMM ``Z = X W^T`` (float32 accumulation), bias and
+  activation in the epilogue, stores ``H`` only, and reduces the
+  ``preactivation`` (Z) and ``activation`` (H) statistics of its tile while it
+  is in registers.
+- ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` computed in the
+  prologue of every K step (never stored).
+- ``_bwd_dw_kernel``: ``dW = dZ^T X`` with the same prologue; its programs of
+  the first K column block also reduce ``db = sum(dZ)`` and the
+  ``preactivation_grad`` statistics (each element of dZ is seen by exactly one
+  such program), and every program reduces the ``weight_grad`` statistics of
+  its output tile.
+- ``finalize_kernel`` (kernels/utils.py): one tiny program per pass for the
+  deterministic reduction and the device-side growth of histogram ranges.
+
+Precision: float32 inputs use IEEE dots when
+``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise;
+float16/bfloat16 inputs are multiplied with float32 accumulation. Statistics are
+computed in float32 from the accumulator (before rounding to the output dtype)
+and accumulated in float64. Float64 inputs (and custom activations) take the
+PyTorch path.
+
+Calibration: a quantity's first update after a reset fixes its shift and
+automatic histogram range from the data (``LayerStats.calibrate``); a pass in
+which any of its quantities is not yet calibrated runs through the PyTorch path
+(``LayerStats.update``), later passes run the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmlp.activations import Activation
+from fastmlp.stats import (
+    ACTIVATION,
+    NFIELDS,
+    PREACTIVATION,
+    PREACTIVATION_GRAD,
+    WEIGHT_GRAD,
+    LayerStats,
+)
+
+from .utils import (
+    ACT_IDS,
+    F_SAT_HIGH,
+    F_SAT_LOW,
+    INTERPRET,
+    activation_grad,
+    apply_activation,
+    commit_extents,
+    commit_histogram,
+    commit_moments,
+    dot_precision,
+    finalize_kernel,
+    is_deterministic,
+    m_bucket,
+    next_pow2,
+    tile_histogram,
+    tile_moments,
+)
+
+__all__ = ["linear_activation", "LinearActivationKernelFunction", "supported"]
+
+_GL_NFIELDS = tl.constexpr(NFIELDS)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tile configurations. Under the interpreter (and in deterministic mode) a fixed one is used.
+_INTERPRET_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+_FIXED_CFG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
+_FIXED_WARPS, _FIXED_STAGES = 4, 3
+
+
+def _gemm_configs() -> list[triton.Config]:
+    shapes = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (32, 64, 64, 4, 3),
+    ]
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s
+        )
+        for m, n, k, w, s in shapes
+    ]
+
+
+def _maybe_autotune(restore: list[str]):
+    """Autotune on GPU (keyed by batch bucket and shape); identity under the interpreter.
+
+    Accumulators named in ``restore`` are saved before and restored after every
+    benchmarking run, so tuning never double-counts statistics.
+    """
+
+    def wrap(fn):
+        if INTERPRET:
+            return None
+        return triton.autotune(
+            configs=_gemm_configs(),
+            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT"],
+            restore_value=restore,
+        )(fn)
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Map a linear program id to (pid_a, pid_b) in groups of ``GROUP`` rows (L2 reuse)."""
+    width = GROUP * num_b
+    group_id = pid // width
+    first = group_id * GROUP
+    size = tl.minimum(num_a - first, GROUP)
+    pid_a = first + ((pid % width) % size)
+    pid_b = (pid % width) // size
+    return pid_a, pid_b
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    h_ptr,
+    acc_ptr,
+    shift_ptr,
+    hist_ptr,
+    range_ptr,
+    ext_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_hm,
+    stride_hn,
+    part_stride,
+    sat_lo,
+    sat_hi,
+    M_BUCKET,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,
+    SAT: tl.constexpr,
+    HIST: tl.constexpr,
+    FIXED_ACT: tl.constexpr,
+    BINS: tl.constexpr,
+    HB: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _grouped_pid(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    x_ptrs = x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n64[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(w_ptrs, mask=(kk[:, None] < K) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    h = apply_activation(acc, ACT)
+    h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n64[None, :] * stride_hn
+    valid = mask_m[:, None] & mask_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid)
+
+    if STATS:
+        part_slot = part_ptr + 2 * pid
+        # preactivation (automatic histogram range)
+        row_z = acc_ptr + 0 * _GL_NFIELDS
+        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 0))
+        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        if HIST:
+            cnt = tile_histogram(
+                acc, fin, tl.load(range_ptr + 0), tl.load(range_ptr + 1), BINS, HB, False
+            )
+            commit_histogram(hist_ptr, cnt, BINS, HB)
+            commit_extents(ext_ptr, mn, mx)
+        # activation
+        row_h = acc_ptr + 1 * _GL_NFIELDS
+        fin, n, s1, s2, nf, mn, mx = tile_moments(h, valid, tl.load(shift_ptr + 1))
+        commit_moments(row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        if SAT:
+            low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
+            high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
+            tl.atomic_add(row_h + F_SAT_LOW, low)
+            tl.atomic_add(row_h + F_SAT_HIGH, high)
+        if HIST:
+            cnt = tile_histogram(
+                h, fin, tl.load(range_ptr + 2), tl.load(range_ptr + 3), BINS, HB, FIXED_ACT
+            )
+            commit_histogram(hist_ptr + (BINS + 2), cnt, BINS, HB)
+            if not FIXED_ACT:
+                commit_extents(ext_ptr + 2, mn, mx)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    dh_ptr,
+    h_ptr,
+    w_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    stride_dhm,
+    stride_dhn,
+    stride_hm,
+    stride_hn,
+    stride_wn,
+    stride_wk,
+    stride_dxm,
+    stride_dxk,
+    M_BUCKET,
+    ACT: tl.constexpr,
+    STATS: tl.constexpr,
+    HIST: tl.constexpr,
+    SAT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``dX[M, K] = (dH * f'(H)) @ W``; output tile [BLOCK_M, BLOCK_N] over (M, K), loop over N.
+
+    (The output's column block is named ``BLOCK_N`` and the reduction block
+    ``BLOCK_K`` so that the same autotuning configurations apply.)
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_N)
+    pid_m, pid_k = _grouped_pid(pid, num_m, num_k, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns (features of x)
+    offs_r = tl.arange(0, BLOCK_K)  # reduction over N
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offs_m64 = offs_m.to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+    dh_ptrs = dh_ptr + offs_m64[:, None] * stride_dhm + offs_r[None, :] * stride_dhn
+    h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_r[None, :] * stride_hn
+    w_ptrs = w_ptr + offs_r[:, None] * stride_wn + offs_k64[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        nn = n0 + offs_r
+        mk = mask_m[:, None] & (nn[None, :] < N)
+        dh = tl.load(dh_ptrs, mask=mk, other=0.0).to(tl.float32)
+        if ACT == 0:
+            dz = dh
+        else:
+            hv = tl.load(h_ptrs, mask=mk, other=0.0).to(tl.float32)
+            dz = dh * activation_grad(hv, ACT)
+        w = tl.load(w_ptrs, mask=(nn[:, None] < N) & mask_k[None, :], other=0.0)
+        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=PRECISION)
+        dh_ptrs += BLOCK_K * stride_dhn
+        h_ptrs += BLOCK_K * stride_hn
+        w_ptrs += BLOCK_K * stride_wn
+    dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k64[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    dh_ptr,
+    h_ptr,
+    x_ptr,
+    dw_ptr,
+    db_ptr,
+    acc_ptr,
+    shift_ptr,
+    hist_ptr,
+    range_ptr,
+    ext_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    stride_dhm,
+    stride_dhn,
+    stride_hm,
+    stride_hn,
+    stride_xm,
+    stride_xk,
+    stride_dwn,
+    stride_dwk,
+    part_stride,
+    M_BUCKET,
+    ACT: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    STORE_DW: tl.constexpr,
+    STATS: tl.constexpr,
+    HIST: tl.constexpr,
+    SAT: tl.constexpr,
+    BINS: tl.constexpr,
+    HB: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``dW[N, K] = dZ^T @ X``; output tile [BLOCK_M, BLOCK_N] over (N, K), loop over M.
+
+    (Output rows are features ``n`` in blocks of ``BLOCK_M``, output columns are
+    input features ``k`` in blocks of ``BLOCK_N``, the reduction over the batch
+    uses ``BLOCK_K``, so the GEMM configurations carry over.)
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_N)
+    pid_n, pid_k = _grouped_pid(pid, num_n, num_k, GROUP_M)
+    offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_K)  # batch rows
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    offs_n64 = offs_n.to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+    offs_r64 = offs_r.to(tl.int64)
+    # dZ^T tile [BLOCK_M (n), BLOCK_K (m)]
+    dh_ptrs = dh_ptr + offs_n64[:, None] * stride_dhn + offs_r64[None, :] * stride_dhm
+    h_ptrs = h_ptr + offs_n64[:, None] * stride_hn + offs_r64[None, :] * stride_hm
+    x_ptrs = x_ptr + offs_r64[:, None] * stride_xm + offs_k64[None, :] * stride_xk
+    first_k = pid_k == 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    g_shift = 0.0
+    if STATS:
+        g_shift = tl.load(shift_ptr + 2)
+    g_lo = 0.0
+    g_hi = 0.0
+    if HIST:
+        g_lo = tl.load(range_ptr + 4)
+        g_hi = tl.load(range_ptr + 5)
+    g_n = tl.zeros((), tl.float64)
+    g_s1 = tl.zeros((), tl.float64)
+    g_s2 = tl.zeros((), tl.float64)
+    g_nf = tl.zeros((), tl.float64)
+    g_mn = tl.full((), float("inf"), tl.float32)
+    g_mx = tl.full((), float("-inf"), tl.float32)
+    g_hist = tl.zeros((HB,), dtype=tl.int32)
+    for m0 in range(0, M, BLOCK_K):
+        mm = m0 + offs_r
+        mk = mask_n[:, None] & (mm[None, :] < M)
+        dh = tl.load(dh_ptrs, mask=mk, other=0.0).to(tl.float32)
+        if ACT == 0:
+            dzt = dh
+        else:
+            hv = tl.load(h_ptrs, mask=mk, other=0.0).to(tl.float32)
+            dzt = dh * activation_grad(hv, ACT)
+        xv = tl.load(x_ptrs, mask=(mm[:, None] < M) & mask_k[None, :], other=0.0)
+        acc = tl.dot(dzt.to(xv.dtype), xv, acc, input_precision=PRECISION)
+        if first_k:
+            if HAS_DB:
+                db += tl.sum(dzt, axis=1)
+            if STATS:
+                fin, n, s1, s2, nf, mn, mx = tile_moments(dzt, mk, g_shift)
+                g_n += n
+                g_s1 += s1
+                g_s2 += s2
+                g_nf += nf
+                g_mn = tl.minimum(g_mn, mn)
+                g_mx = tl.maximum(g_mx, mx)
+                if HIST:
+                    g_hist += tile_histogram(dzt, fin, g_lo, g_hi, BINS, HB, False)
+        dh_ptrs += BLOCK_K * stride_dhm
+        h_ptrs += BLOCK_K * stride_hm
+        x_ptrs += BLOCK_K * stride_xm
+    valid = mask_n[:, None] & mask_k[None, :]
+    if STORE_DW:
+        dw_ptrs = dw_ptr + offs_n64[:, None] * stride_dwn + offs_k64[None, :] * stride_dwk
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=valid)
+    if first_k:
+        if HAS_DB:
+            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n)
+        if STATS:
+            row_g = acc_ptr + 2 * _GL_NFIELDS
+            commit_moments(
+                row_g, part_ptr + 2 * pid_n, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
+            )
+            if HIST:
+                commit_histogram(hist_ptr + 2 * (BINS + 2), g_hist, BINS, HB)
+                commit_extents(ext_ptr + 4, g_mn, g_mx)
+    if STATS:
+        row_w = acc_ptr + 3 * _GL_NFIELDS
+        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 3))
+        commit_moments(
+            row_w, part_ptr + part_stride + 2 * pid, n, s1, s2, nf, mn, mx, DETERMINISTIC
+        )
+        if HIST:
+            cnt = tile_histogram(
+                acc, fin, tl.load(range_ptr + 6), tl.load(range_ptr + 7), BINS, HB, False
+            )
+            commit_histogram(hist_ptr + 3 * (BINS + 2), cnt, BINS, HB)
+            commit_extents(ext_ptr + 6, mn, mx)
+
+
+_STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
+_fwd_tuned = _maybe_autotune(_STATS_BUFFERS)(_fwd_kernel)
+_dx_tuned = _maybe_autotune([])(_bwd_dx_kernel)
+_dw_tuned = _maybe_autotune(_STATS_BUFFERS)(_bwd_dw_kernel)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool):
+    """Launch with a fixed configuration (interpreter, deterministic mode) or the autotuner."""
+    if INTERPRET:
+        cfg = dict(_INTERPRET_CFG)
+        kernel[grid_fn(cfg)](*args, **meta, **cfg)
+        return cfg
+    if deterministic or tuned is None:
+        cfg = dict(_FIXED_CFG)
+        kernel[grid_fn(cfg)](*args, **meta, **cfg, num_warps=_FIXED_WARPS, num_stages=_FIXED_STAGES)
+        return cfg
+    tuned[lambda m: grid_fn(m)](*args, **meta)
+    return tuned.best_config.kwargs
+
+
+def _extents_buffer(stats: LayerStats) -> torch.Tensor:
+    """Per-pass finite extents ``[4, 2]`` (min, max) of a layer; (inf, -inf) between passes."""
+    dev = stats.acc.device
+    buf = getattr(stats, "_kernel_extents", None)
+    if buf is None or buf.device != dev:
+        buf = torch.empty(4, 2, dtype=torch.float64, device=dev)
+        buf[:, 0] = float("inf")
+        buf[:, 1] = float("-inf")
+        stats._kernel_extents = buf
+    return buf
+
+
+def _part_buffer(stats: LayerStats, n_parts: int, deterministic: bool) -> torch.Tensor:
+    if deterministic:
+        return torch.empty(2, max(n_parts, 1), 2, dtype=torch.float64, device=stats.acc.device)
+    return stats.acc  # unused (never written) when not deterministic
+
+
+def _stats_meta(stats: LayerStats | None) -> dict:
+    if stats is None:
+        return {"STATS": False, "HIST": False, "SAT": False, "BINS": 2, "HB": 4}
+    bins = stats.bins
+    return {
+        "STATS": True,
+        "HIST": bool(stats.histograms),
+        "SAT": bool(stats.saturation_active),
+        "BINS": bins,
+        "HB": next_pow2(bins + 2),
+    }
+
+
+def _finalize(stats: LayerStats, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool) -> None:
+    grow0 = stats.histograms and not stats.fixed_range[q0]
+    grow1 = stats.histograms and not stats.fixed_range[q0 + 1]
+    if not (det or grow0 or grow1):
+        return
+    bins = stats.bins
+    finalize_kernel[(1,)](
+        stats.acc,
+        stats.hist,
+        stats.hist_range,
+        _extents_buffer(stats),
+        part,
+        n0,
+        n1,
+        part.stride(0) if det else 0,
+        Q0=q0,
+        NFIELDS=NFIELDS,
+        DETERMINISTIC=det,
+        GROW0=grow0,
+        GROW1=grow1,
+        BINS=bins,
+        HB=next_pow2(bins),
+        BLOCK_P=256,
+    )
+
+
+def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Tensor:
+    M, K = x.shape
+    N = weight.shape[0]
+    h = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    det = stats is not None and is_deterministic()
+    smeta = _stats_meta(stats)
+
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+    n_parts = 0
+    if det:
+        cfg = _INTERPRET_CFG if INTERPRET else _FIXED_CFG
+        n_parts = grid(cfg)[0]
+    if stats is not None:
+        part = _part_buffer(stats, n_parts, det)
+        sat_lo, sat_hi = stats.thresholds if stats.saturation_active else (0.0, 0.0)
+        bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
+        part_stride = part.stride(0) if det else 0
+        fixed_act = bool(stats.fixed_range[ACTIVATION])
+    else:
+        bufs = (h, h, h, h, h, h)
+        part_stride, sat_lo, sat_hi, fixed_act = 0, 0.0, 0.0, False
+    args = (
+        x,
+        weight,
+        bias if bias is not None else x,
+        h,
+        *bufs,
+        M,
+        N,
+        K,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        h.stride(0),
+        h.stride(1),
+        part_stride,
+        float(sat_lo),
+        float(sat_hi),
+        m_bucket(M),
+    )
+    meta = dict(
+        ACT=act_id,
+        HAS_BIAS=bias is not None,
+        FIXED_ACT=fixed_act,
+        DETERMINISTIC=det,
+        PRECISION=dot_precision(x.dtype),
+        **smeta,
+    )
+    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det)
+    if stats is not None:
+        _finalize(stats, PREACTIVATION, bufs[5], n_parts, n_parts, det)
+    return h
+
+
+def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
+    M, K = x.shape
+    N = weight.shape[0]
+    precision = dot_precision(x.dtype)
+    dx = dw = db = None
+    if need_x:
+        dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
+
+        def grid_dx(cfg):
+            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+
+        args = (
+            dh,
+            h,
+            weight,
+            dx,
+            M,
+            N,
+            K,
+            dh.stride(0),
+            dh.stride(1),
+            h.stride(0),
+            h.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            dx.stride(0),
+            dx.stride(1),
+            m_bucket(M),
+        )
+        meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
+        _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False)
+    if not (need_w or need_b or stats is not None):
+        return dx, dw, db
+    det = stats is not None and is_deterministic()
+    smeta = _stats_meta(stats)
+    dw = torch.empty(N, K, dtype=weight.dtype, device=weight.device) if need_w else None
+    db = torch.empty(N, dtype=weight.dtype, device=weight.device) if need_b else None
+
+    def grid_dw(cfg):
+        return (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+
+    n_pg = n_wg = 0
+    if det:
+        cfg = _INTERPRET_CFG if INTERPRET else _FIXED_CFG
+        n_pg = triton.cdiv(N, cfg["BLOCK_M"])
+        n_wg = grid_dw(cfg)[0]
+    if stats is not None:
+        part = _part_buffer(stats, max(n_pg, n_wg), det)
+        bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
+        part_stride = part.stride(0) if det else 0
+    else:
+        bufs = (x, x, x, x, x, x)
+        part_stride = 0
+    args = (
+        dh,
+        h,
+        x,
+        dw if dw is not None else x,
+        db if db is not None else x,
+        *bufs,
+        M,
+        N,
+        K,
+        dh.stride(0),
+        dh.stride(1),
+        h.stride(0),
+        h.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dw.stride(0) if dw is not None else 0,
+        dw.stride(1) if dw is not None else 0,
+        part_stride,
+        m_bucket(M),
+    )
+    meta = dict(
+        ACT=act_id,
+        HAS_DB=need_b,
+        STORE_DW=need_w,
+        DETERMINISTIC=det,
+        PRECISION=precision,
+        **smeta,
+    )
+    # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.
+    _launch(_bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det)
+    if stats is not None:
+        _finalize(stats, PREACTIVATION_GRAD, bufs[5], n_pg, n_wg, det)
+    return dx, dw, db
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, activation: Activation) -> bool:
+    """Whether the fused kernels handle these inputs (else the PyTorch path runs)."""
+    return (
+        x.dim() == 2
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype == x.dtype
+        and activation.name in ACT_IDS
+        and x.shape[0] > 0
+        and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    )
+
+
+class LinearActivationKernelFunction(torch.autograd.Function):
+    """Autograd function of the fused kernels (mirrors ``torch_path.LinearActivationFunction``).
+
+    With ``use_kernels=False``, or while a pass's quantities are not calibrated
+    yet, the pass runs with PyTorch ops and ``LayerStats.update`` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: Activation, stats, use_kernels: bool):
+        act_id = ACT_IDS.get(activation.name)
+        if not use_kernels or (
+            stats is not None
+            and not (stats.calibrated[PREACTIVATION] and stats.calibrated[ACTIVATION])
+        ):
+            # PyTorch ops; LayerStats.update calibrates shifts and histogram ranges.
+            z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+            h = activation.forward(z)
+            if stats is not None:
+                stats.update(PREACTIVATION, z)
+                stats.update(ACTIVATION, h)
+        else:
+            h = _forward(x, weight, bias, act_id, stats)
+        ctx.save_for_backward(x, weight, h)
+        ctx.activation = activation
+        ctx.act_id = act_id
+        ctx.stats = stats
+        ctx.has_bias = bias is not None
+        ctx.use_kernels = use_kernels
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, weight, h = ctx.saved_tensors
+        activation: Activation = ctx.activation
+        stats: LayerStats | None = ctx.stats
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        if not ctx.use_kernels or (
+            stats is not None
+            and not (stats.calibrated[PREACTIVATION_GRAD] and stats.calibrated[WEIGHT_GRAD])
+        ):
+            dz = dh if activation.name == "identity" else dh * activation.grad_from_output(h)
+            dx = dz @ weight if need_x else None
+            dw = None
+            if need_w or stats is not None:
+                dw = dz.t() @ x
+            if stats is not None:
+                stats.update(PREACTIVATION_GRAD, dz)
+                stats.update(WEIGHT_GRAD, dw)
+            db = dz.sum(0) if need_b else None
+            return dx, dw if need_w else None, db, None, None, None
+        dx, dw, db = _backward(dh, x, weight, h, ctx.act_id, stats, need_x, need_w, need_b)
+        return dx, dw, db, None, None, None
+
+
+def linear_activation(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: Activation,
+    stats: LayerStats | None,
+) -> torch.Tensor:
+    """``f(x W^T + b)`` for a 2-D ``x`` with fused Triton kernels, recording statistics.
+
+    Args:
+        x: ``[M, K]`` input (float32, float16 or bfloat16; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
+        weight: ``[N, K]``, same dtype as ``x``.
+        bias: ``[N]`` or ``None``.
+        activation: one of the built-in activations.
+        stats: the layer's :class:`~fastmlp.stats.LayerStats`, or ``None`` to
+            record nothing.
+
+    Returns:
+        ``h = f(x W^T + b)`` of shape ``[M, N]`` in ``x``'s dtype.
+
+    Inputs the kernels do not handle (float64, custom activations, empty
+    batches) run with PyTorch ops inside the same autograd function and give
+    the same numbers as ``fastmlp.torch_path``.
+    """
+    use = supported(x, weight, activation)
+    if not use and x.device.type == "cpu" and not INTERPRET and x.dtype in _KERNEL_DTYPES:
+        raise RuntimeError(
+            "the Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 "
+            "before triton is imported, or use backend='torch'"
+        )
+    return LinearActivationKernelFunction.apply(x, weight, bias, activation, stats, use)

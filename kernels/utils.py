@@ -1,0 +1,342 @@
+"""Shared helpers of the fused kernels: settings, activations and tile statistics.
+
+The statistics helpers write into the buffers of ``fastmlp.stats.LayerStats``
+(layout in that module's docstring): per quantity a float64 row ``acc[q]`` =
+``count, sum, sumsq, min, max, nonfinite, sat_low, sat_high`` with ``sum`` and
+``sumsq`` taken around ``shift[q]``, an int64 histogram row ``hist[q]`` =
+``underflow, bins..., overflow`` and a float64 ``hist_range[q] = (low, high)``.
+
+How a tile's statistics reach those buffers:
+
+- Each program reduces its tile in registers: finite count, float32 tile mean,
+  centred sums ``sum(x - mean_t)`` and ``sum((x - mean_t)**2)`` (exact enough
+  because they are centred on the tile's own mean), min, max, non-finite
+  count, saturation counts and a tile histogram (``tl.histogram``).
+- The centred sums are re-expressed around ``shift[q]`` in float64 (Chan's
+  merge), then added to ``acc[q]`` with float64 atomics. Integer-valued fields
+  (counts, histogram bins) and min/max are order-independent, so atomics on
+  them are exact and deterministic.
+- Deterministic mode (:func:`set_deterministic`, or ``FASTMLP_DETERMINISTIC=1``):
+  the two float sums are instead written as per-program partials and a second
+  single-program kernel adds them in program order. Cost: one small scratch
+  buffer per pass, a fixed (not autotuned) tile configuration, and a serial
+  reduction over the per-program partials inside the finalize kernel (a few
+  microseconds for the 5x1000 network); the statistics are then bitwise
+  identical from run to run on the same GPU and software.
+- A finalize kernel (one program, launched after each pass) grows automatic
+  histogram ranges by powers of two with exact bin merging, on the device
+  (no host synchronisation), from the pass's finite extents that the main
+  kernels gather in a small float64 buffer (reset by the finalize kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmlp.stats import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ
+
+__all__ = [
+    "INTERPRET",
+    "ACT_IDS",
+    "set_deterministic",
+    "is_deterministic",
+    "dot_precision",
+    "next_pow2",
+    "m_bucket",
+]
+
+#: Whether Triton runs in interpreter mode (CPU, numpy-simulated).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Activation name -> constexpr id used by the kernels.
+ACT_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
+
+_deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
+
+# Field offsets inside a row of LayerStats.acc, as compile-time constants.
+F_COUNT = tl.constexpr(COUNT)
+F_SUM = tl.constexpr(SUM)
+F_SUMSQ = tl.constexpr(SUMSQ)
+F_MIN = tl.constexpr(MIN)
+F_MAX = tl.constexpr(MAX)
+F_NONFINITE = tl.constexpr(NONFINITE)
+F_SAT_LOW = tl.constexpr(SAT_LOW)
+F_SAT_HIGH = tl.constexpr(SAT_HIGH)
+
+
+def set_deterministic(flag: bool = True) -> None:
+    """Make the kernels' statistics bitwise reproducible (``True``) or use float atomics.
+
+    Deterministic mode replaces the float64 atomic additions of the moment sums
+    by per-program partials that a second kernel adds in program order, and
+    uses a fixed tile configuration instead of autotuning (the partition of the
+    work must not change between runs). It costs one scratch allocation per pass,
+    a serial reduction over the per-program partials (a few microseconds per
+    layer pass), and whatever the autotuner would have gained over the fixed
+    tiles. Counts, min/max and histograms are exact in both modes.
+    The default comes from the environment variable ``FASTMLP_DETERMINISTIC=1``.
+    """
+    global _deterministic
+    _deterministic = bool(flag)
+
+
+def is_deterministic() -> bool:
+    """Whether deterministic statistics are on (see :func:`set_deterministic`)."""
+    return _deterministic
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: IEEE for float32 under "highest", else TF32 (float32 only)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning bucket of the batch dimension: a power of two in [16, 8192]."""
+    return min(max(next_pow2(m), 16), 8192)
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def apply_activation(z, ACT: tl.constexpr):
+    """``h = f(z)`` in float32 for the activation id ``ACT`` (see :data:`ACT_IDS`)."""
+    if ACT == 1:  # sigmoid
+        h = 1.0 / (1.0 + tl.exp(-z))
+    elif ACT == 2:  # tanh, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation
+        a = tl.abs(z)
+        t = tl.exp(-2.0 * a)
+        big = (1.0 - t) / (1.0 + t)
+        a2 = a * a
+        small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
+        r = tl.where(a < 0.0625, small, big)
+        h = tl.where(z < 0.0, -r, r)
+        h = tl.where(z != z, z, h)  # keep NaN
+    elif ACT == 3:  # softsign
+        h = z / (1.0 + tl.abs(z))
+        h = tl.where(z == float("inf"), 1.0, tl.where(z == float("-inf"), -1.0, h))
+    elif ACT == 4:  # relu (propagates NaN like torch.relu)
+        h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
+    else:
+        h = z
+    return h
+
+
+@triton.jit
+def activation_grad(h, ACT: tl.constexpr):
+    """``f'(z)`` expressed through the output ``h`` (float32)."""
+    if ACT == 1:
+        g = h * (1.0 - h)
+    elif ACT == 2:
+        g = 1.0 - h * h
+    elif ACT == 3:
+        t = 1.0 - tl.abs(h)
+        g = t * t
+    elif ACT == 4:
+        g = tl.where(h > 0.0, 1.0, 0.0)
+    else:
+        g = tl.full(h.shape, 1.0, tl.float32)
+    return g
+
+
+@triton.jit
+def tile_moments(v, valid, shift):
+    """Moments of the finite, valid elements of the float32 tile ``v``.
+
+    Returns ``(fin, n, s1, s2, nonfinite, mn, mx)``: the finite mask, the finite
+    count (float64), ``sum(x - shift)`` and ``sum((x - shift)**2)`` (float64,
+    from float32 sums centred on the tile mean), the count of valid non-finite
+    elements (float64) and the finite min/max (float32; +inf/-inf if none).
+    """
+    fin = valid & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
+    n32 = tl.sum(fin.to(tl.int32))
+    nonfinite = tl.sum((valid & (fin == 0)).to(tl.int32)).to(tl.float64)
+    vz = tl.where(fin, v, 0.0)
+    n = n32.to(tl.float64)
+    mean_t = tl.sum(vz) / tl.maximum(n32, 1).to(tl.float32)
+    d = tl.where(fin, v - mean_t, 0.0)
+    d1 = tl.sum(d).to(tl.float64)
+    d2 = tl.sum(d * d).to(tl.float64)
+    delta = mean_t.to(tl.float64) - shift
+    s1 = d1 + n * delta
+    s2 = d2 + delta * (2.0 * d1 + n * delta)
+    mn = tl.min(tl.where(fin, v, float("inf")))
+    mx = tl.max(tl.where(fin, v, float("-inf")))
+    return fin, n, s1, s2, nonfinite, mn, mx
+
+
+@triton.jit
+def tile_histogram(v, fin, lo, hi, BINS: tl.constexpr, HB: tl.constexpr, FIXED: tl.constexpr):
+    """Histogram row (``HB`` >= ``BINS + 2`` int32 counts: underflow, bins, overflow) of a tile.
+
+    ``lo``/``hi`` are float64 scalars. Binning follows ``fastmlp.torch_path``:
+    ``floor((x - lo) * bins / (hi - lo))`` in float32, clamped to the bins
+    (last bin closed); on an automatic range ``x < lo`` and ``x > hi`` go to
+    under/overflow, on a fixed range they stay in the edge bins.
+    """
+    scale = (BINS / (hi - lo)).to(tl.float32)
+    lo32 = lo.to(tl.float32)
+    hi32 = hi.to(tl.float32)
+    vs = tl.where(fin, v, lo32)
+    t = tl.floor((vs - lo32) * scale)
+    t = tl.minimum(tl.maximum(t, 0.0), BINS - 1.0)
+    idx = t.to(tl.int32) + 1
+    if not FIXED:
+        idx = tl.where(vs < lo32, 0, tl.where(vs > hi32, BINS + 1, idx))
+    flat_idx = tl.reshape(idx, (idx.numel,))
+    flat_fin = tl.reshape(fin, (fin.numel,))
+    return tl.histogram(flat_idx, HB, mask=flat_fin)
+
+
+@triton.jit
+def commit_moments(acc_row, part_slot, n, s1, s2, nonfinite, mn, mx, DETERMINISTIC: tl.constexpr):
+    """Add one program's moments to the float64 row ``acc_row`` (or its partial slot)."""
+    tl.atomic_add(acc_row + F_COUNT, n)
+    tl.atomic_add(acc_row + F_NONFINITE, nonfinite)
+    if DETERMINISTIC:
+        tl.store(part_slot, s1)
+        tl.store(part_slot + 1, s2)
+    else:
+        tl.atomic_add(acc_row + F_SUM, s1)
+        tl.atomic_add(acc_row + F_SUMSQ, s2)
+    tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64))
+    tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64))
+
+
+@triton.jit
+def commit_histogram(hist_row, counts, BINS: tl.constexpr, HB: tl.constexpr):
+    """Add a tile histogram (int32, ``HB`` entries) to the int64 row ``hist_row``."""
+    offs = tl.arange(0, HB)
+    tl.atomic_add(hist_row + offs, counts.to(tl.int64), mask=offs < BINS + 2)
+
+
+@triton.jit
+def commit_extents(ext_row, mn, mx):
+    """Fold a tile's finite min/max into this pass's extents ``ext_row = (min, max)``."""
+    tl.atomic_min(ext_row, mn.to(tl.float64))
+    tl.atomic_max(ext_row + 1, mx.to(tl.float64))
+
+
+@triton.jit
+def _pow2_at_or_above(m):
+    """Smallest power of two >= ``m`` (float64, exact, from the exponent bits); 1 if 0/inf/NaN."""
+    ok = (m > 0.0) & (m < float("inf"))
+    safe = tl.where(ok, m, 1.0)
+    bits = safe.to(tl.int64, bitcast=True)
+    mant = bits & 0xFFFFFFFFFFFFF
+    expo = (bits >> 52) & 0x7FF
+    up = ((expo + 1) << 52).to(tl.float64, bitcast=True)
+    r = tl.where(mant == 0, safe, up)
+    return tl.where(ok, r, 1.0)
+
+
+@triton.jit
+def _finalize_one(
+    acc_row,
+    hist_row,
+    range_row,
+    ext_row,
+    part_ptr,
+    n_parts,
+    DETERMINISTIC: tl.constexpr,
+    GROW: tl.constexpr,
+    BINS: tl.constexpr,
+    HB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    if DETERMINISTIC:
+        s1 = tl.zeros((), tl.float64)
+        s2 = tl.zeros((), tl.float64)
+        offs = tl.arange(0, BLOCK_P)
+        for start in range(0, n_parts, BLOCK_P):
+            p = start + offs
+            msk = p < n_parts
+            s1 += tl.sum(tl.load(part_ptr + 2 * p, mask=msk, other=0.0))
+            s2 += tl.sum(tl.load(part_ptr + 2 * p + 1, mask=msk, other=0.0))
+        tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM) + s1)
+        tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ) + s2)
+    if GROW:
+        # Widen +-r to cover this pass's extremes, merging bins exactly
+        # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
+        # A pass without finite values has extents (inf, -inf) and widens to at least 1,
+        # as in the PyTorch path. The extents are reset for the next pass.
+        mn = tl.load(ext_row)
+        mx = tl.load(ext_row + 1)
+        tl.store(ext_row, float("inf"))
+        tl.store(ext_row + 1, float("-inf"))
+        maxabs = tl.maximum(tl.abs(mn), tl.abs(mx))
+        r = tl.load(range_row + 1)
+        new_r = tl.maximum(r, _pow2_at_or_above(maxabs))
+        factor = new_r / r
+        src = tl.arange(0, HB)
+        dst = tl.arange(0, HB)
+        row = tl.load(hist_row + 1 + src, mask=src < BINS, other=0)
+        j = tl.floor((src.to(tl.float64) - BINS // 2) / factor).to(tl.int32) + BINS // 2
+        hit = (j[None, :] == dst[:, None]) & (src[None, :] < BINS)
+        merged = tl.sum(tl.where(hit, row[None, :], 0), axis=1)
+        tl.store(hist_row + 1 + dst, merged, mask=dst < BINS)
+        tl.store(range_row, -new_r)
+        tl.store(range_row + 1, new_r)
+
+
+@triton.jit
+def finalize_kernel(
+    acc_ptr,
+    hist_ptr,
+    range_ptr,
+    ext_ptr,
+    part_ptr,
+    n_parts0,
+    n_parts1,
+    part_stride,
+    Q0: tl.constexpr,
+    NFIELDS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    GROW0: tl.constexpr,
+    GROW1: tl.constexpr,
+    BINS: tl.constexpr,
+    HB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Second stage of one pass over quantities ``Q0`` and ``Q0 + 1`` (single program).
+
+    Adds the deterministic partials in order (when ``DETERMINISTIC``) and grows
+    automatic histogram ranges (``GROW0``/``GROW1``).
+    """
+    _finalize_one(
+        acc_ptr + Q0 * NFIELDS,
+        hist_ptr + Q0 * (BINS + 2),
+        range_ptr + Q0 * 2,
+        ext_ptr + Q0 * 2,
+        part_ptr,
+        n_parts0,
+        DETERMINISTIC,
+        GROW0,
+        BINS,
+        HB,
+        BLOCK_P,
+    )
+    _finalize_one(
+        acc_ptr + (Q0 + 1) * NFIELDS,
+        hist_ptr + (Q0 + 1) * (BINS + 2),
+        range_ptr + (Q0 + 1) * 2,
+        ext_ptr + (Q0 + 1) * 2,
+        part_ptr + part_stride,
+        n_parts1,
+        DETERMINISTIC,
+        GROW1,
+        BINS,
+        HB,
+        BLOCK_P,
+    )
