@@ -1,0 +1,91 @@
+"""The benchmark machinery on a tiny network: structure of the JSON and markdown, not speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastmlp.bench import report
+from fastmlp.bench.cli import main
+from fastmlp.bench.hooks import HookStats
+from fastmlp.bench.timing import interleaved, quantiles
+
+TINY = [
+    "--device", "cpu", "--repeats", "2", "--curve-repeats", "1", "--warmup", "1",
+    "--min-time", "0", "--width", "16", "--depth", "2", "--in-features", "24",
+    "--batch", "8", "--batches", "3,8", "--widths", "none", "--shapeset-images", "4",
+    "--variants", "plain,hooks,hooks-all,hooks-naive,fastmlp-moments,fastmlp-all,plain-graph",
+    "--curve-variants", "plain,hooks,fastmlp-all", "--name", "tiny", "--note", "smoke test",
+]  # fmt: skip
+
+
+def test_quick_machinery_writes_json_and_markdown(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path), "--no-plots"]) == 0
+    doc = json.loads((tmp_path / "tiny.json").read_text())
+    assert doc["schema"].startswith("fastmlp-bench/")
+    assert {"cpu", "cpu_cores", "torch", "triton"} <= set(doc["machine"])
+    assert doc["command"].startswith("python -m bench") and doc["note"] == "smoke test"
+    main_rows = [r for r in doc["rows"] if r["section"] == "main"]
+    assert {(r["variant"], r["mode"]) for r in main_rows} >= {
+        (v, m) for v in ("plain", "hooks", "fastmlp-all") for m in ("step", "forward")
+    }
+    for r in main_rows:
+        if r["variant"] == "plain-graph":
+            assert r["status"] == "n/a" and "CUDA" in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["q25_s"] <= r["median_s"] <= r["q75_s"] and len(r["times_s"]) == 2
+        assert r["ratio"] > 0
+    assert next(r for r in main_rows if r["variant"] == "plain")["ratio"] == 1.0
+    assert sorted({r["batch"] for r in doc["rows"] if r["section"] == "batch"}) == [3, 8]
+    assert "shapeset" in doc and doc["shapeset"]["status"] in ("ok", "skipped")
+    out = capsys.readouterr().out
+    table_start = out.index("| variant | step ms (IQR) | step / plain |")
+    assert "`fastmlp-all`" in out[table_start:]
+    # The README generator reads the same JSON back.
+    md = report.render(report.load(tmp_path / "tiny.json"))
+    assert "Training step vs batch" in md and "`hooks`" in md
+
+
+def test_report_replaces_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    report.update_readme(readme, "| new |")
+    assert readme.read_text() == f"intro\n{report.START}\n| new |\n{report.END}\noutro\n"
+    (tmp_path / "bad.md").write_text("no markers")
+    with pytest.raises(ValueError, match="block"):
+        report.update_readme(tmp_path / "bad.md", "x")
+
+
+def test_hook_stats_match_reference():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    hooks = HookStats(model, histograms=True, bins=8)
+    x = torch.randn(11, 5)
+    model(x).sum().backward()
+    z = torch.nn.functional.linear(x, model[0].weight, model[0].bias)  # no hook
+    acc = hooks.acc[1, "preactivation"]
+    ref = z.detach().double()
+    assert acc.count.item() == ref.numel()
+    assert acc.mean.item() == pytest.approx(ref.mean().item(), abs=1e-6)
+    assert (acc.m2 / acc.count).item() == pytest.approx(ref.var(unbiased=False).item(), rel=1e-5)
+    assert acc.hist.sum().item() == ref.numel()
+    assert hooks.acc[1, "activation"].sat.sum().item() == (z.tanh().abs() >= 0.99).sum().item()
+    assert hooks.acc[2, "weight_grad"].count.item() == 21
+
+
+def test_interleaved_reports_failures_and_quantiles():
+    import torch
+
+    def boom() -> None:
+        raise RuntimeError("nope")
+
+    res, inner = interleaved(
+        {"a": lambda: None, "b": boom}, repeats=3, warmup=1, device=torch.device("cpu")
+    )
+    assert res["a"].ok and len(res["a"].times) == 3 and inner == 1
+    assert not res["b"].ok and "nope" in res["b"].error
+    assert quantiles([1.0, 2.0, 3.0]) == (1.5, 2.0, 2.5)
