@@ -24,6 +24,8 @@ class Activation:
         forward: ``f(z)``.
         grad_from_output: ``f'(z)`` expressed through ``h = f(z)``, so backward
             only needs the stored output.
+        backward: ``dL/dz`` from ``dL/dh`` and ``h``, i.e. ``dh * grad_from_output(h)``,
+            using PyTorch's fused backward op where one exists.
         output_range: ``(low, high)`` bounds of ``h``, or ``None`` if unbounded.
         saturation: default ``(low, high)`` thresholds: ``h <= low`` counts as
             saturated low, ``h >= high`` as saturated high; ``None`` if the
@@ -33,6 +35,7 @@ class Activation:
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     grad_from_output: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     output_range: tuple[float, float] | None
     saturation: tuple[float, float] | None
 
@@ -50,14 +53,38 @@ def _softsign_grad(h: torch.Tensor) -> torch.Tensor:
     return (1 - h.abs()).square()
 
 
+def _softsign_backward(dh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return h.abs().neg_().add_(1).square_().mul_(dh)
+
+
+def _relu_backward(dh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.threshold_backward(dh, h, 0)
+
+
 ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation(
-        "sigmoid", torch.sigmoid, lambda h: h * (1 - h), (0.0, 1.0), (0.01, 0.99)
+        "sigmoid",
+        torch.sigmoid,
+        lambda h: h * (1 - h),
+        torch.ops.aten.sigmoid_backward,
+        (0.0, 1.0),
+        (0.01, 0.99),
     ),
-    "tanh": Activation("tanh", torch.tanh, lambda h: 1 - h * h, (-1.0, 1.0), (-0.99, 0.99)),
-    "softsign": Activation("softsign", _softsign, _softsign_grad, (-1.0, 1.0), (-0.99, 0.99)),
-    "relu": Activation("relu", torch.relu, lambda h: (h > 0).to(h.dtype), None, None),
-    "identity": Activation("identity", lambda z: z, torch.ones_like, None, None),
+    "tanh": Activation(
+        "tanh",
+        torch.tanh,
+        lambda h: 1 - h * h,
+        torch.ops.aten.tanh_backward,
+        (-1.0, 1.0),
+        (-0.99, 0.99),
+    ),
+    "softsign": Activation(
+        "softsign", _softsign, _softsign_grad, _softsign_backward, (-1.0, 1.0), (-0.99, 0.99)
+    ),
+    "relu": Activation(
+        "relu", torch.relu, lambda h: (h > 0).to(h.dtype), _relu_backward, None, None
+    ),
+    "identity": Activation("identity", lambda z: z, torch.ones_like, lambda dh, h: dh, None, None),
 }
 
 
@@ -66,7 +93,5 @@ def get_activation(name: str | Activation) -> Activation:
     if isinstance(name, Activation):
         return name
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
-        )
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

@@ -23,12 +23,15 @@ merged exactly, so later batches are covered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fastmlp.activations import Activation
+
+if TYPE_CHECKING:
+    from fastmlp.snapshot import Snapshot
 
 __all__ = [
     "QUANTITIES",
@@ -97,8 +100,13 @@ class LayerStats(nn.Module):
         # Quantities histogrammed on a fixed range (the activation of a bounded function).
         self.fixed_range = tuple(q == ACTIVATION and activation.bounded for q in range(4))
         self.calibrated = [False] * len(QUANTITIES)
+        # Host-side guess of each quantity's current mean (CPU path: centering point).
+        self.center_hint = [0.0] * len(QUANTITIES)
+        self._scratch: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self.register_buffer("acc", _empty_acc(device))
-        self.register_buffer("shift", torch.zeros(len(QUANTITIES), dtype=torch.float64, device=device))
+        self.register_buffer(
+            "shift", torch.zeros(len(QUANTITIES), dtype=torch.float64, device=device)
+        )
         self.register_buffer(
             "hist", torch.zeros(len(QUANTITIES), bins + 2, dtype=torch.int64, device=device)
         )
@@ -126,6 +134,12 @@ class LayerStats(nn.Module):
         self._set_fixed_ranges()
         self.calibrated = [False] * len(QUANTITIES)
 
+    def snapshot(self, layer: int = 1) -> Snapshot:
+        """This layer's statistics on the host, reported as layer number ``layer``."""
+        from fastmlp.snapshot import Snapshot
+
+        return Snapshot.from_layers([(layer, self)])
+
     def fresh(self) -> LayerStats:
         """A new, empty accumulator set with the same configuration, on the same device."""
         new = LayerStats(
@@ -138,13 +152,24 @@ class LayerStats(nn.Module):
         )
         return new
 
-    def update(self, q: int, x: torch.Tensor) -> None:
-        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path)."""
+    def update(self, q: int, x: torch.Tensor, total: float | None = None) -> None:
+        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path).
+
+        ``total``: ``x.sum()`` in float64 when the caller knows it cheaply (saves passes).
+        """
         from fastmlp.torch_path import accumulate
 
         if not self.calibrated[q]:
             self.calibrate(q, x)
-        accumulate(self, q, x)
+        accumulate(self, q, x, total)
+
+    def scratch(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable 1-D work buffer of ``n`` elements on the statistics' device."""
+        key = (n, dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype, device=self.acc.device)
+        return buf
 
     @torch.no_grad()
     def calibrate(self, q: int, x: torch.Tensor) -> None:
@@ -154,6 +179,8 @@ class LayerStats(nn.Module):
         n = fin.sum()
         xs = torch.where(fin, x, 0).to(torch.float64)
         self.shift[q] = xs.sum() / n.clamp(min=1)
+        if x.device.type == "cpu":
+            self.center_hint[q] = float(self.shift[q])
         if not self.fixed_range[q]:
             r = pow2_at_or_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
             self.hist_range[q, 0] = -r
@@ -166,6 +193,7 @@ class LayerStats(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = buf.to(fn(buf).device)
+        self._scratch.clear()
         return self
 
     def get_extra_state(self) -> dict:
