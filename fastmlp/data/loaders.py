@@ -1,0 +1,350 @@
+"""``load(name)``: Shapeset-3x2, MNIST, CIFAR-10 and image folders as :class:`Splits`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmlp.data.shapeset import SHAPESET_CLASSES, SIZE, shapeset
+from fastmlp.data.splits import ArrayStream, ShapesetStream, Splits, derive_seed
+
+__all__ = ["DATASETS", "load"]
+
+DATASETS = ("shapeset", "mnist", "cifar10", "imagefolder")
+"""Names accepted by :func:`load`."""
+
+SHAPESET_EVAL_SIZE = 10000
+"""Default size of the Shapeset validation and test sets."""
+HOLDOUT = 10000
+"""MNIST / CIFAR-10: validation examples held out from the end of the training file."""
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR10_FILES = (
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+    "batches.meta",
+)
+
+
+def _torchvision():
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "MNIST, CIFAR-10 and image folders need torchvision and pillow: "
+            "pip install 'fastmlp[vision]'"
+        ) from err
+    return tvd
+
+
+def _floats(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device).float().div_(255.0)
+
+
+def _check_size(what: str, value: int | None, name: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r} ({what})")
+
+
+def _holdout_splits(
+    name: str,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    class_names: list[str],
+    device: torch.device,
+    valid_size: int | None,
+    test_size: int | None,
+) -> Splits:
+    """Paper splits: the last ``valid_size`` training examples validate, the rest train.
+
+    ``train_x``/``test_x`` are uint8 ``[N, F]``. ``test_size`` keeps the first examples of
+    the official test set (all of them by default).
+    """
+    valid_size = HOLDOUT if valid_size is None else valid_size
+    n = train_x.shape[0]
+    if valid_size >= n:
+        raise ValueError(
+            f"{name}: the training file holds {n} examples, too few to hold out "
+            f"valid_size={valid_size} for validation and still train; pass a smaller valid_size"
+        )
+    if test_size is not None and test_size > test_x.shape[0]:
+        raise ValueError(
+            f"{name}: test_size={test_size} but the test file holds only {test_x.shape[0]} examples"
+        )
+    test_size = test_x.shape[0] if test_size is None else test_size
+    cut = n - valid_size
+    return Splits(
+        name=name,
+        in_features=train_x.shape[1],
+        num_classes=len(class_names),
+        class_names=class_names,
+        valid=(_floats(train_x[cut:], device), train_y[cut:].to(device)),
+        test=(_floats(test_x[:test_size], device), test_y[:test_size].to(device)),
+        train_size=cut,
+        _train=ArrayStream(train_x[:cut].to(device), train_y[:cut].to(device)),
+    )
+
+
+def _load_shapeset(device: torch.device, valid_size: int | None, test_size: int | None) -> Splits:
+    """Validation and test sets are generated on the CPU from fixed seeds (the same for
+    every run, seed and device) and moved to ``device``; training data is generated
+    online on ``device``."""
+    valid_size = SHAPESET_EVAL_SIZE if valid_size is None else valid_size
+    test_size = SHAPESET_EVAL_SIZE if test_size is None else test_size
+    sets = []
+    for split, size in (("valid", valid_size), ("test", test_size)):
+        x, y = shapeset(size, seed=derive_seed("shapeset", split), device="cpu")
+        sets.append((x.view(size, SIZE * SIZE).to(device), y.to(device)))
+    return Splits(
+        name="shapeset",
+        in_features=SIZE * SIZE,
+        num_classes=len(SHAPESET_CLASSES),
+        class_names=list(SHAPESET_CLASSES),
+        valid=sets[0],
+        test=sets[1],
+        train_size=None,
+        _train=ShapesetStream(device),
+    )
+
+
+def _load_mnist(
+    data_dir: Path, download: bool, device: torch.device, valid_size, test_size
+) -> Splits:
+    """MNIST through ``torchvision.datasets.MNIST`` (files under ``data_dir/MNIST/raw``).
+
+    The raw IDX files may be present decompressed (as torchvision leaves them after a
+    download) or only as ``.gz``: gzipped files are decompressed next to themselves
+    first, as torchvision's own download does.
+    """
+    tvd = _torchvision()
+    from torchvision.datasets.utils import extract_archive
+
+    raw = data_dir / "MNIST" / "raw"
+    for base in MNIST_FILES:
+        if not (raw / base).is_file() and (raw / f"{base}.gz").is_file():
+            extract_archive(str(raw / f"{base}.gz"), str(raw / base))
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if missing and not download:
+        raise FileNotFoundError(
+            f"MNIST not found: expected {', '.join(missing)} (or the same names with .gz) "
+            f"in {raw}. Pass download=True to download it into {data_dir}, or copy the "
+            "four IDX files there."
+        )
+    sets = {}
+    for train in (True, False):
+        ds = tvd.MNIST(str(data_dir), train=train, download=download)
+        sets[train] = (
+            ds.data.reshape(len(ds.data), -1),
+            torch.as_tensor(ds.targets, dtype=torch.int64),
+        )
+    return _holdout_splits(
+        "mnist", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
+    )
+
+
+def _cifar10_class(tvd, verified: bool):
+    """torchvision's CIFAR10, or a subclass that checks files exist but not their md5."""
+    if verified:
+        return tvd.CIFAR10
+
+    class UnverifiedCIFAR10(tvd.CIFAR10):
+        train_list = [[name, None] for name, _ in tvd.CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in tvd.CIFAR10.test_list]
+        meta = {**tvd.CIFAR10.meta, "md5": None}
+
+    return UnverifiedCIFAR10
+
+
+def _load_cifar10(
+    data_dir: Path, download: bool, device: torch.device, valid_size, test_size
+) -> Splits:
+    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (``data_dir/cifar-10-batches-py``).
+
+    torchvision checks every file against the official md5 sums. Files that are all
+    present but do not match (a re-packed or hand-made copy in the same pickle format)
+    are loaded anyway, by the same torchvision code with the md5 check turned off, and
+    a warning says so. Images are flattened channel-major (R plane, G, B: 3072 values).
+    """
+    tvd = _torchvision()
+    folder = data_dir / tvd.CIFAR10.base_folder
+    missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
+    if missing:
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: expected {', '.join(missing)} in {folder} (the python "
+                "version, cifar-10-python.tar.gz, extracted). Pass download=True to download "
+                f"it into {data_dir}."
+            )
+        tvd.CIFAR10(str(data_dir), train=True, download=True)
+    cls = tvd.CIFAR10
+    try:
+        train_ds = cls(str(data_dir), train=True)
+    except RuntimeError:
+        warnings.warn(
+            f"CIFAR-10 files in {folder} do not match the official md5 checksums; "
+            "loading them anyway",
+            stacklevel=3,
+        )
+        cls = _cifar10_class(tvd, verified=False)
+        train_ds = cls(str(data_dir), train=True)
+    sets = {}
+    for train, ds in ((True, train_ds), (False, cls(str(data_dir), train=False))):
+        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        sets[train] = (x.reshape(len(x), -1), torch.as_tensor(ds.targets, dtype=torch.int64))
+    return _holdout_splits(
+        "cifar10", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
+    )
+
+
+def _read_grey(path: str, size: int) -> np.ndarray:
+    """Image file -> uint8 ``[size, size]``: grey, centre-cropped to a square, resized."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("L", (size, size))  # JPEG: decode at reduced scale when possible
+        im = im.convert("L")
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.resize(
+            (size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
+        )
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _load_imagefolder(
+    data_dir: Path, device: torch.device, seed: int, valid_size, test_size, image_size: int
+) -> Splits:
+    """Small-ImageNet-style data: ``data_dir/<class name>/<image files>``.
+
+    Every image is converted to grey, centre-cropped to a square and resized to
+    ``image_size x image_size`` (bilinear). The examples are shuffled with ``seed``
+    (CPU generator) and cut into test (first ``test_size``), validation (next
+    ``valid_size``) and training (the rest); both default to 10% of the images
+    (rounded, at least one each).
+    """
+    tvd = _torchvision()
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"image folder {data_dir} does not exist: imagefolder expects data_dir to hold one "
+            "sub-folder of images per class (e.g. data_dir/cat/001.png, data_dir/dog/002.jpg)"
+        )
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    try:
+        folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. imagefolder expects {data_dir} to hold one sub-folder of images per "
+            f"class, with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        ) from err
+    n = len(folder.samples)
+    valid_size = max(1, round(0.1 * n)) if valid_size is None else valid_size
+    test_size = max(1, round(0.1 * n)) if test_size is None else test_size
+    if valid_size + test_size >= n:
+        raise ValueError(
+            f"imagefolder: {n} images in {data_dir}, too few for valid_size={valid_size} plus "
+            f"test_size={test_size} and a training set"
+        )
+    x = torch.from_numpy(np.stack([_read_grey(p, image_size) for p, _ in folder.samples]))
+    x = x.reshape(n, image_size * image_size)
+    y = torch.tensor([c for _, c in folder.samples], dtype=torch.int64)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("split", seed)))
+    test_idx, valid_idx = perm[:test_size], perm[test_size : test_size + valid_size]
+    train_idx = perm[test_size + valid_size :]
+    return Splits(
+        name="imagefolder",
+        in_features=image_size * image_size,
+        num_classes=len(folder.classes),
+        class_names=list(folder.classes),
+        valid=(_floats(x[valid_idx], device), y[valid_idx].to(device)),
+        test=(_floats(x[test_idx], device), y[test_idx].to(device)),
+        train_size=len(train_idx),
+        _train=ArrayStream(x[train_idx].to(device), y[train_idx].to(device)),
+    )
+
+
+def load(
+    name: str,
+    *,
+    data_dir: str | os.PathLike = "data",
+    download: bool = False,
+    seed: int = 0,
+    device: torch.device | str | None = "cpu",
+    valid_size: int | None = None,
+    test_size: int | None = None,
+    image_size: int = 37,
+) -> Splits:
+    """Load a dataset as train stream + validation and test tensors on ``device``.
+
+    Args:
+        name: one of ``DATASETS``:
+
+            - ``"shapeset"``: Shapeset-3x2 (1024 inputs, 9 classes), generated: an
+              infinite online training stream on ``device`` and fixed validation and
+              test sets (``valid_size``/``test_size``, 10000 each by default, the same
+              for every run and device).
+            - ``"mnist"``: ``torchvision.datasets.MNIST`` under ``data_dir`` (784
+              inputs): 50k train / 10k valid (the last 10k of the training file) /
+              10k test.
+            - ``"cifar10"``: ``torchvision.datasets.CIFAR10`` under ``data_dir`` (3072
+              inputs, channel-major): 40k / 10k (last 10k of the training batches) / 10k.
+            - ``"imagefolder"``: ``data_dir`` holds one sub-folder of images per class
+              (a Small-ImageNet stand-in); grey ``image_size x image_size``; split at
+              random with ``seed`` into train / valid / test.
+
+        data_dir: dataset root (the folder of class folders for ``imagefolder``).
+        download: download MNIST / CIFAR-10 into ``data_dir`` if missing. Without it a
+            missing dataset raises ``FileNotFoundError`` saying where files were expected.
+        seed: seed of the image-folder split (other datasets have fixed splits; the
+            training order is seeded in ``Splits.train_batches``).
+        device: where the tensors live and Shapeset training data is generated.
+        valid_size: validation examples (MNIST / CIFAR-10: held out from the end of
+            the training file, default 10000; imagefolder: default 10%).
+        test_size: test examples (MNIST / CIFAR-10: the first ``test_size`` of the
+            official test set, default all of it; imagefolder: default 10%).
+        image_size: image-folder side length in pixels (the paper's Small-ImageNet: 37).
+
+    Returns:
+        A :class:`Splits`; inputs are float32, flattened, scaled to [0, 1].
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    _check_size(name, valid_size, "valid_size")
+    _check_size(name, test_size, "test_size")
+    device = torch.get_default_device() if device is None else torch.device(device)
+    data_dir = Path(data_dir).expanduser()
+    if name == "shapeset":
+        return _load_shapeset(device, valid_size, test_size)
+    if name == "mnist":
+        return _load_mnist(data_dir, download, device, valid_size, test_size)
+    if name == "cifar10":
+        return _load_cifar10(data_dir, download, device, valid_size, test_size)
+    return _load_imagefolder(data_dir, device, seed, valid_size, test_size, image_size)
