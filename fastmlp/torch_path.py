@@ -112,6 +112,10 @@ def _accumulate_finite_on_host(
             c = _in_dtype(c + offset, x.dtype)
             s1 = float(torch.sub(x, c, out=d).sum())
             s2 = float(torch.dot(d, d))
+    if not (math.isfinite(s1) and math.isfinite(s2)):
+        # Huge finite values overflowed float32 sums: take the float64 path instead.
+        _accumulate_masked(stats, q, x)
+        return
     stats.center_hint[q] = c + s1 / n
     delta = c - shift
     row[COUNT] += n
@@ -176,13 +180,18 @@ def _step(value: float, dtype: torch.dtype, direction: float) -> float:
 
 
 def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
-    """Any device, any values: non-finite elements are masked out; no host reads."""
+    """Any device, any values: non-finite elements are masked out; no host reads.
+
+    Moments are summed in float64, so finite values near the float32 limit cannot
+    overflow them.
+    """
     fin = torch.isfinite(x)
     n = fin.sum()
     acc = stats.acc[q]
     acc[NONFINITE] += x.numel() - n
-    center = torch.where(fin, x, 0).sum() / n.clamp(min=1)
-    d = torch.where(fin, x - center, 0)
+    xd = torch.where(fin, x, 0).to(torch.float64)
+    center = xd.sum() / n.clamp(min=1)
+    d = torch.where(fin, xd - center, 0)
     mn = torch.where(fin, x, float("inf")).amin()
     mx = torch.where(fin, x, float("-inf")).amax()
     merge_block_(acc, stats.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
