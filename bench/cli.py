@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, list(sys.argv[1:] if argv is None else argv))
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run with parsed ``args`` (``argv`` is recorded in the JSON)."""
+def run(args: argparse.Namespace, argv: list[str], prog: str = "python -m bench") -> int:
+    """Run with parsed ``args`` (``prog`` and ``argv`` are recorded in the JSON)."""
     cfg = config_from_args(args)
     sections = tuple(s for s in SECTIONS if s in args.sections)
-    doc = run_suite(cfg, argv=argv, sections=sections)
+    doc = run_suite(cfg, argv=argv, sections=sections, prog=prog)
     if args.note:
         doc["note"] = args.note
     out: Path = args.out

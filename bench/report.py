@@ -207,9 +207,88 @@ def _plots(doc: dict, image_prefix: str) -> list[str]:
     return [""] + [f"![{Path(p).stem}]({image_prefix}{Path(p).name})" for p in plots]
 
 
+# (variant, limit) at batch 256 on a CPU (issue 5); (variant, key, limit) on a GPU (issue 3).
+CPU_TARGETS = (("fastmlp-moments", 1.10), ("fastmlp-all", 1.25))
+GPU_TARGETS = (("fastmlp-all", "ratio", 1.00), ("fastmlp-all", "ratio_compiled", 1.05))
+GPU_KERNEL_TARGET = ((4096, 4096, 4096), ("bf16", "tf32"), 0.80)
+
+
+def _verdict(value: float, limit: float, higher_is_better: bool = False) -> str:
+    ok = value >= limit if higher_is_better else value <= limit
+    return "met" if ok else "NOT met"
+
+
+def _targets(doc: dict) -> list[str]:
+    """The acceptance targets, checked against this run's numbers (thresholds only here)."""
+    step = {
+        (r["variant"], r["batch"]): r
+        for r in doc["rows"]
+        if r["section"] == "main" and r["mode"] == "step" and r["dtype"] == "fp32"
+    }
+    out: list[str] = []
+
+    def ratio(variant: str, batch: int, key: str = "ratio") -> float | None:
+        r = step.get((variant, batch))
+        return r.get(key) if r is not None and r.get("status") == "ok" else None
+
+    if doc["machine"].get("device_type") != "cuda":
+        if ("plain", 256) not in step:
+            return []
+        for variant, limit in CPU_TARGETS:
+            v = ratio(variant, 256)
+            text = "n/a" if v is None else f"{v:.2f} ({_verdict(v, limit)})"
+            out.append(f"- `{variant}` / `plain`, batch 256 step: {text}; target <= {limit:.2f}")
+        hooks = [
+            f"`{h}` {ratio(h, 256):.2f}"
+            for h in ("hooks", "hooks-all", "hooks-naive")
+            if ratio(h, 256) is not None
+        ]
+        if hooks:
+            out.append("- beside them, hooks / `plain`: " + ", ".join(hooks))
+    else:
+        for batch in sorted({b for _, b in step}):
+            for variant, key, limit in GPU_TARGETS:
+                v = ratio(variant, batch, key)
+                ref = "plain" if key == "ratio" else "plain-compiled"
+                text = "n/a" if v is None else f"{v:.2f} ({_verdict(v, limit)})"
+                out.append(
+                    f"- `{variant}` / `{ref}`, batch {batch} step fp32: {text}; "
+                    f"target <= {limit:.2f}"
+                )
+            hooks = ratio("hooks", batch)
+            if hooks is not None:
+                out.append(f"- beside them, `hooks` / `plain`, batch {batch}: {hooks:.2f}")
+        shape, precisions, limit = GPU_KERNEL_TARGET
+        for prec in precisions:
+            rows = [
+                r
+                for r in doc.get("kernel_rows") or []
+                if (r["m"], r["k"], r["n"]) == shape
+                and r["dtype"] == prec
+                and r["op"] == "forward"
+                and r["variant"] == "fastmlp-all"
+            ]
+            v = rows[0].get("vs_cublas") if rows and rows[0].get("status") == "ok" else None
+            text = "n/a" if v is None else f"{v:.2f} ({_verdict(v, limit, True)})"
+            out.append(
+                f"- forward kernel (all statistics) / cuBLAS matmul throughput, "
+                f"{'x'.join(map(str, shape))} {prec}: {text}; target >= {limit:.2f}"
+            )
+    return ["", "Targets (this run):", "", *out] if out else []
+
+
+def _legend(doc: dict) -> list[str]:
+    variants = doc.get("variants") or {}
+    if not variants:
+        return []
+    return ["", "Variants: " + "; ".join(f"`{k}`: {v}" for k, v in variants.items()) + "."]
+
+
 def render(doc: dict, *, image_prefix: str = "bench/results/", plots: bool = True) -> str:
     """Markdown for one result document: header, main table(s), curves, kernels, Shapeset."""
-    lines = _header(doc) + _main_tables(doc) + _curve_tables(doc) + _kernel_table(doc)
+    lines = _header(doc) + _main_tables(doc) + _targets(doc) + _legend(doc)
+    lines += _curve_tables(doc)
+    lines += _kernel_table(doc)
     lines += _shapeset_line(doc)
     if plots:
         lines += _plots(doc, image_prefix)
@@ -218,7 +297,8 @@ def render(doc: dict, *, image_prefix: str = "bench/results/", plots: bool = Tru
 
 def summary(doc: dict) -> str:
     """The short form printed at the end of a run: header and main table(s)."""
-    return "\n".join(_header(doc) + _main_tables(doc) + _shapeset_line(doc)) + "\n"
+    lines = _header(doc) + _main_tables(doc) + _shapeset_line(doc) + _targets(doc)
+    return "\n".join(lines) + "\n"
 
 
 def result_files(directory: Path = RESULTS_DIR) -> list[Path]:

@@ -70,6 +70,7 @@ class BenchConfig:
     variants: list[str] = field(default_factory=lambda: list(CPU_MAIN))
     main_modes: list[str] = field(default_factory=lambda: ["step", "forward"])
     compiled_modes: list[str] = field(default_factory=lambda: ["step", "forward"])
+    compiled_dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     dtypes: list[str] = field(default_factory=lambda: ["fp32"])
     curve_variants: list[str] = field(default_factory=lambda: list(CURVE_VARIANTS))
     batches: list[int] = field(default_factory=lambda: [10, 32, 64, 128, 256, 512, 1024, 4096])
@@ -108,6 +109,7 @@ def default_config(device: str = "cpu", quick: bool = False) -> BenchConfig:
             cfg.batches = [10, 64, 256, 1024, 4096]
             cfg.widths = [256, 1000, 2048, 4096]
             cfg.curve_dtypes = ["fp32"]
+            cfg.compiled_dtypes = ["fp32"]
         else:
             cfg.batches = [10, 64, 256, 1024]
             cfg.widths = [256, 1000, 2048]
@@ -205,8 +207,10 @@ def measure_case(
     for name in names:
         wrapper = VARIANTS[name][1]
         vmodes = [m for m in modes if wrapper != "compile" or m in cfg.compiled_modes]
+        if wrapper == "compile" and case.dtype not in cfg.compiled_dtypes:
+            vmodes = []
         if not vmodes:
-            unavailable[name] = "not run"
+            unavailable[name] = "not timed in this plan (each compilation takes long)"
             continue
         if wrapper == "graph" and case.batch > cfg.graph_max_batch:
             continue
@@ -314,6 +318,7 @@ def run_suite(
     argv: list[str] | None = None,
     sections: tuple[str, ...] = ("main", "batch", "width", "kernel", "shapeset"),
     log: Log = _stderr,
+    prog: str = "python -m bench",
 ) -> dict:
     """Run the plan and return the result document (see ``bench/README`` in the report module)."""
     device = torch.device(cfg.device)
@@ -326,7 +331,7 @@ def run_suite(
     doc: dict = {
         "schema": SCHEMA,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(argv or []),
+        "command": " ".join([prog, *(argv or [])]),
         "argv": list(argv or []),
         "machine": machine_info(device),
         "config": asdict(cfg),

@@ -24,7 +24,7 @@ def test_quick_machinery_writes_json_and_markdown(tmp_path, capsys):
     doc = json.loads((tmp_path / "tiny.json").read_text())
     assert doc["schema"].startswith("fastmlp-bench/")
     assert {"cpu", "cpu_cores", "torch", "triton"} <= set(doc["machine"])
-    assert doc["command"].startswith("python -m bench") and doc["note"] == "smoke test"
+    assert doc["command"].startswith("python -m bench --device cpu") and doc["note"] == "smoke test"
     main_rows = [r for r in doc["rows"] if r["section"] == "main"]
     assert {(r["variant"], r["mode"]) for r in main_rows} >= {
         (v, m) for v in ("plain", "hooks", "fastmlp-all") for m in ("step", "forward")
@@ -89,3 +89,40 @@ def test_interleaved_reports_failures_and_quantiles():
     assert res["a"].ok and len(res["a"].times) == 3 and inner == 1
     assert not res["b"].ok and "nope" in res["b"].error
     assert quantiles([1.0, 2.0, 3.0]) == (1.5, 2.0, 2.5)
+
+
+def test_report_renders_gpu_document():
+    """The GPU sections (graph/compiled ratios, kernel table, targets) render from JSON."""
+
+    def row(variant, batch, med, **extra):
+        return {
+            "section": "main", "mode": "step", "dtype": "fp32", "batch": batch, "width": 1000,
+            "depth": 5, "in_features": 1024, "out_features": 10, "variant": variant,
+            "status": "ok", "median_s": med, "q25_s": med, "q75_s": med, **extra,
+        }  # fmt: skip
+
+    kernel = {
+        "section": "kernel", "op": "forward", "dtype": "bf16", "m": 4096, "k": 4096, "n": 4096,
+        "variant": "fastmlp-all", "status": "ok", "median_s": 1e-4, "q25_s": 1e-4,
+        "q75_s": 1e-4, "tflops": 900.0, "vs_cublas": 0.9,
+    }  # fmt: skip
+    doc = {
+        "schema": "fastmlp-bench/1",
+        "timestamp": "t",
+        "command": "python -m bench --quick --device cuda",
+        "machine": {"device_type": "cuda", "gpu": "Some GPU", "cpu": "x", "cpu_cores": 1,
+                    "torch": "2", "triton": "3"},
+        "config": {"depth": 5},
+        "rows": [
+            row("plain", 256, 1e-3, ratio=1.0, ratio_compiled=1.2),
+            row("plain-compiled", 256, 8e-4, ratio=0.8, ratio_compiled=1.0),
+            row("fastmlp-all", 256, 9e-4, ratio=0.9, ratio_compiled=1.125),
+            {**row("plain-graph", 256, 0), "status": "n/a", "reason": "capture failed"},
+        ],
+        "kernel_rows": [kernel],
+    }  # fmt: skip
+    md = report.render(doc)
+    assert "step / plain-compiled" in md and "capture failed" in md
+    assert "`fastmlp-all` / `plain`, batch 256 step fp32: 0.90 (met)" in md
+    assert "`fastmlp-all` / `plain-compiled`, batch 256 step fp32: 1.12 (NOT met)" in md
+    assert "4096x4096x4096 bf16: 0.90 (met)" in md and "tf32: n/a" in md

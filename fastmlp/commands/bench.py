@@ -23,4 +23,4 @@ def _run(args: argparse.Namespace) -> int:
     from fastmlp.bench.cli import run
 
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
-    return run(args, argv)
+    return run(args, argv, prog="fastmlp bench")
