@@ -87,10 +87,11 @@ class QuantityStats:
             raise ValueError(f"percentile must be in [0, 100], got {q}")
         if self.count == 0 or self.hist_counts is None:
             return None
-        edges = [self.min, *self.hist_edges, self.max]
+        edges = self.hist_edges
         counts = [self.underflow, *self.hist_counts, self.overflow]
-        lows = [min(edges[0], edges[1]), *self.hist_edges[:-1], self.hist_edges[-1]]
-        highs = [self.hist_edges[0], *self.hist_edges[1:], max(edges[-1], edges[-2])]
+        # Segments: [min, low edge], the bins, [high edge, max].
+        lows = [self.min, *edges[:-1], edges[-1]]
+        highs = [edges[0], *edges[1:], self.max]
         target = q / 100 * self.count
         seen = 0.0
         for lo, hi, c in zip(lows, highs, counts, strict=True):
