@@ -270,8 +270,11 @@ class LinearActivationFunction(torch.autograd.Function):
             if stats is not None:
                 # sum(dW) = rowsum(dz) . rowsum(x): exact enough in float64, and cheap; on the
                 # CPU it spares two passes over dW (elsewhere it would cost a host sync).
+                # Not for float16/bfloat16 dW: its rounding makes sum(dW) differ from that total,
+                # and the moments must describe the stored values (a single value's mean would
+                # not equal it, its variance not be 0).
                 total = None
-                if dw.device.type == "cpu":
+                if dw.device.type == "cpu" and dw.dtype in (torch.float32, torch.float64):
                     f64 = torch.float64
                     total = float(torch.dot(dz.sum(1, dtype=f64), x.sum(1, dtype=f64)))
                 stats.update(WEIGHT_GRAD, dw, total)
