@@ -449,3 +449,47 @@ def test_deepcopy_keeps_statistics():
     a = ModelStats(layer).snapshot().rows()
     b = ModelStats(clone).snapshot().rows()
     assert a == b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batches_far_from_the_previous_mean(dtype):
+    """Each batch sits far from the last one (offset >> spread): moments stay exact."""
+    layer = _identity_layer(8, 16).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for offset, spread in ((0.0, 1.0), (1000.0, 1e-3), (-500.0, 1e-2), (1000.0, 1e-3), (0.0, 0.5)):
+        x = (offset + spread * torch.randn(64, 8, generator=g, dtype=torch.float64)).to(dtype)
+        batches.append(x.double().numpy())
+        with torch.no_grad():
+            layer(x)
+        qs = ModelStats(layer).snapshot()[1]["preactivation"]
+        ref = stream_stats(batches, bins=16, tol=0.0)
+        assert_matches(qs, ref, saturating=False, check_percentile=False)
+
+
+def test_float64_saturation_counts_exact():
+    layer = _layer(13, 11, "sigmoid", seed=9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    x = 4 * torch.randn(300, 13, generator=g, dtype=torch.float64)
+    up = torch.randn(300, 11, generator=g, dtype=torch.float64)
+    snap = _check(layer, _run(layer, [x], [up]), rel_tol=1e-12)
+    a = snap["activation"]
+    assert 0 < a.saturated_low < 1 and 0 < a.saturated_high < 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="float32 bin index (x - low) * scale rounds for |x| < ~R * 2**-24: after the range "
+    "grew to R = 1024, values of +-1e-4 around the central edge 0 all land in the bin above it",
+)
+def test_tiny_values_around_zero_edge_after_range_growth():
+    layer = _identity_layer(8, 16)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        layer(1000 * torch.rand(8, 8, generator=g))  # R = 1024, central edge at 0
+        layer.stats.hist.zero_()
+        x = 1e-4 * torch.randn(64, 8, generator=g)
+        layer(x)
+    qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    expected, _ = np.histogram(x.double().numpy(), bins=16, range=(-1024, 1024))
+    assert qs.hist_counts == expected.tolist()
