@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -144,12 +146,10 @@ def _load_mnist(
     first, as torchvision's own download does.
     """
     tvd = _torchvision()
-    from torchvision.datasets.utils import extract_archive
-
     raw = data_dir / "MNIST" / "raw"
     for base in MNIST_FILES:
         if not (raw / base).is_file() and (raw / f"{base}.gz").is_file():
-            extract_archive(str(raw / f"{base}.gz"), str(raw / base))
+            _gunzip(raw / f"{base}.gz", raw / base)
     missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
     if missing and not download:
         raise FileNotFoundError(
@@ -167,6 +167,17 @@ def _load_mnist(
     return _holdout_splits(
         "mnist", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
     )
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    """Decompress ``src`` to ``dst`` atomically (temporary file, then rename)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cifar10_class(tvd, verified: bool):

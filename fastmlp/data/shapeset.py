@@ -166,10 +166,10 @@ def _table(device: torch.device) -> torch.Tensor:
 
 
 def _byte_bits(device: torch.device) -> torch.Tensor:
-    """float32 ``[256, 8]``: bit ``i`` of byte ``b`` (8 pixels of a row, lowest bit first)."""
+    """bool ``[256, 8]``: bit ``i`` of byte ``b`` (8 pixels of a row, lowest bit first)."""
     if device not in _BYTE_BITS:
         b = torch.arange(256).unsqueeze(1)
-        _BYTE_BITS[device] = ((b >> torch.arange(8)) & 1).float().to(device)
+        _BYTE_BITS[device] = ((b >> torch.arange(8)) & 1).bool().to(device)
     return _BYTE_BITS[device]
 
 
@@ -263,7 +263,7 @@ def _row_bits(first: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def _bits_to_pixels(bits: torch.Tensor) -> torch.Tensor:
-    """float32 ``[..., SIZE, SIZE]`` 0/1 pixels from ``[..., SIZE]`` row bit masks."""
+    """bool ``[..., SIZE, SIZE]`` pixels from ``[..., SIZE]`` row bit masks."""
     shifts = torch.arange(0, SIZE, 8, device=bits.device)
     by = (bits.unsqueeze(-1) >> shifts) & 255  # [..., SIZE, 4]
     return torch.nn.functional.embedding(by, _byte_bits(bits.device)).flatten(-2)
@@ -301,7 +301,13 @@ class ShapesetSample:
     fallbacks: int
 
 
-def _generate(n: int, gen: torch.Generator, device: torch.device, detail: bool):
+def _generate(
+    n: int,
+    gen: torch.Generator,
+    device: torch.device,
+    detail: bool,
+    out: torch.Tensor | None = None,
+):
     r = torch.rand(n, 4, generator=gen, device=device)
     two = r[:, 0] < 0.5
     types = torch.randint(0, 3, (n, 2), generator=gen, device=device)
@@ -343,13 +349,13 @@ def _generate(n: int, gen: torch.Generator, device: torch.device, detail: bool):
     labels = torch.where(two, _pair_label_table(device)[types[:, 0], types[:, 1]], types[:, 0])
     bits1 = _row_bits(obj1.first, obj1.count)
     bits2 = _row_bits(first2, count2)
-    cover = _bits_to_pixels(bits1 | bits2)  # [n, SIZE, SIZE] 0/1
-    images = torch.addcmul(bg.view(n, 1, 1), cover, (fg - bg).view(n, 1, 1))
+    cover = _bits_to_pixels(bits1 | bits2)  # [n, SIZE, SIZE]
+    images = torch.where(cover, fg.view(n, 1, 1), bg.view(n, 1, 1), out=out)
     if not detail:
         return images, labels
     types = types.clone()
     types[~two, 1] = -1
-    masks = _bits_to_pixels(torch.stack([bits1, bits2], 1)).bool()
+    masks = _bits_to_pixels(torch.stack([bits1, bits2], 1))
     return ShapesetSample(
         images=images,
         labels=labels,
@@ -406,7 +412,7 @@ def shapeset(
     labels = torch.empty(n, dtype=torch.int64, device=dev)
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
-        images[lo:hi], labels[lo:hi] = _generate(hi - lo, gen, dev, detail=False)
+        _, labels[lo:hi] = _generate(hi - lo, gen, dev, detail=False, out=images[lo:hi])
     return images, labels
 
 

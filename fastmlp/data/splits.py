@@ -45,7 +45,7 @@ class ShapesetStream:
     (exact resume) and ranks draw from independent seeds.
     """
 
-    BLOCK_IMAGES = 2048
+    BLOCK_IMAGES = 512
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -60,6 +60,11 @@ class ShapesetStream:
         world_size: int = 1,
     ) -> Iterator[Batch]:
         _check_rank(batch_size, rank, world_size, start_step)
+        return self._iterate(batch_size, seed, start_step, rank, world_size)
+
+    def _iterate(
+        self, batch_size: int, seed: int, start_step: int, rank: int, world_size: int
+    ) -> Iterator[Batch]:
         steps = max(1, -(-self.BLOCK_IMAGES // batch_size))
         block, offset = divmod(start_step, steps)
         while True:
@@ -131,6 +136,11 @@ class ArrayStream:
             raise ValueError(
                 f"training set of {len(self)} examples is too small for world_size={world_size}"
             )
+        return self._iterate(batch_size, seed, start_step, rank, world_size, per_rank)
+
+    def _iterate(
+        self, batch_size: int, seed: int, start_step: int, rank: int, world_size: int, per_rank: int
+    ) -> Iterator[Batch]:
         epoch, pos = divmod(start_step * batch_size, per_rank)
         order = self._epoch(seed, epoch, rank, world_size)
         while True:
