@@ -50,7 +50,7 @@ from .utils import (
     F_SAT_HIGH,
     F_SAT_LOW,
     INTERPRET,
-    activation_grad,
+    activation_backward,
     apply_activation,
     commit_extents,
     commit_histogram,
@@ -288,7 +288,7 @@ def _bwd_dx_kernel(
             dz = dh
         else:
             hv = tl.load(h_ptrs, mask=mk, other=0.0).to(tl.float32)
-            dz = dh * activation_grad(hv, ACT)
+            dz = activation_backward(dh, hv, ACT)
         w = tl.load(w_ptrs, mask=(nn[:, None] < N) & mask_k[None, :], other=0.0)
         acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=PRECISION)
         dh_ptrs += BLOCK_K * stride_dhn
@@ -387,7 +387,7 @@ def _bwd_dw_kernel(
             dzt = dh
         else:
             hv = tl.load(h_ptrs, mask=mk, other=0.0).to(tl.float32)
-            dzt = dh * activation_grad(hv, ACT)
+            dzt = activation_backward(dh, hv, ACT)
         xv = tl.load(x_ptrs, mask=(mm[:, None] < M) & mask_k[None, :], other=0.0)
         acc = tl.dot(dzt.to(xv.dtype), xv, acc, input_precision=PRECISION)
         if first_k:
@@ -714,7 +714,7 @@ class LinearActivationKernelFunction(torch.autograd.Function):
             stats is not None
             and not (stats.calibrated[PREACTIVATION_GRAD] and stats.calibrated[WEIGHT_GRAD])
         ):
-            dz = dh if activation.name == "identity" else dh * activation.grad_from_output(h)
+            dz = activation.backward(dh, h)
             dx = dz @ weight if need_x else None
             dw = None
             if need_w or stats is not None:

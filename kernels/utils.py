@@ -123,9 +123,8 @@ def apply_activation(z, ACT: tl.constexpr):
         r = tl.where(a < 0.0625, small, big)
         h = tl.where(z < 0.0, -r, r)
         h = tl.where(z != z, z, h)  # keep NaN
-    elif ACT == 3:  # softsign
+    elif ACT == 3:  # softsign; +-inf gives NaN, exactly like z / (1 + |z|) in PyTorch
         h = z / (1.0 + tl.abs(z))
-        h = tl.where(z == float("inf"), 1.0, tl.where(z == float("-inf"), -1.0, h))
     elif ACT == 4:  # relu (propagates NaN like torch.relu)
         h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
     else:
@@ -134,20 +133,24 @@ def apply_activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def activation_grad(h, ACT: tl.constexpr):
-    """``f'(z)`` expressed through the output ``h`` (float32)."""
+def activation_backward(dh, h, ACT: tl.constexpr):
+    """``dL/dz`` from ``dL/dh`` and the output ``h`` (float32), as ``Activation.backward``.
+
+    ``dh * f'(h)``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
+    an infinite ``dh`` on an inactive unit gives 0, and a NaN ``h`` passes ``dh``).
+    """
     if ACT == 1:
-        g = h * (1.0 - h)
+        dz = dh * (h * (1.0 - h))
     elif ACT == 2:
-        g = 1.0 - h * h
+        dz = dh * (1.0 - h * h)
     elif ACT == 3:
         t = 1.0 - tl.abs(h)
-        g = t * t
+        dz = dh * (t * t)
     elif ACT == 4:
-        g = tl.where(h > 0.0, 1.0, 0.0)
+        dz = tl.where(h <= 0.0, 0.0, dh)
     else:
-        g = tl.full(h.shape, 1.0, tl.float32)
-    return g
+        dz = dh
+    return dz
 
 
 @triton.jit
@@ -269,15 +272,15 @@ def _finalize_one(
     if GROW:
         # Widen +-r to cover this pass's extremes, merging bins exactly
         # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
-        # A pass without finite values has extents (inf, -inf) and widens to at least 1,
-        # as in the PyTorch path. The extents are reset for the next pass.
+        # The extents are reset to (inf, -inf) for the next pass.
         mn = tl.load(ext_row)
         mx = tl.load(ext_row + 1)
         tl.store(ext_row, float("inf"))
         tl.store(ext_row + 1, float("-inf"))
         maxabs = tl.maximum(tl.abs(mn), tl.abs(mx))
         r = tl.load(range_row + 1)
-        new_r = tl.maximum(r, _pow2_at_or_above(maxabs))
+        # No finite value in this pass (extents inf): nothing to cover, the range stays.
+        new_r = tl.where(maxabs < float("inf"), tl.maximum(r, _pow2_at_or_above(maxabs)), r)
         factor = new_r / r
         src = tl.arange(0, HB)
         dst = tl.arange(0, HB)
