@@ -221,3 +221,21 @@ def test_bad_sizes(bad):
 def test_odd_bins_raise():
     with pytest.raises(ValueError):
         InstrumentedLinear(3, 2, bins=63)
+
+
+def test_frozen_weight_still_records_weight_grad():
+    g = torch.Generator().manual_seed(0)
+    layer = InstrumentedLinear(6, 4, "tanh", zero_bias=False, generator=g)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(5, 6, generator=g, requires_grad=True)
+    up = torch.randn(5, 4, generator=g)
+    layer(x).backward(up)
+    assert layer.weight.grad is None and layer.bias.grad is not None
+    qs = ModelStats(layer).snapshot()[1]["weight_grad"]
+    assert qs.count == 24
+    lin = _plain(layer)
+    xr = x.detach().clone().requires_grad_(True)
+    torch.tanh(lin(xr)).backward(up)
+    torch.testing.assert_close(x.grad, xr.grad)
+    w = lin.weight.grad.double().numpy()
+    assert abs(qs.mean - w.mean()) <= 1e-5 * (abs(w.mean()) + w.std())

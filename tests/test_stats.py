@@ -493,3 +493,17 @@ def test_tiny_values_around_zero_edge_after_range_growth():
     qs = ModelStats(layer).snapshot()[1]["preactivation"]
     expected, _ = np.histogram(x.double().numpy(), bins=16, range=(-1024, 1024))
     assert qs.hist_counts == expected.tolist()
+
+
+def test_forward_only_leaves_backward_quantities_empty():
+    layer = _layer(6, 4, "softsign")
+    with torch.no_grad():
+        layer(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)))
+    snap = ModelStats(layer).snapshot()[1]
+    assert snap["preactivation"].count == 12 and snap["activation"].count == 12
+    for q in ("preactivation_grad", "weight_grad"):
+        row = snap[q].row()
+        assert row["count"] == 0 and row["nonfinite"] == 0
+        assert all(
+            row[k] is None for k in ROW_KEYS if k not in ("layer", "quantity", "count", "nonfinite")
+        )
