@@ -6,7 +6,7 @@ deterministic, resumable training stream) for any of ``DATASETS``.
 """
 
 from fastmlp.data.loaders import DATASETS, load
-from fastmlp.data.shapeset import (
+from fastmlp.data.shapes import (
     SHAPE_TYPES,
     SHAPESET_CLASSES,
     ShapesetSample,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmlp.data.shapeset import SHAPESET_CLASSES, SIZE, shapeset
+from fastmlp.data.shapes import SHAPESET_CLASSES, SIZE, shapeset
 from fastmlp.data.splits import ArrayStream, ShapesetStream, Splits, derive_seed
 
 __all__ = ["DATASETS", "load"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastmlp.data.shapeset import SIZE, shapeset
+from fastmlp.data.shapes import SIZE, shapeset
 
 __all__ = ["ArrayStream", "ShapesetStream", "Splits", "derive_seed"]
 
