@@ -19,6 +19,16 @@ from fastmlp.data import (
 N_FREQ = 20000
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generate with one intra-op thread: on a CPU shared with busy processes, parallel
+    regions wait for descheduled threads and these tests would mostly measure that."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def sample():
     return shapeset_sample(4000, seed=1234)
