@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args, list(sys.argv[1:] if argv is None else argv))
+    prog = os.environ.get("FASTMLP_BENCH_PROG", "python -m bench")
+    return run(args, list(sys.argv[1:] if argv is None else argv), prog=prog)
 
 
 def run(args: argparse.Namespace, argv: list[str], prog: str = "python -m bench") -> int:

@@ -52,6 +52,11 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            if k in os.environ
+        },
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

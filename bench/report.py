@@ -68,6 +68,8 @@ def _header(doc: dict) -> list[str]:
         f"float32 matmul precision `{m.get('float32_matmul_precision')}`, "
         f"{m.get('torch_threads')} torch threads; run took {doc.get('elapsed_s', 0):.0f} s.",
     ]
+    if m.get("env"):
+        lines[-1] += " Environment: " + ", ".join(f"`{k}={v}`" for k, v in m["env"].items()) + "."
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
     return lines
