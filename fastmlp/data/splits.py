@@ -45,7 +45,7 @@ class ShapesetStream:
     (exact resume) and ranks draw from independent seeds.
     """
 
-    BLOCK_IMAGES = 512
+    BLOCK_IMAGES = 2048
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -155,7 +155,7 @@ class ArrayStream:
             yield self._take(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
-@dataclass
+@dataclass(eq=False)
 class Splits:
     """A dataset ready for training: validation and test tensors plus a training stream.
 
