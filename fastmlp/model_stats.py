@@ -10,6 +10,8 @@ from fastmlp.snapshot import Snapshot
 from fastmlp.stats import LayerStats
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
     from fastmlp.layers import InstrumentedLinear
 
 __all__ = ["ModelStats", "instrumented_layers"]
@@ -44,8 +46,20 @@ class ModelStats:
         """``(layer index, LayerStats)`` for every instrumented layer."""
         return [(layer.layer_index, layer.stats) for layer in self._layers]
 
-    def snapshot(self) -> Snapshot:
-        """Statistics accumulated since the last reset, on the host."""
+    def snapshot(self, *, local: bool = False, group: ProcessGroup | None = None) -> Snapshot:
+        """Statistics accumulated since the last reset, on the host.
+
+        Under ``torch.distributed`` (an initialized process group of more than
+        one rank) this combines every rank's statistics exactly with one packed
+        collective (:func:`fastmlp.distributed.snapshot`): every rank of
+        ``group`` must call it, and all get the same snapshot. ``local=True``
+        reads this process's statistics alone (no communication).
+        """
+        if not local:
+            from fastmlp import distributed
+
+            if distributed.is_distributed(group):
+                return distributed.snapshot(self.layer_stats(), group)
         return Snapshot.from_layers(self.layer_stats())
 
     def reset(self) -> None:

@@ -40,7 +40,8 @@ def probe(
             loss = loss_fn(model(x), y)
             if params:
                 torch.autograd.grad(loss, params, allow_unused=True)
-        return ModelStats(model).snapshot()
+        # This process's pass alone, also under torch.distributed (no collective).
+        return ModelStats(model).snapshot(local=True)
     finally:
         for layer, s in zip(layers, saved, strict=True):
             layer.stats = s
