@@ -75,29 +75,37 @@ _FIXED_CFG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
 _FIXED_WARPS, _FIXED_STAGES = 4, 3
 
 
-def _gemm_configs() -> list[triton.Config]:
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 128, 64, 4, 4),
-        (16, 128, 64, 4, 4),
-        (32, 64, 64, 4, 3),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s
-        )
-        for m, n, k, w, s in shapes
-    ]
+def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
-def _maybe_autotune(restore: list[str]):
-    """Autotune on GPU (keyed by batch bucket and shape); identity under the interpreter.
+# Candidates per batch bucket (few, to keep first-call tuning and compilation short).
+_BY_BUCKET = {
+    "small": [_cfg(16, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 3)],
+    "medium": [_cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4)],
+    "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)],
+}
+# dW = dZ^T X has an [N, K] output whatever the batch; the batch is its reduction.
+_DW_CONFIGS = [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 3)]
+_ALL_CONFIGS = [c for cs in _BY_BUCKET.values() for c in cs]
+
+
+def _bucket_name(m_bucket: int) -> str:
+    return "small" if m_bucket <= 64 else "medium" if m_bucket <= 1024 else "large"
+
+
+def _prune_by_batch(configs, named_args, **kwargs):
+    """Keep the candidates of the batch bucket (the row dimension of the output)."""
+    keep = {str(c) for c in _BY_BUCKET[_bucket_name(named_args["M_BUCKET"])]}
+    return [c for c in configs if str(c) in keep] or configs[:1]
+
+
+def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
+    """Autotune on GPU (keyed by batch bucket, shape and variant); ``None`` under the interpreter.
 
     Accumulators named in ``restore`` are saved before and restored after every
     benchmarking run, so tuning never double-counts statistics.
@@ -107,9 +115,10 @@ def _maybe_autotune(restore: list[str]):
         if INTERPRET:
             return None
         return triton.autotune(
-            configs=_gemm_configs(),
+            configs=configs,
             key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT"],
             restore_value=restore,
+            prune_configs_by={"early_config_prune": prune} if prune else None,
         )(fn)
 
     return wrap
@@ -436,9 +445,9 @@ def _bwd_dw_kernel(
 
 
 _STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
-_fwd_tuned = _maybe_autotune(_STATS_BUFFERS)(_fwd_kernel)
-_dx_tuned = _maybe_autotune([])(_bwd_dx_kernel)
-_dw_tuned = _maybe_autotune(_STATS_BUFFERS)(_bwd_dw_kernel)
+_fwd_tuned = _maybe_autotune(_STATS_BUFFERS, _ALL_CONFIGS, _prune_by_batch)(_fwd_kernel)
+_dx_tuned = _maybe_autotune([], _ALL_CONFIGS, _prune_by_batch)(_bwd_dx_kernel)
+_dw_tuned = _maybe_autotune(_STATS_BUFFERS, _DW_CONFIGS, None)(_bwd_dw_kernel)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -456,6 +465,17 @@ def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool
         return cfg
     tuned[lambda m: grid_fn(m)](*args, **meta)
     return tuned.best_config.kwargs
+
+
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A tiny float64 stand-in for the statistics buffers when no statistics are recorded."""
+    buf = _DUMMIES.get(device)
+    if buf is None:
+        buf = _DUMMIES[device] = torch.zeros(8, dtype=torch.float64, device=device)
+    return buf
 
 
 def _extents_buffer(stats: LayerStats) -> torch.Tensor:
@@ -536,7 +556,7 @@ def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Te
         part_stride = part.stride(0) if det else 0
         fixed_act = bool(stats.fixed_range[ACTIVATION])
     else:
-        bufs = (h, h, h, h, h, h)
+        bufs = (_dummy(h.device),) * 6
         part_stride, sat_lo, sat_hi, fixed_act = 0, 0.0, 0.0, False
     args = (
         x,
@@ -623,7 +643,7 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
         bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
         part_stride = part.stride(0) if det else 0
     else:
-        bufs = (x, x, x, x, x, x)
+        bufs = (_dummy(x.device),) * 6
         part_stride = 0
     args = (
         dh,
