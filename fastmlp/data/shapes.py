@@ -173,10 +173,10 @@ def _table(device: torch.device) -> torch.Tensor:
 
 
 def _byte_bits(device: torch.device) -> torch.Tensor:
-    """bool ``[256, 8]``: bit ``i`` of byte ``b`` (8 pixels of a row, lowest bit first)."""
+    """uint8 ``[256, 8]``: bit ``i`` of byte ``b`` (8 pixels of a row, lowest bit first)."""
     if device not in _BYTE_BITS:
         b = torch.arange(256).unsqueeze(1)
-        _BYTE_BITS[device] = ((b >> torch.arange(8)) & 1).bool().to(device)
+        _BYTE_BITS[device] = ((b >> torch.arange(8)) & 1).to(torch.uint8).to(device)
     return _BYTE_BITS[device]
 
 
@@ -274,7 +274,7 @@ def _bits_to_pixels(bits: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, SIZE, 8, device=bits.device)
     by = (bits.unsqueeze(-1) >> shifts) & 255  # [..., SIZE, 4]
     pixels = torch.index_select(_byte_bits(bits.device), 0, by.flatten())
-    return pixels.view(*bits.shape, SIZE)
+    return pixels.view(torch.bool).view(*bits.shape, SIZE)
 
 
 @dataclass
