@@ -103,7 +103,7 @@ def default_config(device: str = "cpu", quick: bool = False) -> BenchConfig:
         cfg.warmup = 2 if cuda else 1
         cfg.curve_repeats = 5 if cuda else 3
         cfg.compiled_modes = ["step"]  # each mode is a separate compilation
-        cfg.compile_timeout = 120.0 if cuda else 90.0
+        cfg.compile_timeout = 120.0
         cfg.shapeset_images = 2000 if not cuda else 10000
         if cuda:
             cfg.batches = [10, 64, 256, 1024, 4096]

@@ -30,8 +30,12 @@ __all__ = [
 ]
 
 
-class CompileTimeout(TimeoutError):
-    """Raised inside a :func:`time_limit` block that ran past its limit."""
+class CompileTimeout(BaseException):
+    """Raised inside a :func:`time_limit` block that ran past its limit.
+
+    A ``BaseException`` on purpose: library code that catches ``Exception`` or
+    ``TimeoutError`` (torch's compile workers do) must not swallow or rename it.
+    """
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from torch import nn
 import fastmlp
 
 from .hooks import HookStats, NaiveHookStats
-from .timing import time_limit
+from .timing import CompileTimeout, time_limit
 
 __all__ = [
     "Case",
@@ -300,6 +300,7 @@ def _compile(
     dynamo_log = logging.getLogger("torch._dynamo")
     level = dynamo_log.level
     dynamo_log.setLevel(logging.ERROR)  # graph-break warnings are counted, not printed
+    t0 = time.perf_counter()
     try:
         for mode in modes:
             breaks = _graph_breaks()
@@ -312,9 +313,15 @@ def _compile(
             if (n := _graph_breaks() - breaks) > 0:
                 note += f", {n} graph breaks"
             notes[mode] = note
-    except Exception as exc:  # noqa: BLE001 - no compiler, unsupported op, timeout: all n/a
+    except (Exception, CompileTimeout) as exc:  # no compiler, unsupported op, timeout: n/a
         with contextlib.suppress(Exception):
             torch._dynamo.reset()
+        if isinstance(exc, CompileTimeout) or (
+            timeout is not None and time.perf_counter() - t0 >= timeout
+        ):
+            raise Unavailable(
+                f"torch.compile did not finish within {timeout:g} s (see --compile-timeout)"
+            ) from exc
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise Unavailable(f"torch.compile failed: {type(exc).__name__}: {text}") from exc
     finally:
