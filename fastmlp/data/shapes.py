@@ -248,9 +248,7 @@ def _row_intervals(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = torch.cat([torch.where(lower, offset, big), torch.where(lower, big, -offset)], 1)
     b = torch.cat([torch.where(lower, slope, zero), torch.where(lower, zero, -slope)], 1)
     centres = torch.arange(SIZE, device=edges.device, dtype=edges.dtype).add_(0.5)
-    bounds = torch.baddbmm(
-        a.unsqueeze(2).expand(m, 2 * NUM_EDGES, SIZE), b.unsqueeze(2), centres.expand(m, 1, SIZE)
-    )
+    bounds = (b.unsqueeze(2) * centres).add_(a.unsqueeze(2))  # [m, 2E, SIZE]
     x_min, neg_x_max = bounds.view(m, 2, NUM_EDGES, SIZE).amax(2).unbind(1)  # [m, SIZE]
     first = torch.ceil(x_min - 0.5).clamp_(0.0, float(SIZE))
     stop = torch.floor(-0.5 - neg_x_max).clamp_(-1.0, float(SIZE - 1)).add_(1.0)
