@@ -295,6 +295,12 @@ def _compile(
     """``torch.compile(model)``, compiled now for each mode within ``timeout`` seconds."""
     if not hasattr(torch, "compile"):
         raise Unavailable("torch.compile is not available in this PyTorch")
+    # Every case builds a new model, but they share Sequential/MLP.forward: without a higher
+    # limit, dynamo would silently fall back to eager after 8 compilations of that code.
+    cfg = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, knob):
+            setattr(cfg, knob, max(getattr(cfg, knob), 64))
     compiled = torch.compile(model)
     fns = _eager_fns(compiled, x, y, case, device, params, lr)
     dynamo_log = logging.getLogger("torch._dynamo")
