@@ -128,7 +128,8 @@ def kernel_rows(
                             )
                             times[key].append(ms / 1e3)
                         except Exception as exc:  # noqa: BLE001 - reported as n/a
-                            torch.cuda.synchronize(device)
+                            with contextlib.suppress(Exception):
+                                torch.cuda.synchronize(device)
                             errors[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             refs = {"forward": "cublas-matmul", "forward+backward": "cublas-3mm"}
             for (op, variant), ts in times.items():
