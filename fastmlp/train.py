@@ -66,7 +66,8 @@ class TrainConfig:
     probe_size: int = 300
     jacobian_every: int = 0
     """Steps between Jacobian measurements; 0: only at the first and the last step; -1: never."""
-    jacobian_examples: int = 10
+    jacobian_examples: int = 4
+    """Probe examples for the Jacobian (one SVD per example and hidden layer, ~0.3 s each)."""
     valid_size: int | None = 2000
     test_size: int | None = 2000
     """Validation / test set sizes (``None``: the dataset's full split)."""
@@ -85,6 +86,8 @@ class TrainConfig:
     probe_histograms: bool = True
     bins: int = 64
     backend: str = "auto"
+    threads: int | None = None
+    """CPU threads (``torch.set_num_threads``, process-wide); ``None``: PyTorch default."""
     checkpoint_every: int | None = None
     """Steps between checkpoints; ``None``: at every evaluation, probe and Jacobian step."""
     tensorboard: bool = True
@@ -125,7 +128,7 @@ class TrainConfig:
             positive(name)
         for name in ("jacobian_examples", "eval_batch_size", "image_size"):
             positive(name)
-        for name in ("valid_size", "test_size", "checkpoint_every"):
+        for name in ("valid_size", "test_size", "checkpoint_every", "threads"):
             positive(name, allow_none=True)
         if not isinstance(self.jacobian_every, int) or self.jacobian_every < -1:
             raise ValueError(
@@ -275,6 +278,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                 "or choose another --out"
             )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
     # Data: fixed validation/test sets; the probe set is the first test examples (paper).

@@ -62,7 +62,7 @@ def device_arg(text: str) -> str:
 
 
 # Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = ("steps", "device", "progress", "tensorboard")
+RESUMABLE = ("steps", "device", "threads", "progress", "tensorboard")
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +104,12 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid-size", type=positive_int, help=f"(default: {d.valid_size})")
     p.add_argument("--test-size", type=positive_int, help=f"(default: {d.test_size})")
     p.add_argument("--device", type=device_arg, help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for PyTorch (default: PyTorch's choice; 1 can be much faster on a busy "
+        "machine)",
+    )
     p.add_argument("--seed", type=non_negative_int, help=f"(default: {d.seed})")
     p.add_argument("--data-dir", help=f"dataset directory (default: {d.data_dir})")
     p.add_argument(
