@@ -100,7 +100,8 @@ def _main_tables(doc: dict) -> list[str]:
             f"Training step (forward + backward + SGD) and forward alone, {depth}x{width} "
             f"{sel[0].get('in_features', '')}->{sel[0].get('out_features', '')} network, "
             f"batch {batch}, {dtype}. Median over interleaved repeats (inter-quartile range); "
-            "ratios against `plain` from the same run (paired per-repeat IQR).",
+            "ratios against `plain` from the same run: median of the per-repeat ratios "
+            "(their IQR).",
             "",
             head,
             sep,

@@ -153,14 +153,19 @@ def _rows_for(
     inner: int,
     notes: dict[str, dict[str, str]],
 ) -> list[dict]:
-    """Summaries with ratios against ``plain`` (and ``plain-compiled``) of the same run."""
+    """Summaries with ratios against ``plain`` (and ``plain-compiled``) of the same run.
+
+    ``ratio`` is the median of the per-repeat ratios (each repeat times every variant
+    once, so a repeat's ratio shares that moment's machine state), with its quartiles
+    ``ratio_q25``/``ratio_q75``; ``ratio_of_medians`` is the plain quotient of medians.
+    """
     rows = []
 
-    def med(name: str) -> float | None:
+    def ref_times(name: str) -> list[float] | None:
         m = measured.get(name)
-        return quantiles(m.times)[1] if m is not None and m.ok else None
+        return m.times if m is not None and m.ok else None
 
-    ref, ref_c = med("plain"), med("plain-compiled")
+    ref, ref_c = ref_times("plain"), ref_times("plain-compiled")
     for name in names:
         row = _row_base(section, mode, case) | {"variant": name}
         m = measured.get(name)
@@ -182,11 +187,12 @@ def _rows_for(
         if note := notes.get(name, {}).get(mode):
             row["note"] = note
         if ref is not None:
-            row["ratio"] = q50 / ref
-            paired = [t / r for t, r in zip(m.times, measured["plain"].times, strict=False)]
-            row["ratio_q25"], _, row["ratio_q75"] = quantiles(paired)
+            paired = [t / r for t, r in zip(m.times, ref, strict=False)]
+            row["ratio_q25"], row["ratio"], row["ratio_q75"] = quantiles(paired)
+            row["ratio_of_medians"] = q50 / quantiles(ref)[1]
         if ref_c is not None:
-            row["ratio_compiled"] = q50 / ref_c
+            paired = [t / r for t, r in zip(m.times, ref_c, strict=False)]
+            row["ratio_compiled"] = quantiles(paired)[1]
         rows.append(row)
     return rows
 
