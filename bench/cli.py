@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-time", type=float, help="seconds per measurement (calls are batched to reach it)"
     )
     parser.add_argument("--shapeset-images", type=int, help="images per Shapeset-3x2 call")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        help="torch.set_float32_matmul_precision for the run (default: leave as is; "
+        "'high' allows TF32 on GPU)",
+    )
     parser.add_argument("--name", help="file stem of the outputs (default: machine name)")
     parser.add_argument("--note", help="free text stored in the JSON and shown with the table")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: list[str], prog: str = "python -m bench") -> int:
     """Run with parsed ``args`` (``prog`` and ``argv`` are recorded in the JSON)."""
     cfg = config_from_args(args)
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     sections = tuple(s for s in SECTIONS if s in args.sections)
     doc = run_suite(cfg, argv=argv, sections=sections, prog=prog)
     if args.note:
