@@ -175,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     todo = finalize_variants() + variants(args.quick or args.smoke)
     if args.smoke:
         keep = (
-            "finalize det=True grow=(True, True)",
+            "finalize det=True grow=(True,True)",
             "fwd fp32/ieee act=2 stats=True det=True",
             "dw fp32/tf32 act=2 stats=True det=False",
+            "dw bf16/ieee act=0 stats=True det=True",
             "dx bf16/ieee act=2",
             "fwd bf16/ieee act=0 stats=True det=False",
         )
         todo = [v for v in todo if v[0] in keep]
+        if len(todo) != len(keep):
+            print(f"compile_check: smoke list out of date ({len(todo)}/{len(keep)} found)")
+            return 1
     failures = 0
     t0 = time.time()
     for label, fn, types, ce, opts in todo:

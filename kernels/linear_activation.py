@@ -9,10 +9,10 @@ Kernels:
 - ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` computed in the
   prologue of every K step (never stored).
 - ``_bwd_dw_kernel``: ``dW = dZ^T X`` with the same prologue; its programs of
-  the first K column block also reduce ``db = sum(dZ)`` and the
-  ``preactivation_grad`` statistics (each element of dZ is seen by exactly one
-  such program), and every program reduces the ``weight_grad`` statistics of
-  its output tile.
+  the first K column block also reduce ``db = sum(dZ)``; the ``preactivation_grad``
+  statistics of each dZ tile are reduced by exactly one program of its feature
+  block (chosen round-robin over the K column blocks, to balance the work), and
+  every program reduces the ``weight_grad`` statistics of its output tile.
 - ``finalize_kernel`` (kernels/utils.py): one tiny program per pass for the
   deterministic reduction and the device-side growth of histogram ranges.
 
@@ -85,8 +85,8 @@ def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
 
 # Candidates per batch bucket (few, to keep first-call tuning and compilation short).
 _BY_BUCKET = {
-    "small": [_cfg(16, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 3)],
-    "medium": [_cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4)],
+    "small": [_cfg(16, 64, 64, 4, 4), _cfg(16, 32, 128, 2, 3), _cfg(32, 128, 64, 4, 3)],
+    "medium": [_cfg(32, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
     "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)],
 }
 # dW = dZ^T X has an [N, K] output whatever the batch; the batch is its reduction.
@@ -399,10 +399,14 @@ def _bwd_dw_kernel(
             dzt = activation_backward(dh, hv, ACT)
         xv = tl.load(x_ptrs, mask=(mm[:, None] < M) & mask_k[None, :], other=0.0)
         acc = tl.dot(dzt.to(xv.dtype), xv, acc, input_precision=PRECISION)
-        if first_k:
-            if HAS_DB:
+        if HAS_DB:
+            if first_k:
                 db += tl.sum(dzt, axis=1)
-            if STATS:
+        if STATS:
+            # Each dZ tile (n block, m block) is reduced by exactly one program of this
+            # n block: the one whose pid_k is the m block's index modulo num_k. This spreads
+            # the statistics evenly over the K-column programs.
+            if (m0 // BLOCK_K) % num_k == pid_k:
                 fin, n, s1, s2, nf, mn, mx = tile_moments(dzt, mk, g_shift)
                 g_n += n
                 g_s1 += s1
@@ -419,13 +423,17 @@ def _bwd_dw_kernel(
     if STORE_DW:
         dw_ptrs = dw_ptr + offs_n64[:, None] * stride_dwn + offs_k64[None, :] * stride_dwk
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=valid)
-    if first_k:
-        if HAS_DB:
+    if HAS_DB:
+        if first_k:
             tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n)
-        if STATS:
+    if STATS:
+        active = pid_k < tl.cdiv(M, BLOCK_K)  # programs that reduced at least one dZ tile
+        if DETERMINISTIC:
+            active = True  # every partial slot must be written
+        if active:
             row_g = acc_ptr + 2 * _GL_NFIELDS
             commit_moments(
-                row_g, part_ptr + 2 * pid_n, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
+                row_g, part_ptr + 2 * pid, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
             )
             if HIST:
                 commit_histogram(hist_ptr + 2 * (BINS + 2), g_hist, BINS, HB)
@@ -636,8 +644,7 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
     n_pg = n_wg = 0
     if det:
         cfg = _INTERPRET_CFG if INTERPRET else _FIXED_CFG
-        n_pg = triton.cdiv(N, cfg["BLOCK_M"])
-        n_wg = grid_dw(cfg)[0]
+        n_pg = n_wg = grid_dw(cfg)[0]
     if stats is not None:
         part = _part_buffer(stats, max(n_pg, n_wg), det)
         bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
