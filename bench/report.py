@@ -72,6 +72,8 @@ def _header(doc: dict) -> list[str]:
         lines[-1] += " Environment: " + ", ".join(f"`{k}={v}`" for k, v in m["env"].items()) + "."
     if doc.get("note"):
         lines += ["", f"Note: {doc['note']}"]
+    if doc.get("errors"):
+        lines += ["", "Errors: " + "; ".join(str(e).replace("|", "/") for e in doc["errors"])]
     return lines
 
 

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import torch
 
 from .machine import machine_info
-from .timing import Measurement, interleaved, quantiles
+from .timing import Measurement, error_text, interleaved, quantiles
 from .variants import VARIANTS, Built, Case, Unavailable, build_variant
 
 __all__ = ["BenchConfig", "default_config", "run_suite", "SCHEMA"]
@@ -235,6 +235,11 @@ def measure_case(
             unavailable[name] = str(exc)
             log(f"  {name}: n/a ({exc})")
             continue
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this variant is n/a
+            unavailable[name] = error_text(exc)
+            log(f"  {name}: n/a ({unavailable[name]})")
+            _cleanup(device)
+            continue
         if wrapper is not None:
             log(f"  {name}: ready in {time.perf_counter() - t0:.1f} s")
     present = [n for n in names if n in built or n in unavailable]
@@ -343,6 +348,7 @@ def run_suite(
         "config": asdict(cfg),
         "variants": {n: VARIANTS[n][2] for n in dict.fromkeys(cfg.variants + cfg.curve_variants)},
         "rows": [],
+        "errors": [],
     }
 
     def case(batch: int, width: int, dtype: str) -> Case:
@@ -356,19 +362,29 @@ def run_suite(
             activation=cfg.activation,
         )
 
+    def guarded(
+        section: str, c: Case, names: list[str], modes: list[str], repeats: int
+    ) -> list[dict]:
+        """:func:`measure_case`, recording (not raising) an unexpected failure of a case."""
+        try:
+            return measure_case(section, c, names, modes, cfg, device, repeats, log)
+        except Exception as exc:  # noqa: BLE001 - one broken case must not lose the run
+            msg = f"{section} batch {c.batch} width {c.width} {c.dtype}: {error_text(exc)}"
+            doc["errors"].append(msg)
+            log(f"case failed: {msg}")
+            _cleanup(device)
+            return []
+
     if "main" in sections:
         for dtype in cfg.dtypes:
             for b in cfg.main_batches:
                 log(f"main: batch {b}, width {cfg.width}, {dtype}")
-                doc["rows"] += measure_case(
+                doc["rows"] += guarded(
                     "main",
                     case(b, cfg.width, dtype),
                     cfg.variants,
                     cfg.main_modes,
-                    cfg,
-                    device,
                     cfg.repeats,
-                    log,
                 )
     for section, points in (("batch", cfg.batches), ("width", cfg.widths)):
         if section not in sections:
@@ -377,18 +393,15 @@ def run_suite(
             for p in points:
                 b, w = (p, cfg.width) if section == "batch" else (cfg.main_batches[0], p)
                 log(f"{section} curve: batch {b}, width {w}, {dtype}")
-                doc["rows"] += measure_case(
-                    section,
-                    case(b, w, dtype),
-                    cfg.curve_variants,
-                    ["step"],
-                    cfg,
-                    device,
-                    cfg.curve_repeats,
-                    log,
+                doc["rows"] += guarded(
+                    section, case(b, w, dtype), cfg.curve_variants, ["step"], cfg.curve_repeats
                 )
     if "kernel" in sections and cfg.kernels and device.type == "cuda":
-        doc["kernel_rows"] = _kernel_rows(cfg, device, log)
+        try:
+            doc["kernel_rows"] = _kernel_rows(cfg, device, log)
+        except Exception as exc:  # noqa: BLE001 - the rest of the run still reports
+            doc["errors"].append(f"kernel section: {error_text(exc)}")
+            log(f"kernel section failed: {error_text(exc)}")
     if "shapeset" in sections:
         doc["shapeset"] = _shapeset(cfg, device, log)
     doc["elapsed_s"] = time.perf_counter() - t_start

@@ -27,6 +27,7 @@ __all__ = [
     "quantiles",
     "measure_once",
     "interleaved",
+    "error_text",
 ]
 
 
@@ -110,7 +111,8 @@ class Measurement:
         return self.error is None and bool(self.times)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters)."""
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
@@ -143,7 +145,7 @@ def interleaved(
             return measure_once(fns[name], inner, device)
         except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
             _sync_quietly(device)
-            results[name].error = _error_text(exc)
+            results[name].error = error_text(exc)
             live.remove(name)
             return None
 
