@@ -370,3 +370,55 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "FAIL" not in proc.stdout:
         pytest.skip(f"cannot compile here: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_float16_and_tf32_paths():
+    """float16 tensors (fp32 accumulation, fp32 statistics) and the TF32 setting run and agree."""
+    gen = torch.Generator().manual_seed(21)
+    x1, x2 = torch.randn(37, 70, generator=gen), 4 * torch.randn(37, 70, generator=gen)
+    g1, g2 = torch.randn(37, 50, generator=gen), torch.randn(37, 50, generator=gen)
+    # float16: compare with float64 computed from the same (rounded) float16 values
+    ref_layer, tri = make_pair("tanh", 70, 50, True, seed=22)
+    tri = tri.half()
+    for x, g in ((x1, g1), (x2, g2)):
+        xh, gh = x.half().to(DEVICE), g.half().to(DEVICE)
+        h, dx, dw, db = step(tri, xh, gh)
+        assert h.dtype == dx.dtype == dw.dtype == db.dtype == torch.float16
+    w64, b64 = tri.weight.detach().double().cpu(), tri.bias.detach().double().cpu()
+    x64, g64 = x2.half().double(), g2.half().double()
+    h64 = torch.tanh(x64 @ w64.t() + b64)
+    close(h, h64, rtol=1e-2, atol_scale=2e-3)
+    dz64 = g64 * (1 - h.double().cpu() ** 2)
+    close(dx, dz64 @ w64, rtol=2e-2, atol_scale=5e-3)
+    close(dw, dz64.t() @ x64, rtol=2e-2, atol_scale=5e-3)
+    close(db, dz64.sum(0), rtol=2e-2, atol_scale=5e-3)
+    snap = snapshot(tri)
+    assert snap["activation"].count == snap["preactivation_grad"].count == 2 * 37 * 50
+    ref = stream_stats(
+        [torch.tanh(x.half().double() @ w64.t() + b64).numpy() for x in (x1, x2)],
+        fixed_range=(-1.0, 1.0),
+    )
+    assert abs(snap["activation"].mean - ref["mean"]) < 1e-2
+    # TF32 allowed: same numbers within TF32 rounding
+    ref_layer, tri = make_pair("sigmoid", 70, 50, True, seed=23)
+    torch.set_float32_matmul_precision("high")
+    for x, g in ((x1, g1), (x2, g2)):
+        out_r = step(ref_layer, x.to(DEVICE), g.to(DEVICE))
+        out_t = step(tri, x.to(DEVICE), g.to(DEVICE))
+    for a, b in zip(out_t, out_r, strict=True):
+        close(a, b, rtol=5e-3, atol_scale=5e-3)
+
+
+def test_expanded_upstream_gradient():
+    """``h.sum().backward()`` gives a stride-0 upstream gradient."""
+    ref_layer, tri = make_pair("relu", 70, 129, False, seed=24)
+    gen = torch.Generator().manual_seed(25)
+    for _ in range(2):
+        x = torch.randn(10, 70, generator=gen).to(DEVICE)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        for layer, xi in zip((ref_layer, tri), xs, strict=True):
+            layer.weight.grad = None
+            layer(xi).sum().backward()
+    close(xs[1].grad, xs[0].grad)
+    close(tri.weight.grad, ref_layer.weight.grad)
+    assert snapshot(tri)["preactivation_grad"].count == 2 * 10 * 129
