@@ -126,3 +126,25 @@ def test_report_renders_gpu_document():
     assert "`fastmlp-all` / `plain`, batch 256 step fp32: 0.90 (met)" in md
     assert "`fastmlp-all` / `plain-compiled`, batch 256 step fp32: 1.12 (NOT met)" in md
     assert "4096x4096x4096 bf16: 0.90 (met)" in md and "tf32: n/a" in md
+
+
+def test_a_crashing_variant_is_reported_not_fatal(monkeypatch):
+    import torch
+    from fastmlp.bench import suite, variants
+
+    real = variants.build_variant
+
+    def flaky(name, *args, **kwargs):
+        if name == "hooks":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "build_variant", flaky)
+    cfg = suite.BenchConfig(repeats=1, warmup=0, min_time=0.0)
+    case = variants.Case(batch=4, width=8, depth=1, in_features=6, out_features=3)
+    rows = suite.measure_case(
+        "main", case, ["plain", "hooks"], ["step"], cfg, torch.device("cpu"), 1, log=lambda m: None
+    )
+    by = {r["variant"]: r for r in rows}
+    assert by["plain"]["status"] == "ok"
+    assert by["hooks"]["status"] == "n/a" and "simulated" in by["hooks"]["reason"]
