@@ -123,7 +123,7 @@ def _save(fig, path: Path) -> Path:  # noqa: ANN001
 
 def _over_training(stats: _Stats, title: str, path: Path, kind: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     colors = _colors(len(stats.hidden))
     any_data = False
     for c, layer in zip(colors, stats.hidden, strict=True):
@@ -150,7 +150,7 @@ def _over_training(stats: _Stats, title: str, path: Path, kind: str) -> Path:
     if not any_data:
         _no_data(ax, "activation statistics")
     else:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("step (probe set)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

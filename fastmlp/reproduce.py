@@ -50,7 +50,7 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(
-        width=100, steps=200, eval_every=50, probe_every=50, valid_size=500, test_size=500,
+        width=100, steps=400, eval_every=100, probe_every=100, valid_size=500, test_size=500,
         jacobian_every=0, jacobian_examples=4, lr=0.05,
     ),
     "short": Budget(

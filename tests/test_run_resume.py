@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,21 @@ def test_open_truncates_rows_written_after_the_checkpoint(tmp_path: Path) -> Non
     positions["metrics.jsonl"]["lines"] = 5
     with pytest.raises(RuntimeError, match="lines"):
         RunDir(tmp_path, tensorboard=False).open(positions)
+
+
+def test_resume_with_more_steps_extends_the_run(tmp_path: Path) -> None:
+    from fastmlp.train import TrainConfig, train
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(depth=2, width=12, eval_every=10, probe_every=10, probe_size=40,
+                  valid_size=50, test_size=50, jacobian_every=-1, progress=False,
+                  tensorboard=False)  # fmt: skip
+        whole = train(TrainConfig(steps=40, out=str(tmp_path / "whole"), **kw))
+        part = train(TrainConfig(steps=20, out=str(tmp_path / "part"), **kw))
+        train(TrainConfig(steps=40, out=str(part), **kw), resume=True)
+    finally:
+        torch.set_num_threads(saved)
+    assert _rows(part) == _rows(whole)
+    assert json.loads((part / "config.json").read_text())["steps"] == 40
