@@ -341,10 +341,6 @@ class LayerBuffers:
         s.center_hint = [float(v) for v in self.shift]
 
 
-def _layer_size(bins: int) -> int:
-    return _NQ * NFIELDS + _NQ + 2 * _NQ + _NQ + _NQ * (bins + 2)
-
-
 def _pack(indexed: Sequence[tuple[int, LayerStats]]) -> torch.Tensor:
     """One float64 vector: a header (layer count, then index and bins of each layer), then
     per layer ``acc, shift, hist_range, calibrated, hist`` (counts are exact in float64
@@ -701,5 +697,5 @@ def describe_failure(failures: dict[int, Any], nproc: int) -> str:
         msg += f" (then also failed: ranks {others})"
     detail = _error_text(failure)
     if detail and not detail.startswith("To enable traceback") and not detail.startswith("Signal"):
-        msg += f"\n  rank {rank}: {detail.splitlines()[-1] if detail else ''}"
+        msg += f"\n  rank {rank}: {detail.splitlines()[-1]}"
     return msg
