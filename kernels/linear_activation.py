@@ -90,7 +90,12 @@ _BY_BUCKET = {
     "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)],
 }
 # dW = dZ^T X has an [N, K] output whatever the batch; the batch is its reduction.
-_DW_CONFIGS = [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 3)]
+_DW_CONFIGS = [
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+]
 _ALL_CONFIGS = [c for cs in _BY_BUCKET.values() for c in cs]
 
 
@@ -387,7 +392,7 @@ def _bwd_dw_kernel(
     g_nf = tl.zeros((), tl.float64)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
-    g_hist = tl.zeros((HB,), dtype=tl.int32)
+    g_hist = tl.zeros((HB,), dtype=tl.int64)
     for m0 in range(0, M, BLOCK_K):
         mm = m0 + offs_r
         mk = mask_n[:, None] & (mm[None, :] < M)
@@ -415,7 +420,7 @@ def _bwd_dw_kernel(
                 g_mn = tl.minimum(g_mn, mn)
                 g_mx = tl.maximum(g_mx, mx)
                 if HIST:
-                    g_hist += tile_histogram(dzt, fin, g_lo, g_hi, BINS, HB, False)
+                    g_hist += tile_histogram(dzt, fin, g_lo, g_hi, BINS, HB, False).to(tl.int64)
         dh_ptrs += BLOCK_K * stride_dhm
         h_ptrs += BLOCK_K * stride_hm
         x_ptrs += BLOCK_K * stride_xm
@@ -461,18 +466,30 @@ _dw_tuned = _maybe_autotune(_STATS_BUFFERS, _DW_CONFIGS, None)(_bwd_dw_kernel)
 # ----------------------------------------------------------------------------- host side
 
 
-def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool):
-    """Launch with a fixed configuration (interpreter, deterministic mode) or the autotuner."""
+# Autotuned choice per (kernel, shape bucket, variant): later calls launch the kernel directly,
+# skipping the autotuner's per-call bookkeeping (launch overhead matters at small batches).
+_BEST: dict[tuple, tuple[dict, int, int]] = {}
+
+
+def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool, key: tuple):
+    """Launch with a fixed configuration (interpreter, deterministic mode) or the autotuned one."""
     if INTERPRET:
         cfg = dict(_INTERPRET_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
-        return cfg
+        return
     if deterministic or tuned is None:
         cfg = dict(_FIXED_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg, num_warps=_FIXED_WARPS, num_stages=_FIXED_STAGES)
-        return cfg
-    tuned[lambda m: grid_fn(m)](*args, **meta)
-    return tuned.best_config.kwargs
+        return
+    full_key = (kernel.__name__, *key, *meta.items())
+    best = _BEST.get(full_key)
+    if best is None:
+        tuned[lambda m: grid_fn(m)](*args, **meta)
+        cfg = tuned.best_config
+        _BEST[full_key] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        return
+    kw, warps, stages = best
+    kernel[grid_fn(kw)](*args, **meta, **kw, num_warps=warps, num_stages=stages)
 
 
 _DUMMIES: dict[torch.device, torch.Tensor] = {}
@@ -594,7 +611,7 @@ def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Te
         PRECISION=dot_precision(x.dtype),
         **smeta,
     )
-    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det)
+    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
     if stats is not None:
         _finalize(stats, PREACTIVATION, bufs[5], n_parts, n_parts, det)
     return h
@@ -630,7 +647,8 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
             m_bucket(M),
         )
         meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
-        _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False)
+        key = (m_bucket(M), N, K, x.dtype, x.device)
+        _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key)
     if not (need_w or need_b or stats is not None):
         return dx, dw, db
     det = stats is not None and is_deterministic()
@@ -682,7 +700,9 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
         **smeta,
     )
     # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.
-    _launch(_bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det)
+    _launch(
+        _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device)
+    )
     if stats is not None:
         _finalize(stats, PREACTIVATION_GRAD, bufs[5], n_pg, n_wg, det)
     return dx, dw, db

@@ -422,3 +422,44 @@ def test_expanded_upstream_gradient():
     close(xs[1].grad, xs[0].grad)
     close(tri.weight.grad, ref_layer.weight.grad)
     assert snapshot(tri)["preactivation_grad"].count == 2 * 10 * 129
+
+
+def test_autotuned_choice_is_cached(monkeypatch):
+    """The GPU launch path: the autotuner runs once per key, later launches reuse its choice."""
+    import triton
+
+    class FakeKernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: self.launches.append((grid, args, kw))
+
+    class FakeTuner(FakeKernel):
+        best_config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=2, num_stages=5)
+
+        def __getitem__(self, grid_fn):
+            return lambda *args, **kw: self.launches.append((grid_fn(self.best_config.kwargs), kw))
+
+    monkeypatch.setattr(kernel_module, "INTERPRET", False)
+    monkeypatch.setattr(kernel_module, "_BEST", {})
+    kernel, tuner = FakeKernel(), FakeTuner()
+
+    def grid(cfg):
+        return (cfg["BLOCK_M"] * 1000 + cfg["BLOCK_N"],)
+
+    for _ in range(3):
+        kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, False, (64, 50, 70))
+    assert len(tuner.launches) == 1 and tuner.launches[0][0] == (32064,)
+    assert len(kernel.launches) == 2
+    g, args, kw = kernel.launches[-1]
+    assert g == (32064,) and args == (1, 2)
+    assert kw == {"ACT": 2, "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 2, "num_stages": 5}
+    # another variant or shape is tuned separately
+    kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 1}, False, (64, 50, 70))
+    assert len(tuner.launches) == 2
+    # deterministic mode: the fixed configuration, never the tuner
+    kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, True, (64, 50, 70))
+    assert len(tuner.launches) == 2 and kernel.launches[-1][2]["BLOCK_M"] == 64
