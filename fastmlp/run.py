@@ -158,6 +158,8 @@ class RunDir:
         """
         if not self.enabled:
             return self
+        for stale in self.path.glob(f".{CHECKPOINT}.tmp.*"):  # left by a writer killed mid-save
+            stale.unlink()
         for name in LOG_FILES:
             p = self.path / name
             pos = (positions or {}).get(name, {"bytes": 0, "lines": 0})

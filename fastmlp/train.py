@@ -318,10 +318,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     run = RunDir(run_dir, enabled=is_main, tensorboard=config.tensorboard)
     step = 0
+    if resume and not run.checkpoint_path.exists():
+        # Killed before its first checkpoint (step 0): nothing it logged counts; start over.
+        if not run.config_path.exists():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+        resume = False
     if resume:
         ckpt_path = run.checkpoint_path
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"no checkpoint in {run_dir}; cannot resume")
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise RuntimeError(f"{ckpt_path}: unsupported checkpoint version {ckpt.get('version')}")

@@ -137,3 +137,19 @@ def test_resume_with_more_steps_extends_the_run(tmp_path: Path) -> None:
         torch.set_num_threads(saved)
     assert _rows(part) == _rows(whole)
     assert json.loads((part / "config.json").read_text())["steps"] == 40
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path) -> None:
+    from fastmlp.train import TrainConfig, train
+
+    kw = dict(depth=1, width=8, steps=10, eval_every=5, probe_every=5, probe_size=20,
+              valid_size=30, test_size=30, jacobian_every=-1, progress=False,
+              tensorboard=False)  # fmt: skip
+    ref = train(TrainConfig(out=str(tmp_path / "ref"), **kw))
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), **kw))
+    (run / "checkpoint.pt").unlink()  # as if killed during the step-0 monitoring
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 0, "spl')
+    train(TrainConfig(out=str(run), **kw), resume=True)
+    assert _rows(run) == _rows(ref)
