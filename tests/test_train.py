@@ -62,7 +62,16 @@ def test_cli_train_writes_the_run_directory(tmp_path: Path) -> None:
     for r in stats:
         assert set(r) == set(ROW_FIELDS) | {"step", "source"}
     assert {r["layer"] for r in read_jsonl(run / "jacobian.jsonl")} == {1, 2}
-    assert any((run / "tb").iterdir()), "TensorBoard events expected (tensorboard is installed)"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert {"loss/test", "error/valid", "probe/layer1/activation/std"} <= set(
+        events.Tags()["scalars"]
+    )
+    hists = events.Histograms("probe/layer2/activation")
+    assert [h.step for h in hists] == [0, 10, 20]
+    assert sum(hists[0].histogram_value.bucket) == hists[0].histogram_value.num == 300 * 16
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 20
 
 
