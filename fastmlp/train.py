@@ -392,11 +392,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                         if split == "test":
                             last_test_error = err
                     logged = True
-                if is_main and _due(step, config.probe_every, config.steps):
-                    with _histograms(model, config.probe_histograms):
-                        last_probe = probe(model, x_probe, y_probe)
-                    run.log_stats(step, "probe", last_probe.rows())
-                    if config.train_stats and step > 0:
+                if _due(step, config.probe_every, config.steps):
+                    if is_main:
+                        with _histograms(model, config.probe_histograms):
+                            last_probe = probe(model, x_probe, y_probe)
+                        run.log_stats(step, "probe", last_probe.rows())
+                    if config.train_stats and step > 0:  # every rank: its own accumulators
                         run.log_stats(step, "train", model.stats.snapshot().rows())
                         model.stats.reset()
                     logged = True
