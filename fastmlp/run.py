@@ -6,7 +6,8 @@ Layout of ``RUN/``::
     metrics.jsonl     {"step", "split", "loss", "error"}          (error in %)
     stats.jsonl       DESIGN.md row schema + {"step", "source"}  (source: probe | train)
     jacobian.jsonl    {"step", "layer", "examples", "mean", "std", "min", "max", "median"}
-    checkpoint.pt     model (with statistics buffers), optimizer, step, RNG, log positions
+    checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:
+                      the stream regenerates batch k from it), RNG states, log positions
     tb/               TensorBoard events (only when tensorboard is importable)
     figures/          PNGs written by ``fastmlp plot``
 
