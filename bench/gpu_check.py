@@ -10,7 +10,8 @@
    10 classes) at batch 256 and 4096, bf16 autocast and TF32: fastmlp
    instrumented (Triton kernels, every statistic on) vs the plain eager network
    (``nn.Linear`` + ``nn.Tanh``, cuBLAS) vs the same with the hooks baseline of
-   ``bench.hooks`` vs ``torch.compile`` of the plain network.
+   ``bench.hooks`` vs ``torch.compile`` of the plain network; and the plain and
+   instrumented steps captured whole in CUDA graphs (launch overhead removed).
 
 Each part is guarded: a failure is recorded and the check goes on; parts that
 would run past the time budget are skipped and say so. Writes
@@ -210,53 +211,83 @@ def _train_variants(x, y, dtype) -> dict[str, Callable[[], Callable[[], None]]]:
         "fastmlp-instrumented": lambda: _step_fn(_instrumented(0), x, y, dtype),
         "hooks-all": lambda: _hooked(x, y, dtype),
         "plain-compile": lambda: _step_fn(torch.compile(_plain(0)), x, y, dtype),
+        "plain-eager-graph": lambda: _graphed(_step_fn(_plain(0), x, y, dtype)),
+        "fastmlp-instrumented-graph": lambda: _graphed(_step_fn(_instrumented(0), x, y, dtype)),
     }
 
 
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """The whole training step captured in a CUDA graph (no launch overhead); returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # calibration, autotuning and allocations happen outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+_TRAIN_ORDER = (
+    "plain-eager",
+    "fastmlp-instrumented",
+    "hooks-all",
+    "plain-eager-graph",
+    "fastmlp-instrumented-graph",
+    "plain-compile",  # last: compilation is the slowest part
+)
+
+
 def train_bench(batches: tuple[int, ...], deadline: float) -> list[dict]:
-    """Full training step of the 5x1000 tanh network, four variants side by side."""
+    """Full training step of the 5x1000 tanh network, the variants side by side.
+
+    Variants run in the order of ``_TRAIN_ORDER`` across every precision and batch,
+    so a tight time budget drops the slowest ones (``torch.compile``) first.
+    """
+    precisions = (("bf16", "highest", torch.bfloat16), ("tf32", "high", None))
+    data = {}
+    for batch in batches:
+        g = torch.Generator(device="cuda").manual_seed(batch)
+        x = torch.rand(batch, 1024, device="cuda", generator=g) * 2 - 1
+        y = torch.randint(0, 10, (batch,), device="cuda", generator=g)
+        data[batch] = (x, y)
     rows = []
-    for prec, mm, dtype in (("bf16", "highest", torch.bfloat16), ("tf32", "high", None)):
-        for batch in batches:
-            g = torch.Generator(device="cuda").manual_seed(batch)
-            x = torch.rand(batch, 1024, device="cuda", generator=g) * 2 - 1
-            y = torch.randint(0, 10, (batch,), device="cuda", generator=g)
-            variants = _train_variants(x, y, dtype)
-            base = None
-            with _matmul_precision(mm):
-                for variant, build in variants.items():
-                    row = {
-                        "part": "train_step",
-                        "precision": prec,
-                        "batch": batch,
-                        "variant": variant,
-                    }
-                    if time.time() > deadline:
-                        row["error"] = "skipped: time budget"
-                        rows.append(row)
-                        continue
-                    try:
-                        ms = _median_ms(build(), warmup_calls=3)
-                        base = ms if variant == "plain-eager" else base
-                        row.update(ms=round(ms, 4), vs_eager=round(ms / base, 3) if base else None)
-                    except Exception as e:  # report and continue
-                        row["error"] = f"{type(e).__name__}: {e}"[:500]
-                        _log(traceback.format_exc(limit=3))
-                    rows.append(row)
-                    torch.cuda.empty_cache()
-    # ratios against torch.compile as well
+    for variant in _TRAIN_ORDER:
+        for prec, mm, dtype in precisions:
+            for batch in batches:
+                row = {"part": "train_step", "precision": prec, "batch": batch, "variant": variant}
+                rows.append(row)
+                if time.time() > deadline:
+                    row["error"] = "skipped: time budget"
+                    continue
+                try:
+                    with _matmul_precision(mm):
+                        build = _train_variants(*data[batch], dtype)[variant]
+                        row["ms"] = round(_median_ms(build(), warmup_calls=3), 4)
+                except Exception as e:  # report and continue
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    _log(traceback.format_exc(limit=3))
+                torch.cuda.empty_cache()
+    ms = {(r["variant"], r["precision"], r["batch"]): r.get("ms") for r in rows}
     for r in rows:
-        if r.get("variant") == "fastmlp-instrumented" and "ms" in r:
-            comp = [
-                c
-                for c in rows
-                if c.get("variant") == "plain-compile"
-                and "ms" in c
-                and c["batch"] == r["batch"]
-                and c["precision"] == r["precision"]
-            ]
-            if comp:
-                r["vs_compile"] = round(r["ms"] / comp[0]["ms"], 3)
+        if r.get("ms") is None:
+            continue
+        for field, ref in (
+            ("vs_eager", "plain-eager"),
+            ("vs_compile", "plain-compile"),
+            ("vs_eager_graph", "plain-eager-graph"),
+        ):
+            base = ms.get((ref, r["precision"], r["batch"]))
+            if (
+                base
+                and r["variant"] != ref
+                and (field != "vs_eager_graph" or "graph" in r["variant"])
+            ):
+                r[field] = round(r["ms"] / base, 3)
+        if r["variant"] == "plain-eager":
+            r["vs_eager"] = 1.0
     return rows
 
 
@@ -266,6 +297,10 @@ def _hooked(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> Call
     model = _plain(0)
     HookStats(model, histograms=True)  # hooks stay registered on the model
     return _step_fn(model, x, y, dtype)
+
+
+def _f(v: float | None, width: int, digits: int = 3) -> str:
+    return f"{v:>{width}.{digits}f}" if isinstance(v, (int, float)) else " " * width
 
 
 def table(doc: dict) -> str:
@@ -282,27 +317,31 @@ def table(doc: dict) -> str:
     lines.append("")
     lines.append(f"{'kernel 4096^3':<28}{'prec':<6}{'ms':>9}{'TFLOP/s':>10}{'vs cuBLAS':>11}")
     for r in doc.get("kernel", []):
+        head = f"{r['variant']:<28}{r['precision']:<6}"
         if "error" in r:
-            lines.append(f"{r['variant']:<28}{r['precision']:<6}  error: {r['error'][:60]}")
+            lines.append(f"{head}  error: {r['error'][:60]}")
             continue
         lines.append(
-            f"{r['variant']:<28}{r['precision']:<6}{r['ms']:>9.3f}{r['tflops']:>10.1f}"
-            f"{r['vs_cublas']:>11.3f}"
+            f"{head}{_f(r.get('ms'), 9)}{_f(r.get('tflops'), 10, 1)}{_f(r.get('vs_cublas'), 11)}"
         )
     lines.append("")
     lines.append(
-        f"{'train step 5x1000 tanh':<24}{'prec':<6}{'batch':>6}{'ms':>9}"
-        f"{'vs eager':>10}{'vs compile':>11}"
+        f"{'train step 5x1000 tanh':<28}{'prec':<6}{'batch':>6}{'ms':>9}"
+        f"{'vs eager':>10}{'vs compile':>11}{'vs graph':>10}"
     )
-    for r in doc.get("train", []):
-        head = f"{r['variant']:<24}{r['precision']:<6}{r['batch']:>6}"
+    order = {v: i for i, v in enumerate(_TRAIN_ORDER)}
+    train = sorted(
+        doc.get("train", []),
+        key=lambda r: (r["precision"], r["batch"], order.get(r["variant"], 99)),
+    )
+    for r in train:
+        head = f"{r['variant']:<28}{r['precision']:<6}{r['batch']:>6}"
         if "error" in r:
             lines.append(f"{head}  {r['error'][:60]}")
             continue
-        vc = r.get("vs_compile")
         lines.append(
-            f"{head}{r['ms']:>9.3f}{r['vs_eager']:>10.3f}"
-            f"{(f'{vc:.3f}' if vc is not None else ''):>11}"
+            f"{head}{_f(r.get('ms'), 9)}{_f(r.get('vs_eager'), 10)}"
+            f"{_f(r.get('vs_compile'), 11)}{_f(r.get('vs_eager_graph'), 10)}"
         )
     return "\n".join(lines)
 
