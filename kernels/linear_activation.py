@@ -87,7 +87,8 @@ def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
 _BY_BUCKET = {
     "small": [_cfg(16, 64, 64, 4, 4), _cfg(16, 32, 128, 2, 3), _cfg(32, 128, 64, 4, 3)],
     "medium": [_cfg(32, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
-    "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)],
+    # (128x256x64 does not fit float32 tiles in shared memory; the autotuner skips it there)
+    "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 32, 4, 4)],
 }
 # dW = dZ^T X has an [N, K] output whatever the batch; the batch is its reduction.
 _DW_CONFIGS = [
