@@ -23,7 +23,7 @@ import torch
 
 from .machine import machine_info
 from .timing import Measurement, error_text, interleaved, quantiles
-from .variants import VARIANTS, Built, Case, Unavailable, build_variant
+from .variants import VARIANTS, Built, Case, Unavailable, build_variant, dynamo_graphs
 
 __all__ = ["BenchConfig", "default_config", "run_suite", "SCHEMA"]
 
@@ -252,7 +252,13 @@ def measure_case(
             if mode not in built[n].run
         }
         measured, inner = interleaved(
-            fns, repeats=repeats, warmup=cfg.warmup, device=device, min_time=cfg.min_time
+            fns,
+            repeats=repeats,
+            warmup=cfg.warmup,
+            device=device,
+            min_time=cfg.min_time,
+            recompiles=dynamo_graphs,
+            compiled=frozenset(n for n in fns if VARIANTS[n][1] == "compile"),
         )
         rows += _rows_for(
             section,

@@ -125,6 +125,8 @@ def interleaved(
     device: torch.device,
     min_time: float = 0.0,
     max_inner: int = 1000,
+    recompiles: Callable[[], int] | None = None,
+    compiled: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Measurement], int]:
     """Time every function in ``fns``, round-robin, ``repeats`` times after ``warmup`` rounds.
 
@@ -133,6 +135,10 @@ def interleaved(
     lasts about ``min_time`` seconds; it is the same for every variant. A variant
     that raises is dropped from later rounds and reported with its error.
 
+    ``recompiles`` counts compilations so far (e.g. torch._dynamo's graph count):
+    a variant in ``compiled`` that compiles again during a timed measurement is
+    not in a steady state; it is dropped and reported as such.
+
     Returns the measurements by name and the ``inner`` count used.
     """
     if repeats < 1:
@@ -140,18 +146,28 @@ def interleaved(
     results = {name: Measurement() for name in fns}
     live = list(fns)
 
-    def run(name: str, inner: int) -> float | None:
+    def run(name: str, inner: int, timed: bool = True) -> float | None:
+        watch = timed and recompiles is not None and name in compiled
+        before = recompiles() if watch else 0
         try:
-            return measure_once(fns[name], inner, device)
+            t = measure_once(fns[name], inner, device)
         except Exception as exc:  # noqa: BLE001 - a failing variant is reported, not fatal
             _sync_quietly(device)
             results[name].error = error_text(exc)
             live.remove(name)
             return None
+        if watch and (n := recompiles() - before) > 0:
+            results[name].error = (
+                f"recompiled {n} graph(s) while being timed (not a steady state; "
+                f"one call took {t:.3g} s)"
+            )
+            live.remove(name)
+            return None
+        return t
 
     for _ in range(max(warmup, 1)):  # at least one untimed call: lazy init, autotuning
         for name in list(live):
-            run(name, 1)
+            run(name, 1, timed=False)
     _sync(device)
 
     inner = 1

@@ -148,3 +148,23 @@ def test_a_crashing_variant_is_reported_not_fatal(monkeypatch):
     by = {r["variant"]: r for r in rows}
     assert by["plain"]["status"] == "ok"
     assert by["hooks"]["status"] == "n/a" and "simulated" in by["hooks"]["reason"]
+
+
+def test_interleaved_drops_a_variant_that_recompiles_while_timed():
+    import torch
+
+    graphs = [0]
+
+    def recompiling() -> None:
+        graphs[0] += 1
+
+    res, _ = interleaved(
+        {"steady": lambda: None, "thrash": recompiling},
+        repeats=3,
+        warmup=1,
+        device=torch.device("cpu"),
+        recompiles=lambda: graphs[0],
+        compiled=frozenset({"steady", "thrash"}),
+    )
+    assert res["steady"].ok and len(res["steady"].times) == 3
+    assert not res["thrash"].ok and "recompiled 1 graph" in res["thrash"].error
