@@ -400,3 +400,35 @@ def test_single_process_snapshot_is_local() -> None:
         rows == model.stats.snapshot(local=True).rows() == distributed.snapshot(model.stats).rows()
     )
     assert math.isfinite(rows[0]["var"])
+
+
+def test_setup_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastmlp import distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    info = distributed.setup()
+    assert (info.rank, info.world_size, info.backend, info.is_main) == (0, 1, None, True)
+    assert not torch.distributed.is_initialized()
+
+
+def test_setup_reports_bad_environments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastmlp import distributed
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
+        distributed.setup(backend="gloo")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("FASTMLP_DIST_TIMEOUT", "soon")
+    with pytest.raises(RuntimeError, match="FASTMLP_DIST_TIMEOUT"):
+        distributed.setup(backend="gloo")
+    with pytest.raises(ValueError, match="backend must be"):
+        distributed.setup(backend="mpi")
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(RuntimeError, match="RANK='two' is not an integer"):
+        distributed.setup()
+    assert not torch.distributed.is_initialized()
