@@ -204,3 +204,11 @@ def test_train_on_cuda(tmp_path: Path) -> None:
     stats = read_jsonl(run / "stats.jsonl")
     tr = [r for r in stats if r["source"] == "train"]
     assert tr and all(r["hist_counts"] is not None for r in tr if r["count"])
+
+
+def test_train_restores_the_thread_count(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    train(_tiny(tmp_path, steps=2))
+    assert torch.get_num_threads() == 2
+    train(_tiny(tmp_path / "b", steps=2, threads=3))
+    assert torch.get_num_threads() == 2
