@@ -226,7 +226,9 @@ def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
     bins = stats.bins
     rng = stats.hist_range[q]
     r = rng[1]
-    new_r = torch.maximum(r, pow2_at_or_above(maxabs.to(rng.device)))
+    maxabs = maxabs.to(rng.device, torch.float64)
+    # A batch without finite values (maxabs = inf from empty extremes) leaves the range alone.
+    new_r = torch.where(torch.isfinite(maxabs), torch.maximum(r, pow2_at_or_above(maxabs)), r)
     factor = new_r / r
     i = torch.arange(bins, device=rng.device, dtype=torch.float64)
     j = torch.floor((i - bins // 2) / factor).to(torch.int64) + bins // 2
