@@ -152,16 +152,13 @@ class LayerStats(nn.Module):
         )
         return new
 
-    def update(self, q: int, x: torch.Tensor, total: float | None = None) -> None:
-        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path).
-
-        ``total``: ``x.sum()`` in float64 when the caller knows it cheaply (saves passes).
-        """
+    def update(self, q: int, x: torch.Tensor) -> None:
+        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path)."""
         from fastmlp.torch_path import accumulate
 
         if not self.calibrated[q]:
             self.calibrate(q, x)
-        accumulate(self, q, x, total)
+        accumulate(self, q, x)
 
     def scratch(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable 1-D work buffer of ``n`` elements on the statistics' device."""

@@ -62,12 +62,8 @@ def merge_block_(
 
 
 @torch.no_grad()
-def accumulate(stats: LayerStats, q: int, x: torch.Tensor, total: float | None = None) -> None:
-    """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``).
-
-    ``total``, when the caller knows it cheaply and exactly (float64), is ``x.sum()``;
-    it saves passes over ``x`` on the CPU path.
-    """
+def accumulate(stats: LayerStats, q: int, x: torch.Tensor) -> None:
+    """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``)."""
     x = x.detach().reshape(-1)
     if x.numel() == 0:
         return
@@ -78,7 +74,7 @@ def accumulate(stats: LayerStats, q: int, x: torch.Tensor, total: float | None =
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
         # mean every element is finite.
         if math.isfinite(mn) and math.isfinite(mx):
-            _accumulate_finite_on_host(stats, q, x, mn, mx, total)
+            _accumulate_finite_on_host(stats, q, x, mn, mx)
             return
     _accumulate_masked(stats, q, x)
 
@@ -89,34 +85,33 @@ def _in_dtype(value: float, dtype: torch.dtype) -> float:
 
 
 def _accumulate_finite_on_host(
-    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float, total: float | None
+    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float
 ) -> None:
     """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
     n = x.numel()
     d = stats.scratch(n, x.dtype)
     row = stats.acc[q].tolist()
     shift = float(stats.shift[q])
-    if total is not None:
-        mean = total / n
-        c = _in_dtype(mean, x.dtype)
-        s2 = float(torch.dot(torch.sub(x, c, out=d), d))
-        s1 = n * (mean - c)
-    else:
-        # Center on the previous batch's mean; recenter if this batch is far from it, so the
-        # float32 sum of squares stays accurate (its error is relative to var + offset**2).
-        c = _in_dtype(stats.center_hint[q], x.dtype)
+    # Sums of x - c and (x - c)**2 in the input precision are accurate when the offset of
+    # the batch mean from c is at most the batch's spread (the error is relative to
+    # var + offset**2). c is the previous batch's hint: 0 when that batch was centred
+    # enough (no subtraction pass at all), else its mean. If this batch is off, recentre.
+    c = _in_dtype(stats.center_hint[q], x.dtype)
+    v = x if c == 0 else torch.sub(x, c, out=d)
+    s1 = float(v.sum())
+    s2 = float(torch.dot(v, v))
+    offset = s1 / n
+    if offset * offset > s2 / n - offset * offset:
+        c = _in_dtype(c + offset, x.dtype)
         s1 = float(torch.sub(x, c, out=d).sum())
         s2 = float(torch.dot(d, d))
-        offset = s1 / n
-        if offset * offset > s2 / n - offset * offset:
-            c = _in_dtype(c + offset, x.dtype)
-            s1 = float(torch.sub(x, c, out=d).sum())
-            s2 = float(torch.dot(d, d))
     if not (math.isfinite(s1) and math.isfinite(s2)):
         # Huge finite values overflowed float32 sums: take the float64 path instead.
         _accumulate_masked(stats, q, x)
         return
-    stats.center_hint[q] = c + s1 / n
+    mean = c + s1 / n
+    var = max(s2 / n - (s1 / n) ** 2, 0.0)
+    stats.center_hint[q] = 0.0 if mean * mean <= var else mean
     delta = c - shift
     row[COUNT] += n
     row[SUM] += s1 + n * delta
@@ -270,16 +265,7 @@ class LinearActivationFunction(torch.autograd.Function):
         if need_w or stats is not None:
             dw = dz.t() @ x
             if stats is not None:
-                # sum(dW) = rowsum(dz) . rowsum(x): exact enough in float64, and cheap; on the
-                # CPU it spares two passes over dW (elsewhere it would cost a host sync).
-                # Not for float16/bfloat16 dW: its rounding makes sum(dW) differ from that total,
-                # and the moments must describe the stored values (a single value's mean would
-                # not equal it, its variance not be 0).
-                total = None
-                if dw.device.type == "cpu" and dw.dtype in (torch.float32, torch.float64):
-                    f64 = torch.float64
-                    total = float(torch.dot(dz.sum(1, dtype=f64), x.sum(1, dtype=f64)))
-                stats.update(WEIGHT_GRAD, dw, total)
+                stats.update(WEIGHT_GRAD, dw)
         db = dz.sum(0) if ctx.has_bias and need_b else None
         return dx, dw if need_w else None, db, None, None
 
