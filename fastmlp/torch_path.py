@@ -133,8 +133,11 @@ def _histogram_on_host(
     bins = stats.bins
     n = x.numel()
     lo, hi = stats.hist_range[q].tolist()
-    # bin = floor((x - lo) * bins / (hi - lo)), computed in the scratch buffer.
-    t = torch.sub(x, lo, out=work).mul_(bins / (hi - lo))
+    # bin = floor(x * scale) + offset with scale = bins / (hi - lo), offset = -lo * scale (an
+    # integer for every range used here, and x * scale is exact for power-of-two scales):
+    # unlike floor((x - lo) * scale), values near an edge far from lo keep their side of it.
+    scale = bins / (hi - lo)
+    t = torch.mul(x, scale, out=work).floor_().add_(-lo * scale)
     inside = mn >= lo and mx <= hi
     if not inside:
         t.clamp_(0, bins)
@@ -199,7 +202,8 @@ def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
     bins = stats.bins
     rng = stats.hist_range[q]
     lo, hi = rng[0].to(x.dtype), rng[1].to(x.dtype)
-    t = ((x - lo) * (bins / (rng[1] - rng[0])).to(x.dtype)).clamp_(0, bins)
+    scale = bins / (rng[1] - rng[0])
+    t = torch.floor(x * scale.to(x.dtype)).add_((-rng[0] * scale).to(x.dtype)).clamp_(0, bins)
     # Non-finite elements go to an extra slot that is dropped.
     idx = torch.where(fin, t, bins + 1).to(torch.int32)
     counts = torch.bincount(idx, minlength=bins + 2)

@@ -184,15 +184,18 @@ def tile_histogram(v, fin, lo, hi, BINS: tl.constexpr, HB: tl.constexpr, FIXED: 
     """Histogram row (``HB`` >= ``BINS + 2`` int32 counts: underflow, bins, overflow) of a tile.
 
     ``lo``/``hi`` are float64 scalars. Binning follows ``fastmlp.torch_path``:
-    ``floor((x - lo) * bins / (hi - lo))`` in float32, clamped to the bins
+    ``floor(x * scale) + offset`` with ``scale = bins / (hi - lo)`` and
+    ``offset = -lo * scale`` (an integer for the ranges used) in float32, clamped to the bins
     (last bin closed); on an automatic range ``x < lo`` and ``x > hi`` go to
     under/overflow, on a fixed range they stay in the edge bins.
     """
-    scale = (BINS / (hi - lo)).to(tl.float32)
+    scale64 = BINS / (hi - lo)
+    scale = scale64.to(tl.float32)
+    offset = (-lo * scale64).to(tl.float32)
     lo32 = lo.to(tl.float32)
     hi32 = hi.to(tl.float32)
     vs = tl.where(fin, v, lo32)
-    t = tl.floor((vs - lo32) * scale)
+    t = tl.floor(vs * scale) + offset
     t = tl.minimum(tl.maximum(t, 0.0), BINS - 1.0)
     idx = t.to(tl.int32) + 1
     if not FIXED:

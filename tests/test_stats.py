@@ -477,11 +477,6 @@ def test_float64_saturation_counts_exact():
     assert 0 < a.saturated_low < 1 and 0 < a.saturated_high < 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float32 bin index (x - low) * scale rounds for |x| < ~R * 2**-24: after the range "
-    "grew to R = 1024, values of +-1e-4 around the central edge 0 all land in the bin above it",
-)
 def test_tiny_values_around_zero_edge_after_range_growth():
     layer = _identity_layer(8, 16)
     g = torch.Generator().manual_seed(4)
