@@ -15,10 +15,13 @@ four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
 
 Calibration happens on the first update after a reset: ``shift`` becomes that
 batch's mean, and quantities without a fixed range get the symmetric range
-``+-R`` with ``R`` the power of two at or above the batch's largest ``|x|``.
-Afterwards, whenever a batch exceeds ``R`` (those values are counted as
-under/overflow), the range doubles as often as needed and existing bins are
-merged exactly, so later batches are covered.
+``+-R`` with ``R`` the smallest power of two strictly above the batch's largest
+``|x|``. Afterwards, whenever a batch exceeds ``R`` (those values are counted as
+under/overflow), ``R`` becomes the smallest power of two above that batch's
+largest ``|x|`` and existing bins are merged exactly, so later batches are
+covered. Bin indices are ``floor(x * scale) + offset`` in the input's precision.
+One corner is not exact: a value exactly equal to the current ``+R`` sits in the
+closed last bin, and a later growth merges it into the bin below ``R``.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class LayerStats(nn.Module):
         if x.device.type == "cpu":
             self.center_hint[q] = float(self.shift[q])
         if not self.fixed_range[q]:
-            r = pow2_at_or_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
+            r = pow2_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
             self.hist_range[q, 0] = -r
             self.hist_range[q, 1] = r
         self.calibrated[q] = True
@@ -210,12 +213,14 @@ class LayerStats(nn.Module):
         )
 
 
-def pow2_at_or_above(m: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= ``m`` (float64); 1 where ``m`` is 0 or not finite."""
+def pow2_above(m: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two strictly above ``m`` (float64, exact); 1 for 0 or non-finite ``m``."""
     m = m.to(torch.float64)
     ok = torch.isfinite(m) & (m > 0)
-    safe = torch.where(ok, m, 1.0)
-    return torch.where(ok, torch.exp2(torch.ceil(torch.log2(safe))), 1.0)
+    _, exponent = torch.frexp(
+        torch.where(ok, m, 1.0)
+    )  # m = mantissa * 2**exponent, m < 2**exponent
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), 1.0)
 
 
 def check_float_tensor(x: torch.Tensor, what: str = "input") -> None:

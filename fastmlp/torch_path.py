@@ -29,7 +29,7 @@ from fastmlp.stats import (
     SUMSQ,
     WEIGHT_GRAD,
     LayerStats,
-    pow2_at_or_above,
+    pow2_above,
 )
 
 __all__ = ["accumulate", "linear_activation", "merge_block_"]
@@ -227,7 +227,7 @@ def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
     r = rng[1]
     maxabs = maxabs.to(rng.device, torch.float64)
     # A batch without finite values (maxabs = inf from empty extremes) leaves the range alone.
-    new_r = torch.where(torch.isfinite(maxabs), torch.maximum(r, pow2_at_or_above(maxabs)), r)
+    new_r = torch.where(torch.isfinite(maxabs) & (maxabs > r), pow2_above(maxabs), r)
     factor = new_r / r
     i = torch.arange(bins, device=rng.device, dtype=torch.float64)
     j = torch.floor((i - bins // 2) / factor).to(torch.int64) + bins // 2

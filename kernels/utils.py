@@ -235,16 +235,17 @@ def commit_extents(ext_row, mn, mx):
 
 
 @triton.jit
-def _pow2_at_or_above(m):
-    """Smallest power of two >= ``m`` (float64, exact, from the exponent bits); 1 if 0/inf/NaN."""
+def _pow2_above(m):
+    """Smallest power of two > ``m`` (float64, exact, from the exponent bits); 1 if 0/inf/NaN.
+
+    Matches ``fastmlp.stats.pow2_above`` (normal numbers: 2 ** (exponent + 1)).
+    """
     ok = (m > 0.0) & (m < float("inf"))
     safe = tl.where(ok, m, 1.0)
     bits = safe.to(tl.int64, bitcast=True)
-    mant = bits & 0xFFFFFFFFFFFFF
     expo = (bits >> 52) & 0x7FF
     up = ((expo + 1) << 52).to(tl.float64, bitcast=True)
-    r = tl.where(mant == 0, safe, up)
-    return tl.where(ok, r, 1.0)
+    return tl.where(ok, up, 1.0)
 
 
 @triton.jit
@@ -283,7 +284,7 @@ def _finalize_one(
         maxabs = tl.maximum(tl.abs(mn), tl.abs(mx))
         r = tl.load(range_row + 1)
         # No finite value in this pass (extents inf): nothing to cover, the range stays.
-        new_r = tl.where(maxabs < float("inf"), tl.maximum(r, _pow2_at_or_above(maxabs)), r)
+        new_r = tl.where((maxabs < float("inf")) & (maxabs > r), _pow2_above(maxabs), r)
         factor = new_r / r
         src = tl.arange(0, HB)
         dst = tl.arange(0, HB)

@@ -115,13 +115,14 @@ def _rank_bracket(sorted_values: np.ndarray, q: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def pow2_at_or_above(m: float) -> float:
+def pow2_above(m: float) -> float:
+    """Smallest power of two strictly above ``m`` (1 for 0 or non-finite)."""
     if not math.isfinite(m) or m <= 0:
         return 1.0
-    r = 2.0 ** math.ceil(math.log2(m))
-    while r < m:  # guard against log2 rounding
+    r = 2.0 ** math.floor(math.log2(m))
+    while r <= m:  # guard against log2 rounding
         r *= 2
-    while r / 2 >= m:
+    while r / 2 > m:
         r /= 2
     return r
 
@@ -180,7 +181,7 @@ def stream_stats(
         if fixed_range is not None:
             lo, hi = fixed_range
         elif lo is None:
-            r = pow2_at_or_above(float(np.abs(f).max()) if f.size else 0.0)
+            r = pow2_above(float(np.abs(f).max()) if f.size else 0.0)
             lo, hi = -r, r
         amb += int(_near_edges(f, lo, hi, bins, tol).sum())
         under += int((f < lo).sum())
@@ -188,8 +189,8 @@ def stream_stats(
         in_range.append(f[(f >= lo) & (f <= hi)])
         if fixed_range is None and f.size:
             m = float(np.abs(f).max())
-            while hi < m:
-                lo, hi = 2 * lo, 2 * hi
+            if m > hi:
+                lo, hi = -pow2_above(m), pow2_above(m)
     if lo is not None:
         vals = np.concatenate(in_range)
         counts, edges = np.histogram(vals, bins=bins, range=(lo, hi))

@@ -243,23 +243,32 @@ def _identity_layer(n, bins):
 
 
 def test_histogram_edge_semantics_exact():
-    """Bins [e_i, e_i+1), the last closed; range +-R with R the power of two >= max|x|."""
+    """Bins [e_i, e_i+1), the last closed; auto range +-R with R the power of two > max|x|."""
     bins = 8
-    edges = np.linspace(-1.0, 1.0, bins + 1)
-    layer = _identity_layer(bins + 1, bins)
+    values = np.linspace(-1.5, 1.5, 7)  # every value exactly on an edge of the +-2 grid
+    layer = _identity_layer(7, bins)
     with torch.no_grad():
-        layer(torch.tensor(edges, dtype=torch.float32)[None])
+        layer(torch.tensor(values, dtype=torch.float32)[None])
     qs = ModelStats(layer).snapshot()[1]["preactivation"]
-    np.testing.assert_array_equal(qs.hist_edges, edges)
-    assert qs.hist_counts == [1] * (bins - 1) + [2]
+    np.testing.assert_array_equal(qs.hist_edges, np.linspace(-2.0, 2.0, bins + 1))
+    assert qs.hist_counts == [0] + [1] * (bins - 1)
     assert qs.underflow == 0 and qs.overflow == 0
-    # R is the power of two at or above max|x|: 0.75 -> 1, 1.5 -> 2, 0.25 -> 0.25
-    for m, r in ((0.75, 1.0), (1.5, 2.0), (0.25, 0.25), (3.0, 4.0)):
+    # R is the smallest power of two strictly above max|x|
+    for m, r in ((0.75, 1.0), (1.5, 2.0), (0.25, 0.5), (3.0, 4.0), (1.0, 2.0)):
         layer.stats.reset()
         with torch.no_grad():
-            layer(torch.tensor([[m] + [0.01] * bins]))
+            layer(torch.tensor([[m] + [0.01] * 6]))
         qs = ModelStats(layer).snapshot()[1]["preactivation"]
         assert qs.hist_edges[0] == -r and qs.hist_edges[-1] == r, (m, qs.hist_edges)
+    # A fixed range closes its last bin: tanh outputs of exactly -1 and +1 land in the edge bins.
+    tanh = InstrumentedLinear(2, 2, "tanh", bias=False, bins=bins)
+    with torch.no_grad():
+        tanh.weight.copy_(torch.eye(2))
+        out = tanh(torch.tensor([[-30.0, 30.0]]))
+    assert out.tolist() == [[-1.0, 1.0]]
+    act = ModelStats(tanh).snapshot()[1]["activation"]
+    assert act.hist_counts == [1] + [0] * (bins - 2) + [1]
+    assert act.underflow == 0 and act.overflow == 0
 
 
 def test_auto_range_growth_counts_overflow_then_covers_and_merges_exactly():
@@ -267,7 +276,7 @@ def test_auto_range_growth_counts_overflow_then_covers_and_merges_exactly():
     n = 9
     layer = _identity_layer(n, bins)
     b1 = np.linspace(-1.0, 1.0, n)
-    b1[-1] = 0.9  # a value exactly at the old +R is test_value_at_old_range_edge_after_growth
+    b1[-1] = 0.9  # a value exactly at +R is test_value_exactly_at_current_range_edge_then_growth
     b2 = np.array([3.0, -2.5, 0.3, 0.6, -0.9, 0.0, 0.1, 0.2, -0.2])
     b3 = np.array([3.5, -3.9, 2.0, -2.0, 1.5, 0.0, 0.1, 0.2, -0.2])
     snaps = []
@@ -290,18 +299,30 @@ def test_auto_range_growth_counts_overflow_then_covers_and_merges_exactly():
     assert sum(s3.hist_counts) + s3.underflow + s3.overflow == s3.count == 3 * n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (corner case): a value exactly at the old +R sits in the closed last bin; "
-    "after the range grows the merge keeps it in the bin below R instead of [R, ...)",
-)
-def test_value_at_old_range_edge_after_growth():
+def test_calibration_max_at_a_power_of_two_keeps_its_bin_after_growth():
     layer = _identity_layer(2, 8)
     with torch.no_grad():
-        layer(torch.tensor([[1.0, 0.1]]))  # R = 1, 1.0 in the closed last bin [0.75, 1]
+        layer(torch.tensor([[1.0, 0.1]]))  # R = 2 (strictly above 1.0): 1.0 in [1.0, 1.5)
         layer(torch.tensor([[3.0, 0.1]]))  # overflow, R -> 4, bins of width 1
     qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    assert qs.hist_edges[-1] == 4.0
     expected, _ = np.histogram([1.0, 0.1, 0.1], bins=8, range=(-4, 4))
+    assert qs.hist_counts == expected.tolist()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known corner case: a later value exactly equal to the current +R sits in the closed "
+    "last bin; a still later growth merges it into the bin below R instead of [R, ...)",
+)
+def test_value_exactly_at_current_range_edge_then_growth():
+    layer = _identity_layer(2, 8)
+    with torch.no_grad():
+        layer(torch.tensor([[1.5, 0.1]]))  # R = 2
+        layer(torch.tensor([[2.0, 0.1]]))  # exactly +R: closed last bin [1.5, 2]
+        layer(torch.tensor([[3.0, 0.1]]))  # overflow, R -> 4, bins of width 1
+    qs = ModelStats(layer).snapshot()[1]["preactivation"]
+    expected, _ = np.histogram([1.5, 2.0, 0.1, 0.1, 0.1], bins=8, range=(-4, 4))
     assert qs.hist_counts == expected.tolist()
 
 
