@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    prog = os.environ.get("FASTMLP_BENCH_PROG", "python -m bench")
+    prog = "python -m bench"
     return run(args, list(sys.argv[1:] if argv is None else argv), prog=prog)
 
 

@@ -251,15 +251,30 @@ def measure_case(
             for n in built
             if mode not in built[n].run
         }
-        measured, inner = interleaved(
-            fns,
-            repeats=repeats,
-            warmup=cfg.warmup,
-            device=device,
-            min_time=cfg.min_time,
-            recompiles=dynamo_graphs,
-            compiled=frozenset(n for n in fns if VARIANTS[n][1] == "compile"),
-        )
+        compiled = frozenset(n for n in fns if VARIANTS[n][1] == "compile")
+        # On a CPU, OpenMP threads of torch.compile'd kernels keep spinning after each call
+        # and slow down whatever runs next: time the eager variants among themselves first,
+        # then the compiled ones (their ratios then pair repeats of two separate rounds).
+        groups = [fns]
+        if device.type == "cpu" and compiled:
+            groups = [
+                {n: f for n, f in fns.items() if n not in compiled},
+                {n: f for n, f in fns.items() if n in compiled},
+            ]
+        measured: dict[str, Measurement] = {}
+        inner = 0
+        for group in groups:
+            group_measured, group_inner = interleaved(
+                group,
+                repeats=repeats,
+                warmup=cfg.warmup,
+                device=device,
+                min_time=cfg.min_time,
+                recompiles=dynamo_graphs,
+                compiled=compiled & set(group),
+            )
+            measured |= group_measured
+            inner = inner or group_inner
         rows += _rows_for(
             section,
             mode,

@@ -4,9 +4,9 @@ Kept out of the default test run (``testpaths = ["tests"]``). Each case times on
 variant alone (pytest-benchmark does not interleave variants; ``python -m bench``
 does, and is the source of the README's numbers). Environment knobs:
 ``FASTMLP_BENCH_DEVICE`` (default: cuda if available), ``FASTMLP_BENCH_BATCH``
-(256), ``FASTMLP_BENCH_WIDTH`` (1000), ``FASTMLP_BENCH_ROUNDS`` (5). On a CPU, set
-``OMP_WAIT_POLICY=PASSIVE`` as ``python -m bench`` does, or OpenMP threads spinning
-after compiled kernels slow down whatever runs next.
+(256), ``FASTMLP_BENCH_WIDTH`` (1000), ``FASTMLP_BENCH_ROUNDS`` (5). On a CPU, OpenMP
+threads spinning after compiled kernels slow down whatever runs next: select the
+compiled cases separately (``-k compiled``) for clean numbers.
 """
 
 from __future__ import annotations

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 
 
@@ -22,12 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # torch has already loaded OpenMP in this process; the bench needs the policy set
-        # before that (see fastmlp.bench.__main__), so it runs in a fresh interpreter.
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", FASTMLP_BENCH_PROG="fastmlp bench")
-        return subprocess.call([sys.executable, "-m", "fastmlp.bench", *argv], env=env)
     from fastmlp.bench.cli import run
 
+    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
     return run(args, argv, prog="fastmlp bench")
