@@ -208,4 +208,3 @@ class MLP(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
-
