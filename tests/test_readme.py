@@ -1,0 +1,18 @@
+"""The README's API example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - our own README
+        # The snapshot is a host copy: the example's reset() afterwards does not touch it.
+        assert scope["snap"][5]["activation"].count == 10 * 1000
+        assert scope["model"].stats.snapshot()[5]["activation"].count == 0
+        assert scope["probe_snap"][6]["weight_grad"].count == 9 * 1000
