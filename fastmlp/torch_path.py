@@ -274,6 +274,7 @@ class LinearActivationFunction(torch.autograd.Function):
         return dx, dw if need_w else None, db, None, None
 
 
+@torch.compiler.disable
 def linear_activation(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -281,5 +282,9 @@ def linear_activation(
     activation: Activation,
     stats: LayerStats | None,
 ) -> torch.Tensor:
-    """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``stats`` when given."""
+    """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``stats`` when given.
+
+    Kept out of ``torch.compile`` graphs (it reads statistics on the host on the CPU):
+    a compiled model runs this layer eagerly and compiles the rest.
+    """
     return LinearActivationFunction.apply(x, weight, bias, activation, stats)

@@ -776,6 +776,7 @@ class LinearActivationKernelFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+@torch.compiler.disable
 def linear_activation(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -239,3 +239,21 @@ def test_frozen_weight_still_records_weight_grad():
     torch.testing.assert_close(x.grad, xr.grad)
     w = lin.weight.grad.double().numpy()
     assert abs(qs.mean - w.mean()) <= 1e-5 * (abs(w.mean()) + w.std())
+
+
+def test_torch_compile_of_a_model_runs_the_layers_eagerly_with_statistics():
+    torch.manual_seed(0)
+    model = MLP(20, 5, depth=2, width=16)
+    reference = MLP(20, 5, depth=2, width=16)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    compiled = torch.compile(model)
+    torch.nn.functional.cross_entropy(compiled(x), y).backward()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    got, want = model.stats.snapshot(), reference.stats.snapshot()
+    for layer in (1, 2, 3):
+        for q in ("preactivation", "activation", "preactivation_grad", "weight_grad"):
+            assert got[layer][q].count == want[layer][q].count > 0
+            assert got[layer][q].mean == pytest.approx(want[layer][q].mean, rel=1e-5, abs=1e-9)
+    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad)
