@@ -173,8 +173,8 @@ def _count_below(x: torch.Tensor, p: float, work: torch.Tensor) -> int:
 
 def _step(value: float, dtype: torch.dtype, direction: float) -> float:
     """The ``dtype`` number next to ``value`` (rounded to ``dtype``) towards ``direction``."""
-    v = torch.tensor(value, dtype=dtype)
-    return float(torch.nextafter(v, torch.tensor(direction, dtype=dtype)))
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return float(np.nextafter(np_dtype(value), np_dtype(direction)))
 
 
 def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
