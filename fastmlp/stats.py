@@ -168,7 +168,11 @@ class LayerStats(nn.Module):
         key = (n, dtype)
         buf = self._scratch.get(key)
         if buf is None:
-            buf = self._scratch[key] = torch.empty(n, dtype=dtype, device=self.acc.device)
+            # A normal tensor even when first asked for under torch.inference_mode(), so it
+            # stays usable outside it.
+            with torch.inference_mode(False):
+                buf = torch.empty(n, dtype=dtype, device=self.acc.device)
+            self._scratch[key] = buf
         return buf
 
     @torch.no_grad()

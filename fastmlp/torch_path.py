@@ -61,9 +61,12 @@ def merge_block_(
     torch.maximum(acc[MAX], mx.to(torch.float64), out=acc[MAX])
 
 
-@torch.no_grad()
 def accumulate(stats: LayerStats, q: int, x: torch.Tensor) -> None:
-    """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``)."""
+    """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``).
+
+    ``x`` is detached first, so no autograd graph is recorded (no ``no_grad`` context
+    needed on this hot path).
+    """
     x = x.detach().reshape(-1)
     if x.numel() == 0:
         return

@@ -257,3 +257,16 @@ def test_torch_compile_of_a_model_runs_the_layers_eagerly_with_statistics():
             assert got[layer][q].mean == pytest.approx(want[layer][q].mean, rel=1e-5, abs=1e-9)
     for p, r in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_inference_mode_then_training_records_everything():
+    torch.manual_seed(1)
+    model = MLP(10, 3, depth=2, width=8)
+    with torch.inference_mode():
+        model(torch.randn(4, 10))  # first use under inference_mode (buffers must stay usable)
+    model(torch.randn(4, 10)).sum().backward()
+    with torch.inference_mode():
+        model(torch.randn(4, 10))
+    snap = model.stats.snapshot()
+    assert snap[1]["activation"].count == 3 * 4 * 8
+    assert snap[1]["weight_grad"].count == 8 * 10
