@@ -14,8 +14,15 @@ cross-entropy and writes a run directory (:mod:`fastmlp.run`):
 - a checkpoint after each of those, so ``--resume`` continues a killed run with
   every row exactly once.
 
-Distributed-ready: data is drawn per ``rank`` / ``world_size`` and only rank 0
-writes the run directory, evaluates and probes.
+Distributed (:mod:`fastmlp.distributed`): when a process group of several
+ranks is initialized (``fastmlp train --nproc N``, or torchrun), the model is
+wrapped in DistributedDataParallel, each rank draws its own training batches
+(``batch_size`` per rank: the global batch is ``batch_size x world_size``),
+training statistics are merged over ranks at each snapshot (a collective every
+rank joins), and only rank 0 writes the run directory, evaluates, probes and
+measures Jacobians. Checkpoints carry the statistics and running training loss
+of every rank (merged into rank 0's first), so ``--resume`` is exact too; it
+needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from fastmlp import data as datasets
+from fastmlp import distributed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.layers import MLP
 from fastmlp.probe import probe
@@ -195,9 +203,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return distributed.rank_world()
 
 
 @contextlib.contextmanager
@@ -291,9 +297,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.device) -> Path:
     rank, world_size = _dist_info()
     is_main = rank == 0
+    distributed.barrier()  # every rank has checked the run directory before rank 0 writes it
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(config.seed)
 
     # Data: fixed validation/test sets; the probe set is the first test examples (paper).
+    if config.download and not is_main:
+        distributed.barrier()  # rank 0 downloads first
     splits = datasets.load(
         config.dataset,
         data_dir=config.data_dir,
@@ -304,6 +315,8 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         test_size=config.test_size,
         image_size=config.image_size,
     )
+    if config.download and is_main:
+        distributed.barrier()
     x_probe, y_probe = (t[: config.probe_size] for t in splits.test)
 
     model = MLP(
@@ -323,6 +336,9 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         train_hist = device.type == "cuda"
     model.stats.enabled = config.train_stats
     model.stats.histograms = train_hist
+    # Training steps go through DDP (gradients averaged over ranks); evaluation, probes and
+    # Jacobians use the bare model on rank 0 alone. Statistics stay rank-local (wrap_model).
+    ddp_model = distributed.wrap_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     # Training loss / wrong / count since the last evaluation, kept on the device.
     running = torch.zeros(3, dtype=torch.float64, device=device)
@@ -340,9 +356,20 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise RuntimeError(f"{ckpt_path}: unsupported checkpoint version {ckpt.get('version')}")
         _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
+        if ckpt.get("world_size", 1) != world_size:
+            raise ValueError(
+                f"{ckpt_path} was written by a run on {ckpt.get('world_size', 1)} process(es); "
+                f"resume it with the same number (--nproc {ckpt.get('world_size', 1)}), "
+                f"not {world_size}"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         running.copy_(ckpt["running"])
+        if not is_main:
+            # The checkpoint's statistics and running loss are every rank's, merged into
+            # rank 0's: the other ranks start again from empty ones.
+            model.stats.reset()
+            running.zero_()
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
@@ -368,6 +395,12 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     refresh = max(1, min(50, config.steps // 100))
 
     def checkpoint(at: int) -> None:
+        # Collectives (every rank): move all ranks' statistics and running loss into rank 0.
+        if world_size > 1:
+            distributed.consolidate_stats(model.stats)
+            distributed.all_reduce_sum_(running)
+            if not is_main:
+                running.zero_()
         if not is_main:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -382,6 +415,7 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
             "running": running.cpu(),
             "rng": rng,
             "logs": run.positions(),
+            "world_size": world_size,
         }
         if run.tb is not None:
             run.tb.flush()
@@ -392,12 +426,15 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
             # ---- monitoring at this step (already done for the step a resume starts from)
             if step > start_step or not resume:
                 logged = False
-                if is_main and _due(step, config.eval_every, config.steps):
-                    if step > 0 and running[2] > 0:
+                if _due(step, config.eval_every, config.steps):
+                    distributed.all_reduce_sum_(running)  # training loss over every rank
+                    if is_main and step > 0 and running[2] > 0:
                         loss_sum, wrong, n = running.tolist()
                         run.log_metrics(step, "train", loss_sum / n, 100.0 * wrong / n)
-                        running.zero_()
+                    running.zero_()
                     for split, (x, y) in (("valid", splits.valid), ("test", splits.test)):
+                        if not is_main:
+                            break
                         loss, err = evaluate(model, x, y, config.eval_batch_size)
                         run.log_metrics(step, split, loss, err)
                         if split == "test":
@@ -412,15 +449,14 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                         run.log_stats(step, "train", model.stats.snapshot().rows())
                         model.stats.reset()
                     logged = True
-                if (
-                    is_main
-                    and jac_every >= 0
-                    and (step in (0, config.steps) or (jac_every > 0 and step % jac_every == 0))
+                if jac_every >= 0 and (
+                    step in (0, config.steps) or (jac_every > 0 and step % jac_every == 0)
                 ):
-                    n_jac = min(config.jacobian_examples, x_probe.shape[0])
-                    run.log_jacobian(
-                        step, jacobian_singular_values(model, x_probe, max_examples=n_jac)
-                    )
+                    if is_main:
+                        n_jac = min(config.jacobian_examples, x_probe.shape[0])
+                        run.log_jacobian(
+                            step, jacobian_singular_values(model, x_probe, max_examples=n_jac)
+                        )
                     logged = True
                 if (ckpt_every is None and logged) or (
                     ckpt_every is not None and (step % ckpt_every == 0 or step == config.steps)
@@ -431,7 +467,7 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
 
             # ---- one SGD step
             x, y = next(batches)
-            logits = model(x)
+            logits = ddp_model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -7,6 +7,7 @@ hard timeout, so a hang fails the test instead of blocking the suite.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -22,7 +23,10 @@ import torch
 from torch.nn import functional as F
 
 from fastmlp.activations import get_activation
+from fastmlp.cli import build_parser, main
+from fastmlp.commands.train import argv_from_args
 from fastmlp.distributed import LayerBuffers, merge_buffers, regroup_bins
+from fastmlp.run import load_checkpoint, read_jsonl
 from fastmlp.stats import (
     ACTIVATION,
     COUNT,
@@ -336,41 +340,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_killed_rank_stops_the_job(tmp_path: Path) -> None:
-    """SIGKILL one of two ranks launched by :func:`fastmlp.distributed.launch`: the job exits
-    non-zero within the timeout, names the rank and the signal, and leaves no rank running."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _launch_code("hang"), str(tmp_path)],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        pids = {}
-        while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            for r in (0, 1):
-                f = tmp_path / f"pid{r}"
-                if f.exists() and f.read_text():
-                    pids[r] = int(f.read_text())
-            time.sleep(0.2)
-        assert len(pids) == 2, f"ranks did not start: {proc.poll()} {pids}"
-        os.kill(pids[1], signal.SIGKILL)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode != 0
-    assert elapsed < 60
-    assert "rank 1 of 2 failed (killed by signal SIGKILL" in err, err[-3000:]
-    time.sleep(0.5)
-    assert not _alive(pids[0]), "rank 0 is still running after the job ended"
-
-
 def test_failing_rank_reports_its_error(tmp_path: Path) -> None:
     """An exception on one rank ends the job with exit status 1 and the rank's error."""
     proc = subprocess.run(
@@ -400,6 +369,198 @@ def test_single_process_snapshot_is_local() -> None:
         rows == model.stats.snapshot(local=True).rows() == distributed.snapshot(model.stats).rows()
     )
     assert math.isfinite(rows[0]["var"])
+
+
+# ----------------------------------------------------------------------------- fastmlp train
+
+FLAGS = ["--depth", "1", "--width", "16", "--batch-size", "10", "--eval-every", "5",
+         "--probe-every", "10", "--probe-size", "50", "--valid-size", "100", "--test-size",
+         "100", "--jacobian-every", "-1", "--no-tensorboard", "--no-progress",
+         "--train-histograms"]  # fmt: skip
+
+
+def _fastmlp(*args: str, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fastmlp", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_nproc_2_trains_writes_one_run_and_resumes(tmp_path: Path) -> None:
+    """2 gloo ranks on a tiny Shapeset run: one run directory, training statistics merged over
+    both ranks (global batch 2 x 10; the checkpoints at steps 5 and 15 move every rank's
+    statistics into rank 0 mid-way, so exact counts also check that), no row written twice;
+    --resume extends it on 2 ranks and refuses another number of processes."""
+    res = _fastmlp("train", "--nproc", "2", *FLAGS, "--steps", "20", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    stats = read_jsonl(run / "stats.jsonl")
+    keys = [(r["step"], r["source"], r["layer"], r["quantity"]) for r in stats]
+    assert len(keys) == len(set(keys)), "a statistics row was written twice"
+    assert {(r["step"], r["source"]) for r in stats} == {
+        (0, "probe"), (10, "probe"), (10, "train"), (20, "probe"), (20, "train"),
+    }  # fmt: skip
+    for r in stats:
+        if r["source"] == "train" and r["layer"] == 1 and r["quantity"] == "preactivation":
+            # 10 steps x 10 examples x 16 units on each of the 2 ranks
+            assert r["count"] == 10 * 10 * 16 * 2
+            assert sum(r["hist_counts"]) + r["underflow"] + r["overflow"] == r["count"]
+        if r["source"] == "probe" and r["layer"] == 1 and r["quantity"] == "activation":
+            assert r["count"] == 50 * 16  # probed once (rank 0), not once per rank
+    metrics = read_jsonl(run / "metrics.jsonl")
+    mkeys = [(m["step"], m["split"]) for m in metrics]
+    assert sorted(mkeys) == sorted(
+        [(0, "valid"), (0, "test")]
+        + [(s, split) for s in (5, 10, 15, 20) for split in ("train", "valid", "test")]
+    )
+    assert load_checkpoint(run / "checkpoint.pt")["world_size"] == 2
+
+    res = _fastmlp("train", "--nproc", "2", "--resume", str(run), "--steps", "30", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    stats = read_jsonl(run / "stats.jsonl")
+    keys = [(r["step"], r["source"], r["layer"], r["quantity"]) for r in stats]
+    assert len(keys) == len(set(keys))
+    assert {r["step"] for r in stats} == {0, 10, 20, 30}
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 30
+
+    res = _fastmlp("train", "--resume", str(run), "--steps", "40", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "same number" in res.stderr and "--nproc 2" in res.stderr
+
+
+def test_argv_from_args_round_trips() -> None:
+    """The flags handed to the --nproc processes parse back to the same arguments."""
+    parser = build_parser()
+    argv = ["train", "--nproc", "2", "--depth", "3", "--lr", "0.125", "--jacobian-every", "-1",
+            "--no-train-histograms", "--no-progress", "--no-train-stats", "--download",
+            "--out", "some dir"]  # fmt: skip
+    args = parser.parse_args(argv)
+    sub = args._parser
+    regenerated = argv_from_args(sub, args, skip=("nproc",))
+    assert "--nproc" not in " ".join(regenerated)
+    again = parser.parse_args(["train", *regenerated])
+    strip = {"func", "_parser", "nproc"}
+
+    def plain(ns: argparse.Namespace) -> dict:
+        return {k: v for k, v in vars(ns).items() if k not in strip}
+
+    assert plain(again) == plain(args)
+
+
+def test_nproc_refuses_an_existing_run_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert main(["train", "--nproc", "2", "--out", str(tmp_path / "run")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["0", "x"])
+def test_nproc_must_be_a_positive_integer(bad: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--nproc", bad])
+    assert e.value.code == 2 and "--nproc" in capsys.readouterr().err
+
+
+def test_nproc_under_torchrun_must_match(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["train", "--nproc", "3"])
+    assert "leave --nproc out" in capsys.readouterr().err
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """``{LOCAL_RANK: pid}`` of the processes the agent ``agent`` started (Linux /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent:
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+        for item in env:
+            if item.startswith(b"LOCAL_RANK="):
+                out[int(item.split(b"=", 1)[1])] = int(d.name)
+    return out
+
+
+def test_killed_rank_ends_the_train_job_and_it_resumes(tmp_path: Path) -> None:
+    """SIGKILL one of the two ranks of `fastmlp train --nproc 2`: the job exits non-zero with a
+    clear message within 60 s and leaves no rank behind; --resume continues from the last
+    checkpoint with every row exactly once."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastmlp", "train", "--nproc", "2", *FLAGS,
+           "--probe-every", "20", "--steps", "1000000", "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(
+            r.get("source") == "train" for r in _rows(run / "stats.jsonl")
+        ):  # training is under way, past a checkpoint
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no training statistics after 90 s"
+            time.sleep(0.05)
+        workers = _workers(proc.pid)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and elapsed < 60
+    assert "fastmlp: error: rank 1 of 2 failed (killed by signal SIGKILL" in err, err[-3000:]
+    time.sleep(0.5)
+    assert (
+        not Path(f"/proc/{workers[0]}").exists()
+        or "Z" in (Path(f"/proc/{workers[0]}/stat").read_text().rsplit(")", 1)[1].split()[:1])
+    ), "rank 0 still running"
+
+    at = load_checkpoint(run / "checkpoint.pt")["step"]
+    steps = at + 30
+    res = _fastmlp("train", "--nproc", "2", "--resume", str(run), "--steps", str(steps),
+                   cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    stats = read_jsonl(run / "stats.jsonl")
+    keys = [(r["step"], r["source"], r["layer"], r["quantity"]) for r in stats]
+    assert len(keys) == len(set(keys)), "a statistics row was written twice"
+    train_steps = sorted({r["step"] for r in stats if r["source"] == "train"})
+    assert train_steps == list(range(20, steps + 1, 20)) + ([steps] if steps % 20 else [])
+    for r in stats:
+        if r["source"] == "train" and r["layer"] == 1 and r["quantity"] == "preactivation":
+            n_steps = r["step"] - max(s for s in [0, *train_steps] if s < r["step"])
+            assert r["count"] == n_steps * 10 * 16 * 2, (r["step"], r["count"])
+    metrics = read_jsonl(run / "metrics.jsonl")
+    mkeys = [(m["step"], m["split"]) for m in metrics]
+    assert len(mkeys) == len(set(mkeys)) and max(m["step"] for m in metrics) == steps
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except (FileNotFoundError, ValueError):
+        return []
 
 
 def test_setup_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,21 @@
-"""``fastmlp train``: train an MLP with the paper's monitoring and write a run directory."""
+"""``fastmlp train``: train an MLP with the paper's monitoring and write a run directory.
+
+Several processes: ``fastmlp train --nproc N`` starts N ranks on this machine
+through torchrun's elastic agent (:func:`fastmlp.distributed.launch`); across
+machines, start it with ``torchrun --nnodes ... --nproc-per-node ... -m fastmlp
+train ...``, which this command detects (``WORLD_SIZE``) and joins.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 
+from fastmlp import distributed
 from fastmlp.activations import ACTIVATIONS
 from fastmlp.init import INITS
 from fastmlp.train import TrainConfig, datasets_names, load_config, train
@@ -169,12 +179,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its checkpoint (only --steps, --device, "
         "--no-progress and --no-tensorboard may be given with it)",
     )
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        help="train with N processes on this machine (DistributedDataParallel, one per GPU; "
+        "gloo on CPU); --batch-size is per process, so the global batch is N x batch size. "
+        "Several machines: torchrun --nnodes M --nproc-per-node N ... -m fastmlp train ...",
+    )
     p.set_defaults(func=run, _parser=p)
 
 
+def argv_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, skip: Iterable[str] = ()
+) -> list[str]:
+    """The command-line flags that reproduce ``args`` (the options that were given; every
+    option of ``fastmlp train`` defaults to ``None``), e.g. for the processes of ``--nproc``."""
+    skip = set(skip) | {"help"}
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            pos = [o for o in action.option_strings if not o.startswith("--no-")]
+            neg = [o for o in action.option_strings if o.startswith("--no-")]
+            out.append(pos[0] if value else neg[0])
+        elif action.nargs == 0:  # store_true / store_false / store_const
+            out.append(action.option_strings[0])
+        else:
+            out.append(f"{action.option_strings[-1]}={value}")
+    return out
+
+
+def _torchrun_world() -> int | None:
+    """``WORLD_SIZE`` when this process was started by torchrun (or ``--nproc``), else None."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``fastmlp train``."""
+    """Run ``fastmlp train`` (in this process, in ``--nproc`` processes, or as a torchrun rank)."""
     parser: argparse.ArgumentParser = args._parser
+    world = _torchrun_world()
+    nproc = getattr(args, "nproc", None)
+    if world is not None and nproc is not None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if nproc != local_world:
+            parser.error(
+                f"--nproc {nproc} given under torchrun, which started {local_world} "
+                "process(es) here: leave --nproc out"
+            )
+    launching = world is None and nproc is not None and nproc > 1
     if args.resume is not None:
         given = [
             f.name
@@ -190,15 +248,39 @@ def run(args: argparse.Namespace) -> int:
             parser.error(str(e))
         config = config_from_args(args, base)
         config.out = args.resume
-        train(config, resume=True)
+        resume = True
+    else:
+        try:
+            config = config_from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
+        resume = False
+        if launching and config.out is not None and (Path(config.out) / "config.json").exists():
+            print(
+                f"fastmlp train: error: {config.out} already holds a run; continue it with "
+                f"--resume {config.out} or choose another --out",
+                file=sys.stderr,
+            )
+            return 2
+    if launching:
+        # The flags were checked here; each of the N ranks runs this command again.
+        return distributed.launch(nproc, ["train", *argv_from_args(parser, args, skip=("nproc",))])
+    return _train(config, resume=resume, world=world)
+
+
+def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
+    """Train here; as one rank of a torchrun job when ``world`` is set."""
+    if world is None:
+        try:
+            train(config, resume=resume)
+        except FileExistsError as e:
+            print(f"fastmlp train: error: {e}", file=sys.stderr)
+            return 2
         return 0
+    distributed.setup(device=None if config.device == "auto" else config.device)
     try:
-        config = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        train(config)
-    except FileExistsError as e:
-        print(f"fastmlp train: error: {e}", file=sys.stderr)
-        return 2
+        # Errors are recorded for torchrun's agent, which reports the failing rank.
+        distributed.run_recorded(train, config, resume=resume)
+    finally:
+        distributed.cleanup()
     return 0
