@@ -167,11 +167,16 @@ def _histogram_on_host(
 # representable in ``x``'s dtype: IEEE subtraction gets the sign of ``x - p`` right, so every
 # ``x > p`` gives a positive difference and every other ``x`` gives one <= 0.
 def _count_above(x: torch.Tensor, p: float, work: torch.Tensor) -> int:
-    return int(torch.sub(x, p, out=work).clamp_(0, 1).ceil_().sum())
+    return _count_ones(torch.sub(x, p, out=work).clamp_(0, 1).ceil_())
 
 
 def _count_below(x: torch.Tensor, p: float, work: torch.Tensor) -> int:
-    return int(torch.sub(p, x, out=work).clamp_(0, 1).ceil_().sum())
+    return _count_ones(torch.sub(p, x, out=work).clamp_(0, 1).ceil_())
+
+
+def _count_ones(flags: torch.Tensor) -> int:
+    """Sum of a 0/1 float tensor, exact: float64 sums beyond float32's 2**24 integers."""
+    return int(flags.sum(dtype=torch.float64 if flags.numel() > 2**24 else None))
 
 
 def _step(value: float, dtype: torch.dtype, direction: float) -> float:

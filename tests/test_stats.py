@@ -523,3 +523,16 @@ def test_forward_only_leaves_backward_quantities_empty():
         assert all(
             row[k] is None for k in ROW_KEYS if k not in ("layer", "quantity", "count", "nonfinite")
         )
+
+
+def test_saturation_counts_exact_beyond_float32_integers():
+    """More than 2**24 saturated values in one batch: the count must not round (float32 sum)."""
+    stats = InstrumentedLinear(1, 1, "tanh").stats
+    n = 2**24 + 8  # n - 3 saturated high: odd, not a float32 integer
+    x = torch.full((n,), 0.995)
+    x[:3] = -0.995
+    stats.update(1, x)  # quantity 1: activation
+    qs = stats.snapshot()[1]["activation"]
+    assert qs.count == n
+    assert round(qs.saturated_high * n) == n - 3
+    assert round(qs.saturated_low * n) == 3
