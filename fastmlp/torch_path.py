@@ -1,10 +1,11 @@
 """The pure-PyTorch path: dense + bias + activation with statistics, on any device.
 
-It computes exactly what the Triton kernels compute, with ordinary PyTorch ops,
-and is the reference the kernels are tested against. On the CPU, host reads are
-free, so it takes cheap shortcuts (skipping the non-finite masks when a batch's
-sum is finite, skipping range bookkeeping when nothing overflowed); on other
-devices it never reads device values on the host.
+It computes what the Triton kernels compute (up to float rounding), with ordinary
+PyTorch ops, and is the reference the kernels are tested against. On the CPU, host
+reads are free, so it takes cheap shortcuts: no non-finite masks when a batch's min
+and max are finite, float32 sums centred where they stay accurate (float64 merges),
+no range bookkeeping when nothing left the histogram range. On other devices it
+never reads device values on the host.
 """
 
 from __future__ import annotations
