@@ -207,29 +207,17 @@ def _dist_info() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _stats_disabled(model: MLP) -> Iterator[None]:
+def _stats_switched(model: MLP, switch: str, on: bool) -> Iterator[None]:
+    """Set every layer's ``switch`` flag (``enabled``, ``histograms``), then restore it."""
     stats = [s for _, s in model.stats.layer_stats()]
-    saved = [s.enabled for s in stats]
+    saved = [getattr(s, switch) for s in stats]
     try:
         for s in stats:
-            s.enabled = False
+            setattr(s, switch, on)
         yield
     finally:
-        for s, e in zip(stats, saved, strict=True):
-            s.enabled = e
-
-
-@contextlib.contextmanager
-def _histograms(model: MLP, on: bool) -> Iterator[None]:
-    stats = [s for _, s in model.stats.layer_stats()]
-    saved = [s.histograms for s in stats]
-    try:
-        for s in stats:
-            s.histograms = on
-        yield
-    finally:
-        for s, h in zip(stats, saved, strict=True):
-            s.histograms = h
+        for s, value in zip(stats, saved, strict=True):
+            setattr(s, switch, value)
 
 
 @torch.no_grad()
@@ -238,7 +226,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean NLL and error (%) of ``model`` on ``(x, y)``; records no statistics."""
     total = torch.zeros(2, dtype=torch.float64, device=x.device)
-    with _stats_disabled(model):
+    with _stats_switched(model, "enabled", False):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             logits = model(xb)
             total[0] += F.cross_entropy(logits, yb, reduction="sum").double()
@@ -442,7 +430,7 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                     logged = True
                 if _due(step, config.probe_every, config.steps):
                     if is_main:
-                        with _histograms(model, config.probe_histograms):
+                        with _stats_switched(model, "histograms", config.probe_histograms):
                             last_probe = probe(model, x_probe, y_probe)
                         run.log_stats(step, "probe", last_probe.rows())
                     if config.train_stats and step > 0:  # every rank: its own accumulators
