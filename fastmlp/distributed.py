@@ -71,6 +71,7 @@ from fastmlp.stats import (
     SUMSQ,
     LayerStats,
 )
+from fastmlp.torch_path import regroup_bins as torch_regroup_bins
 
 if TYPE_CHECKING:
     from fastmlp.model_stats import ModelStats
@@ -414,18 +415,14 @@ def gather_layer_buffers(
 def regroup_bins(counts: np.ndarray, factor: float) -> np.ndarray:
     """Histogram ``counts`` on ``+-R`` re-binned onto ``+-R * factor`` (``factor`` a power of
     two >= 1), exactly: bin ``i`` (offset ``i - bins/2`` from the centre) falls into bin
-    ``floor((i - bins/2) / factor) + bins/2``, as in :func:`fastmlp.torch_path._grow_range`."""
-    counts = np.asarray(counts)
-    bins = counts.shape[-1]
+    ``floor((i - bins/2) / factor) + bins/2`` (:func:`fastmlp.torch_path.regroup_bins`, which
+    the single-process range growth uses too)."""
+    counts = np.ascontiguousarray(counts)
     if factor < 1 or not math.isfinite(factor) or 2.0 ** round(math.log2(factor)) != factor:
         raise ValueError(f"factor must be a power of two >= 1, got {factor!r}")
     if factor == 1:
         return counts.copy()
-    i = np.arange(bins, dtype=np.float64)
-    j = (np.floor((i - bins // 2) / factor) + bins // 2).astype(np.int64)
-    out = np.zeros_like(counts)
-    np.add.at(out, j, counts)
-    return out
+    return torch_regroup_bins(torch.from_numpy(counts), factor).numpy()
 
 
 def merge_buffers(

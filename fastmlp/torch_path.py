@@ -33,7 +33,7 @@ from fastmlp.stats import (
     pow2_above,
 )
 
-__all__ = ["accumulate", "linear_activation", "merge_block_"]
+__all__ = ["accumulate", "linear_activation", "merge_block_", "regroup_bins"]
 
 
 @torch.no_grad()
@@ -229,6 +229,18 @@ def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
         _grow_range(stats, q, torch.maximum(mn.abs(), mx.abs()))
 
 
+def regroup_bins(counts: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Counts of bins on ``+-R`` regrouped onto ``+-R * factor`` (a power of two >= 1), exactly.
+
+    Bin ``i`` (offset ``i - bins/2`` from the centre, ``bins`` even) falls into bin
+    ``floor((i - bins/2) / factor) + bins/2``; device ops only.
+    """
+    bins = counts.shape[-1]
+    i = torch.arange(bins, device=counts.device, dtype=torch.float64)
+    j = torch.floor((i - bins // 2) / factor).to(torch.int64) + bins // 2
+    return torch.zeros_like(counts).index_add_(0, j, counts)
+
+
 def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
     """Widen ``hist_range[q]`` by powers of two to cover ``maxabs``, merging bins exactly."""
     bins = stats.bins
@@ -237,13 +249,8 @@ def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
     maxabs = maxabs.to(rng.device, torch.float64)
     # A batch without finite values (maxabs = inf from empty extremes) leaves the range alone.
     new_r = torch.where(torch.isfinite(maxabs) & (maxabs > r), pow2_above(maxabs), r)
-    factor = new_r / r
-    i = torch.arange(bins, device=rng.device, dtype=torch.float64)
-    j = torch.floor((i - bins // 2) / factor).to(torch.int64) + bins // 2
     row = stats.hist[q]
-    merged = torch.zeros(bins, dtype=row.dtype, device=row.device)
-    merged.index_add_(0, j, row[1 : bins + 1])
-    row[1 : bins + 1] = merged
+    row[1 : bins + 1] = regroup_bins(row[1 : bins + 1], new_r / r)
     rng[0] = -new_r
     rng[1] = new_r
 
