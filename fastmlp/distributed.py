@@ -339,7 +339,7 @@ class LayerBuffers:
             s.hist.copy_(torch.from_numpy(self.hist))
             s.hist_range.copy_(torch.from_numpy(self.hist_range))
         s.calibrated = [bool(c) for c in self.calibrated]
-        s.center_hint = [float(v) for v in self.shift]
+        s.hint_centers_from_shift()
 
 
 def _pack(indexed: Sequence[tuple[int, LayerStats]]) -> torch.Tensor:

@@ -26,8 +26,11 @@ closed last bin, and a later growth merges it into the bin below ``R``.
 
 from __future__ import annotations
 
+import operator
+import threading
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,9 +106,10 @@ class LayerStats(nn.Module):
         # Quantities histogrammed on a fixed range (the activation of a bounded function).
         self.fixed_range = tuple(q == ACTIVATION and activation.bounded for q in range(4))
         self.calibrated = [False] * len(QUANTITIES)
-        # Host-side guess of each quantity's current mean (CPU path: centering point).
+        # Host-side guess of each quantity's current mean (CPU path: centering point), always
+        # a float32 number.
         self.center_hint = [0.0] * len(QUANTITIES)
-        self._scratch: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._host: tuple[tuple[torch.Tensor, ...], tuple[np.ndarray, ...]] | None = None
         self.register_buffer("acc", _empty_acc(device))
         self.register_buffer(
             "shift", torch.zeros(len(QUANTITIES), dtype=torch.float64, device=device)
@@ -122,6 +126,38 @@ class LayerStats(nn.Module):
         for q, fixed in enumerate(self.fixed_range):
             if fixed:
                 self.hist_range[q, 0], self.hist_range[q, 1] = self.activation.output_range
+
+    def saturation_bounds(self, dtype: torch.dtype) -> tuple[float, float]:
+        """The thresholds as ``dtype`` numbers ``(lo, hi)`` such that, for ``x`` of that
+        dtype, ``x <= lo`` and ``x >= hi`` hold exactly when they hold for the real
+        thresholds (``lo`` rounded down, ``hi`` rounded up)."""
+        if self.thresholds is None:
+            raise ValueError(f"activation {self.activation.name!r} has no saturation thresholds")
+        lo, hi = self.thresholds
+        if dtype == torch.float64:
+            return lo, hi
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        if lo32 > lo:
+            lo32 = np.nextafter(lo32, np.float32(-np.inf))
+        if hi32 < hi:
+            hi32 = np.nextafter(hi32, np.float32(np.inf))
+        return float(lo32), float(hi32)
+
+    def host_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy views of the CPU buffers ``acc, shift, hist, hist_range`` (same memory).
+
+        The CPU path updates its scalars through these, without a tensor op per field.
+        """
+        buffers = _HOST_BUFFERS(self._buffers)
+        cached = self._host
+        if cached is None or not all(map(operator.is_, cached[0], buffers)):
+            cached = (buffers, tuple(b.detach().numpy() for b in buffers))
+            self._host = cached
+        return cached[1]  # type: ignore[return-value]
+
+    def hint_centers_from_shift(self) -> None:
+        """Restart the CPU path's centring hints from ``shift`` (after loading buffers)."""
+        self.center_hint = [float(np.float32(v)) for v in self.shift.tolist()]
 
     @property
     def saturation_active(self) -> bool:
@@ -163,17 +199,14 @@ class LayerStats(nn.Module):
             self.calibrate(q, x)
         accumulate(self, q, x)
 
-    def scratch(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable 1-D work buffer of ``n`` elements on the statistics' device."""
-        key = (n, dtype)
-        buf = self._scratch.get(key)
-        if buf is None:
-            # A normal tensor even when first asked for under torch.inference_mode(), so it
-            # stays usable outside it.
-            with torch.inference_mode(False):
-                buf = torch.empty(n, dtype=dtype, device=self.acc.device)
-            self._scratch[key] = buf
-        return buf
+    def scratch(self, n: int, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        """A 1-D work buffer of ``n`` elements on the statistics' device.
+
+        Shared by every layer in this thread (so one set stays in cache): its contents
+        do not survive the next statistics update, and distinct ``slot``s are distinct
+        buffers.
+        """
+        return _scratch(n, dtype, self.acc.device, slot)
 
     @torch.no_grad()
     def calibrate(self, q: int, x: torch.Tensor) -> None:
@@ -184,7 +217,7 @@ class LayerStats(nn.Module):
         xs = torch.where(fin, x, 0).to(torch.float64)
         self.shift[q] = xs.sum() / n.clamp(min=1)
         if x.device.type == "cpu":
-            self.center_hint[q] = float(self.shift[q])
+            self.center_hint[q] = float(np.float32(self.shift[q].item()))
         if not self.fixed_range[q]:
             r = pow2_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
             self.hist_range[q, 0] = -r
@@ -197,8 +230,13 @@ class LayerStats(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = buf.to(fn(buf).device)
-        self._scratch.clear()
+        self._host = None
         return self
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles get their own buffers: the NumPy views must not travel along.
+        state = super().__getstate__()
+        return {**state, "_host": None}
 
     def get_extra_state(self) -> dict:
         return {"calibrated": list(self.calibrated), "bins": self.bins}
@@ -215,6 +253,28 @@ class LayerStats(nn.Module):
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
             f"saturation={self.saturation_active}"
         )
+
+
+_HOST_BUFFERS = operator.itemgetter("acc", "shift", "hist", "hist_range")
+# Work buffers of the CPU path, per thread and shared by all layers: one set stays in cache.
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    pool: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = getattr(
+        _SCRATCH, "pool", None
+    )
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    key = (slot, dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < n:
+        # A normal tensor even when first asked for under torch.inference_mode(), so it
+        # stays usable outside it.
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        pool[key] = buf
+    return buf[:n]
 
 
 def pow2_above(m: torch.Tensor) -> torch.Tensor:
