@@ -250,6 +250,7 @@ def _targets(doc: dict) -> list[str]:
         ]
         if hooks:
             out.append("- beside them, hooks / `plain`: " + ", ".join(hooks))
+        out += _statistics_alone(step, 256)
     else:
         for batch in sorted({b for _, b in step}):
             for variant, key, limit in GPU_TARGETS:
@@ -263,6 +264,7 @@ def _targets(doc: dict) -> list[str]:
             hooks = ratio("hooks", batch)
             if hooks is not None:
                 out.append(f"- beside them, `hooks` / `plain`, batch {batch}: {hooks:.2f}")
+            out += _statistics_alone(step, batch)
         shape, precisions, limit = GPU_KERNEL_TARGET
         for prec in precisions:
             rows = [
@@ -280,6 +282,24 @@ def _targets(doc: dict) -> list[str]:
                 f"{'x'.join(map(str, shape))} {prec}: {text}; target >= {limit:.2f}"
             )
     return ["", "Targets (this run):", "", *out] if out else []
+
+
+def _statistics_alone(step: dict, batch: int) -> list[str]:
+    """What the statistics cost on top of fastmlp's own uninstrumented step (same run)."""
+    off = step.get(("fastmlp-off", batch))
+    if off is None or off.get("status") != "ok":
+        return []
+    parts = [
+        f"`{v}` {step[(v, batch)]['median_s'] / off['median_s']:.2f}"
+        for v in ("fastmlp-moments", "fastmlp-all")
+        if (v, batch) in step and step[(v, batch)].get("status") == "ok"
+    ]
+    if not parts:
+        return []
+    return [
+        f"- the statistics alone, / `fastmlp-off` (same layers, statistics disabled), "
+        f"batch {batch}: " + ", ".join(parts)
+    ]
 
 
 def _legend(doc: dict) -> list[str]:

@@ -34,12 +34,13 @@ CPU_MAIN = [
     "hooks",
     "hooks-all",
     "hooks-naive",
+    "fastmlp-off",
     "fastmlp-moments",
     "fastmlp-all",
     "plain-compiled",
     "fastmlp-compiled",
 ]
-GPU_MAIN = CPU_MAIN[:6] + [
+GPU_MAIN = CPU_MAIN[:7] + [
     "fastmlp-all-torch",
     "plain-compiled",
     "fastmlp-compiled",

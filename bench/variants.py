@@ -10,7 +10,8 @@ initial weights on the same batch:
 - ``hooks-naive``: the plain network with :class:`~.hooks.NaiveHookStats`;
 - ``fastmlp-moments`` / ``fastmlp-all``: :class:`fastmlp.MLP` with histograms off / on
   (Triton kernels on CUDA, the PyTorch path elsewhere); ``fastmlp-all-torch``
-  forces the PyTorch path on any device;
+  forces the PyTorch path on any device; ``fastmlp-off``: statistics disabled, so the
+  cost of the statistics alone is the ratio to it;
 - ``plain-compiled`` / ``fastmlp-compiled``: ``torch.compile`` of ``plain`` /
   ``fastmlp-all`` (the optimizer step stays eager);
 - ``*-graph`` (CUDA only): the whole step (or forward) captured in a CUDA graph
@@ -53,6 +54,7 @@ VARIANTS: dict[str, tuple[str, str | None, str]] = {
     "fastmlp-moments": ("fastmlp-moments", None, "fastmlp.MLP, histograms off"),
     "fastmlp-all": ("fastmlp-all", None, "fastmlp.MLP, every statistic"),
     "fastmlp-all-torch": ("fastmlp-all-torch", None, "fastmlp.MLP, PyTorch path forced"),
+    "fastmlp-off": ("fastmlp-off", None, "fastmlp.MLP, statistics disabled"),
     "plain-compiled": ("plain", "compile", "torch.compile(plain)"),
     "fastmlp-compiled": ("fastmlp-all", "compile", "torch.compile(fastmlp-all)"),
     "plain-graph": ("plain", "graph", "plain in a CUDA graph"),
@@ -252,6 +254,7 @@ def build_variant(
         backend = "torch" if base.endswith("-torch") else "auto"
         model: nn.Module = _fastmlp(case, device, seed, backend=backend)
         model.stats.histograms = base != "fastmlp-moments"
+        model.stats.enabled = base != "fastmlp-off"
     else:
         model = _plain(case, device, seed)
         if base in ("hooks", "hooks-all"):

@@ -109,6 +109,7 @@ class LayerStats(nn.Module):
         # Host-side guess of each quantity's current mean (CPU path: centering point), always
         # a float32 number.
         self.center_hint = [0.0] * len(QUANTITIES)
+        self._saturation_bounds: dict[tuple, tuple[float, float]] = {}
         self._host: tuple[tuple[torch.Tensor, ...], tuple[np.ndarray, ...]] | None = None
         self.register_buffer("acc", _empty_acc(device))
         self.register_buffer(
@@ -133,15 +134,11 @@ class LayerStats(nn.Module):
         thresholds (``lo`` rounded down, ``hi`` rounded up)."""
         if self.thresholds is None:
             raise ValueError(f"activation {self.activation.name!r} has no saturation thresholds")
-        lo, hi = self.thresholds
-        if dtype == torch.float64:
-            return lo, hi
-        lo32, hi32 = np.float32(lo), np.float32(hi)
-        if lo32 > lo:
-            lo32 = np.nextafter(lo32, np.float32(-np.inf))
-        if hi32 < hi:
-            hi32 = np.nextafter(hi32, np.float32(np.inf))
-        return float(lo32), float(hi32)
+        key = (self.thresholds, dtype)
+        bounds = self._saturation_bounds.get(key)
+        if bounds is None:
+            bounds = self._saturation_bounds[key] = _bounds_in(self.thresholds, dtype)
+        return bounds
 
     def host_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """NumPy views of the CPU buffers ``acc, shift, hist, hist_range`` (same memory).
@@ -191,13 +188,16 @@ class LayerStats(nn.Module):
         )
         return new
 
-    def update(self, q: int, x: torch.Tensor) -> None:
-        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path)."""
+    def update(self, q: int, x: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path).
+
+        ``total``: the sum of ``x``'s elements, if the caller already has it.
+        """
         from fastmlp.torch_path import accumulate
 
         if not self.calibrated[q]:
             self.calibrate(q, x)
-        accumulate(self, q, x)
+        accumulate(self, q, x, total)
 
     def scratch(self, n: int, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         """A 1-D work buffer of ``n`` elements on the statistics' device.
@@ -255,26 +255,40 @@ class LayerStats(nn.Module):
         )
 
 
+def _bounds_in(thresholds: tuple[float, float], dtype: torch.dtype) -> tuple[float, float]:
+    lo, hi = thresholds
+    if dtype == torch.float64:
+        return lo, hi
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    if lo32 > lo:
+        lo32 = np.nextafter(lo32, np.float32(-np.inf))
+    if hi32 < hi:
+        hi32 = np.nextafter(hi32, np.float32(np.inf))
+    return float(lo32), float(hi32)
+
+
 _HOST_BUFFERS = operator.itemgetter("acc", "shift", "hist", "hist_range")
 # Work buffers of the CPU path, per thread and shared by all layers: one set stays in cache.
 _SCRATCH = threading.local()
 
 
 def _scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
-    pool: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = getattr(
-        _SCRATCH, "pool", None
-    )
+    pool: dict | None = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
     key = (slot, dtype, device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < n:
+    entry = pool.get(key)
+    if entry is None or entry[0].numel() < n:
         # A normal tensor even when first asked for under torch.inference_mode(), so it
         # stays usable outside it.
         with torch.inference_mode(False):
-            buf = torch.empty(n, dtype=dtype, device=device)
-        pool[key] = buf
-    return buf[:n]
+            entry = (torch.empty(n, dtype=dtype, device=device), {})
+        pool[key] = entry
+    buf, views = entry
+    view = views.get(n)
+    if view is None:
+        view = views[n] = buf[:n]
+    return view
 
 
 def pow2_above(m: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,14 @@ def merge_block_(
     torch.maximum(acc[MAX], mx.to(torch.float64), out=acc[MAX])
 
 
-def accumulate(stats: LayerStats, q: int, x: torch.Tensor) -> None:
+def accumulate(
+    stats: LayerStats, q: int, x: torch.Tensor, total: torch.Tensor | None = None
+) -> None:
     """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``).
 
-    ``x`` is detached first, so no autograd graph is recorded (no ``no_grad`` context
-    needed on this hot path).
+    ``total``, when the caller has it at hand, is the sum of ``x``'s elements (in ``x``'s
+    precision); the CPU path then skips its own summing pass. ``x`` is detached first, so
+    no autograd graph is recorded (no ``no_grad`` context needed on this hot path).
     """
     x = x.detach().reshape(-1)
     if x.numel() == 0:
@@ -78,13 +81,13 @@ def accumulate(stats: LayerStats, q: int, x: torch.Tensor) -> None:
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
         # mean every element is finite.
         if math.isfinite(mn) and math.isfinite(mx):
-            _accumulate_finite_on_host(stats, q, x, mn, mx)
+            _accumulate_finite_on_host(stats, q, x, mn, mx, total)
             return
     _accumulate_masked(stats, q, x)
 
 
 def _accumulate_finite_on_host(
-    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float
+    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float, total: torch.Tensor | None
 ) -> None:
     """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
     n = x.numel()
@@ -96,9 +99,12 @@ def _accumulate_finite_on_host(
     # computed against exactly c): 0 when that batch was centred enough (no subtraction
     # pass at all), else its mean. If this batch is off, recentre.
     c = stats.center_hint[q]
-    v = x if c == 0 else torch.sub(x, c, out=d)
-    s1 = float(v.sum())
-    s2 = float(torch.dot(v, v))
+    if c == 0:
+        s1 = float(x.sum() if total is None else total)
+        s2 = float(torch.dot(x, x))
+    else:
+        s1 = float(torch.sub(x, c, out=d).sum())
+        s2 = float(torch.dot(d, d))
     offset = s1 / n
     if offset * offset > s2 / n - offset * offset:
         c = _as_float32(c + offset)
@@ -173,10 +179,11 @@ def _bincount_pairs(stats: LayerStats, t: torch.Tensor, offset: int, slots: int)
         t[1 : 2 * m : 2], t[0 : 2 * m : 2], alpha=slots, out=stats.scratch(m, t.dtype, slot=1)
     )
     pair.add_(offset * (slots + 1))
-    idx = stats.scratch(m, torch.int32)
+    # Converted in place (an integer type of the same width): one buffer stays in cache.
+    idx = pair.view(torch.int64 if pair.dtype == torch.float64 else torch.int32)
     idx.copy_(pair)
-    table = torch.bincount(idx, minlength=slots * slots).view(slots, slots)
-    counts = (table.sum(0) + table.sum(1)).numpy()
+    table = torch.bincount(idx, minlength=slots * slots).numpy().reshape(slots, slots)
+    counts = table.sum(0) + table.sum(1)
     if n % 2:
         counts[int(t[-1]) + offset] += 1
     return counts
@@ -257,9 +264,11 @@ def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
 
 
 # oneDNN's matmul with the bias and activation fused into its epilogue: the CPU kernel
-# PyTorch's own compiler uses for linear layers. On the x86 CPUs measured here it is faster
-# than MKL's sgemm plus a separate activation pass (bench/: ``fastmlp-off`` vs ``plain``).
+# PyTorch's own compiler uses for linear layers. On the x86 CPU measured here it is faster
+# than MKL's sgemm plus a separate activation pass (bench/: ``fastmlp-off`` vs ``plain``),
+# except on tiny products, where its fixed cost (~15 us) dominates.
 _ONEDNN_POST = {"identity": "none", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_ONEDNN_MIN_MACS = 2**18
 
 
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -268,6 +277,7 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
+        and x.shape[0] * x.shape[1] * weight.shape[0] >= _ONEDNN_MIN_MACS
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )
@@ -286,6 +296,14 @@ def _dense(
 
 
 _POST_OPS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _weight_grad_total(dz: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The sum of ``dz.T @ x``'s elements from the row sums of ``dz`` and ``x`` (two passes
+    over the small operands instead of one over the product), for the CPU path."""
+    if dz.device.type != "cpu":
+        return None
+    return torch.dot(dz.sum(1), x.sum(1))
 
 
 class LinearActivationFunction(torch.autograd.Function):
@@ -314,16 +332,17 @@ class LinearActivationFunction(torch.autograd.Function):
         activation: Activation = ctx.activation
         stats: LayerStats | None = ctx.stats
         dz = activation.backward(dh, h)
-        if stats is not None:
-            stats.update(PREACTIVATION_GRAD, dz)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = _dense(dz, weight.t(), None) if need_x else None
+        db = dz.sum(0) if ctx.has_bias and need_b else None
+        if stats is not None:
+            stats.update(PREACTIVATION_GRAD, dz, total=None if db is None else db.sum())
         dw = None
         if need_w or stats is not None:
             dw = dz.t() @ x
             if stats is not None:
-                stats.update(WEIGHT_GRAD, dw)
-        db = dz.sum(0) if ctx.has_bias and need_b else None
+                stats.update(WEIGHT_GRAD, dw, total=_weight_grad_total(dz, x))
+        # dx last: it is the next layer's first input, still in cache when that one starts.
+        dx = _dense(dz, weight.t(), None) if need_x else None
         return dx, dw if need_w else None, db, None, None
 
 

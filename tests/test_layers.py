@@ -49,6 +49,47 @@ def test_outputs_and_gradients_equal_plain_pytorch(act, batch, bias):
     _compare_with_plain(layer, x, up)
 
 
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
+    """Products big enough for oneDNN's fused matmul (with the activation fused into it
+    when no statistics need the pre-activation) still equal nn.Linear + activation, and
+    equal the MKL path with oneDNN switched off."""
+    from fastmlp import torch_path
+
+    used = []
+    usable = torch_path._onednn_usable
+    monkeypatch.setattr(
+        torch_path, "_onednn_usable", lambda x, w: used.append(usable(x, w)) or used[-1]
+    )
+    g = torch.Generator().manual_seed(7)
+    layer = InstrumentedLinear(300, 200, act, bias=bias, zero_bias=False, generator=g)
+    layer.stats.enabled = stats
+    x = torch.randn(257, 300, generator=g)
+    up = torch.randn(257, 200, generator=g)
+    # Float64 reference; 300-term float32 dot products summed in another order than
+    # MKL's differ from it by ~1e-5 of the terms' magnitude, bf16-like errors by ~1e-2.
+    close = {"rtol": 1e-5, "atol": 1e-4}
+    lin = _plain(layer).double()
+    x64 = x.double().requires_grad_(True)
+    ref = torch_act(act, lin(x64))
+    ref.backward(up.double())
+    xa = x.clone().requires_grad_(True)
+    out = layer(xa)
+    out.backward(up)
+    assert any(used) == torch.backends.mkldnn.is_available()
+    torch.testing.assert_close(out, ref.float(), **close)
+    torch.testing.assert_close(xa.grad, x64.grad.float(), **close)
+    torch.testing.assert_close(layer.weight.grad, lin.weight.grad.float(), **close)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, lin.bias.grad.float(), **close)
+    with torch.backends.mkldnn.flags(enabled=False):
+        used.clear()
+        torch.testing.assert_close(layer(x), out, **close)
+        assert not any(used)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_float64(act):
     g = torch.Generator().manual_seed(0)
