@@ -129,7 +129,7 @@ def _accumulate_finite_on_host(
         row[SAT_LOW] += _count(torch.le(x, lo, out=d))
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
     if stats.histograms:
-        _histogram_on_host(stats, q, x, mn, mx, d)
+        _histogram_on_host(stats, q, x, mn, mx)
 
 
 def _as_float32(value: float) -> float:
@@ -137,27 +137,23 @@ def _as_float32(value: float) -> float:
     return float(np.float32(value))
 
 
-def _histogram_on_host(
-    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float, work: torch.Tensor
-) -> None:
+def _histogram_on_host(stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float) -> None:
     bins = stats.bins
     _, _, hist, hist_range = stats.host_arrays()
-    lo, hi = (float(v) for v in hist_range[q])
+    lo, hi = hist_range[q].tolist()
     # bin = floor(x * scale) + offset with scale = bins / (hi - lo), offset = -lo * scale (an
     # integer for every range used here, and x * scale is exact for power-of-two scales):
     # unlike floor((x - lo) * scale), values near an edge far from lo keep their side of it.
     scale = bins / (hi - lo)
     offset = int(-lo * scale)
-    t = torch.mul(x, scale, out=work).floor_()
     inside = mn >= lo and mx <= hi
-    if not inside:
-        t.clamp_(-offset, bins - offset)
     # Slot ``bins`` holds x == hi (or values rounding just below it): the last bin is closed.
-    counts = _bincount_pairs(stats, t, offset, bins + 1)
+    counts = _slot_counts(stats, x, scale, offset, bins + 1, clamp=not inside)
     row = hist[q]
     row[1 : bins + 1] += counts[:bins]
     row[bins] += counts[bins]
     if not inside:
+        work = stats.scratch(x.numel(), x.dtype)
         nu = _count(torch.lt(x, lo, out=work))  # range edges are powers of two: exact
         no = _count(torch.gt(x, hi, out=work))
         row[0] += nu
@@ -167,25 +163,30 @@ def _histogram_on_host(
         _grow_range(stats, q, torch.tensor(max(abs(mn), abs(mx)), dtype=torch.float64))
 
 
-def _bincount_pairs(stats: LayerStats, t: torch.Tensor, offset: int, slots: int) -> np.ndarray:
-    """Counts of the integer values ``t + offset`` (in ``[0, slots)``), as int64 numpy.
+def _slot_counts(
+    stats: LayerStats, x: torch.Tensor, scale: float, offset: int, slots: int, clamp: bool
+) -> np.ndarray:
+    """Counts of the slots ``floor(x * scale) + offset`` (clamped to ``[0, slots)`` when
+    ``clamp``), as int64 numpy.
 
     Consecutive pairs are counted as one value ``a * slots + b`` of a ``slots**2`` table,
     then folded back: half the serial ``bincount`` work of counting each value.
     """
-    n = t.numel()
+    n = x.numel()
     m = n // 2
-    pair = torch.add(
-        t[1 : 2 * m : 2], t[0 : 2 * m : 2], alpha=slots, out=stats.scratch(m, t.dtype, slot=1)
-    )
-    pair.add_(offset * (slots + 1))
+    t = torch.mul(x[: 2 * m], scale, out=stats.scratch(2 * m, x.dtype)).floor_()
+    if clamp:
+        t.clamp_(-offset, slots - 1 - offset)
+    pairs = torch.add(t[1::2], t[0::2], alpha=slots, out=stats.scratch(m, x.dtype, slot=1))
+    pairs.add_(offset * (slots + 1))
     # Converted in place (an integer type of the same width): one buffer stays in cache.
-    idx = pair.view(torch.int64 if pair.dtype == torch.float64 else torch.int32)
-    idx.copy_(pair)
+    idx = pairs.view(torch.int64 if pairs.dtype == torch.float64 else torch.int32)
+    idx.copy_(pairs)
     table = torch.bincount(idx, minlength=slots * slots).numpy().reshape(slots, slots)
     counts = table.sum(0) + table.sum(1)
     if n % 2:
-        counts[int(t[-1]) + offset] += 1
+        last = int(torch.mul(x[-1:], scale).floor_()) + offset  # rounded as t above
+        counts[min(max(last, 0), slots - 1)] += 1
     return counts
 
 
