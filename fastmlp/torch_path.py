@@ -174,7 +174,8 @@ def _slot_counts(
     """
     n = x.numel()
     m = n // 2
-    t = torch.mul(x[: 2 * m], scale, out=stats.scratch(2 * m, x.dtype)).floor_()
+    t = torch.mul(x if n == 2 * m else x[: 2 * m], scale, out=stats.scratch(2 * m, x.dtype))
+    t.floor_()
     if clamp:
         t.clamp_(-offset, slots - 1 - offset)
     pairs = torch.add(t[1::2], t[0::2], alpha=slots, out=stats.scratch(m, x.dtype, slot=1))
