@@ -260,9 +260,10 @@ def _bounds_in(thresholds: tuple[float, float], dtype: torch.dtype) -> tuple[flo
     if dtype == torch.float64:
         return lo, hi
     lo32, hi32 = np.float32(lo), np.float32(hi)
-    if lo32 > lo:
+    # Compared as Python floats: NumPy would round the Python operand to float32 first.
+    if float(lo32) > lo:
         lo32 = np.nextafter(lo32, np.float32(-np.inf))
-    if hi32 < hi:
+    if float(hi32) < hi:
         hi32 = np.nextafter(hi32, np.float32(np.inf))
     return float(lo32), float(hi32)
 

@@ -213,7 +213,7 @@ def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
     mx = torch.where(fin, x, float("-inf")).amax()
     merge_block_(acc, stats.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
     if q == ACTIVATION and stats.saturation_active:
-        lo, hi = stats.thresholds
+        lo, hi = stats.saturation_bounds(x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()
         acc[SAT_HIGH] += ((x >= hi) & fin).sum()
     if not stats.histograms:

@@ -577,7 +577,9 @@ def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Te
         n_parts = grid(cfg)[0]
     if stats is not None:
         part = _part_buffer(stats, n_parts, det)
-        sat_lo, sat_hi = stats.thresholds if stats.saturation_active else (0.0, 0.0)
+        sat_lo, sat_hi = (
+            stats.saturation_bounds(torch.float32) if stats.saturation_active else (0.0, 0.0)
+        )
         bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
         part_stride = part.stride(0) if det else 0
         fixed_act = bool(stats.fixed_range[ACTIVATION])

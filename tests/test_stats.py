@@ -21,6 +21,7 @@ from _reference import (
 )
 
 from fastmlp import MLP, InstrumentedLinear, LayerStats, ModelStats, get_activation
+from fastmlp.stats import ACTIVATION, SAT_HIGH, SAT_LOW
 
 
 def _layer(n_in, n_out, act, *, seed=0, bins=64, bias=True, dtype=None):
@@ -536,3 +537,31 @@ def test_saturation_counts_exact_beyond_float32_integers():
     assert qs.count == n
     assert round(qs.saturated_high * n) == n - 3
     assert round(qs.saturated_low * n) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturation_thresholds_not_representable_in_the_dtype_count_exactly(dtype):
+    """Thresholds that float32 rounds the wrong way (0.95 rounds down, -0.95 up) still
+    count exactly ``h >= 0.95`` and ``h <= -0.95`` for the real numbers."""
+    lo, hi = -0.95, 0.95
+    f32 = np.float32
+    near = [f32(hi), np.nextafter(f32(hi), f32(2)), f32(lo), np.nextafter(f32(lo), f32(-2))]
+    rng = np.random.default_rng(3)
+    h = np.concatenate([np.repeat(near, 5), rng.uniform(-1, 1, 1000)]).astype(np.float32)
+    stats = LayerStats(get_activation("tanh"), saturation_thresholds=(lo, hi))
+    stats.update(ACTIVATION, torch.from_numpy(h).to(dtype))
+    h64 = h.astype(np.float64)
+    assert stats.acc[ACTIVATION, SAT_LOW].item() == (h64 <= lo).sum()
+    assert stats.acc[ACTIVATION, SAT_HIGH].item() == (h64 >= hi).sum()
+
+
+def test_saturation_thresholds_exact_on_the_masked_path_too():
+    """The same exact thresholds when non-finite values send a batch down the masked path."""
+    lo, hi = -0.95, 0.95
+    f32 = np.float32
+    near = [f32(hi), np.nextafter(f32(hi), f32(2)), f32(lo), np.nextafter(f32(lo), f32(-2))]
+    h = np.array([*near, np.nan, np.inf], dtype=np.float32)
+    stats = LayerStats(get_activation("tanh"), saturation_thresholds=(lo, hi))
+    stats.update(ACTIVATION, torch.from_numpy(h))
+    assert stats.acc[ACTIVATION, SAT_LOW].item() == 1
+    assert stats.acc[ACTIVATION, SAT_HIGH].item() == 1
