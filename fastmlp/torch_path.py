@@ -4,8 +4,10 @@ It computes what the Triton kernels compute (up to float rounding), with ordinar
 PyTorch ops, and is the reference the kernels are tested against. On the CPU, host
 reads are free, so it takes cheap shortcuts: no non-finite masks when a batch's min
 and max are finite, float32 sums centred where they stay accurate (float64 merges),
-no range bookkeeping when nothing left the histogram range. On other devices it
-never reads device values on the host.
+scalars updated through NumPy views of the buffers, histogram slots counted in pairs by
+one ``bincount``, no range bookkeeping when nothing left the histogram range; float32
+matmuls run in oneDNN with the activation fused when nothing needs the pre-activation.
+On other devices it never reads device values on the host.
 """
 
 from __future__ import annotations
