@@ -12,6 +12,7 @@ On other devices it never reads device values on the host.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -282,9 +283,22 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.shape[0] * x.shape[1] * weight.shape[0] >= _ONEDNN_MIN_MACS
-        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+        and _onednn_works()
     )
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this PyTorch build runs oneDNN's fused linear (checked once, on a tiny case)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, torch.zeros(4), "tanh", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(out, torch.tanh(torch.full((2, 4), 3.0))))
 
 
 def _dense(
