@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,7 +155,7 @@ class LayerStats(nn.Module):
 
     def hint_centers_from_shift(self) -> None:
         """Restart the CPU path's centring hints from ``shift`` (after loading buffers)."""
-        self.center_hint = [float(np.float32(v)) for v in self.shift.tolist()]
+        self.center_hint = [as_float32(v) for v in self.shift.tolist()]
 
     @property
     def saturation_active(self) -> bool:
@@ -188,10 +189,12 @@ class LayerStats(nn.Module):
         )
         return new
 
-    def update(self, q: int, x: torch.Tensor, total: torch.Tensor | None = None) -> None:
+    def update(
+        self, q: int, x: torch.Tensor, total: Callable[[], torch.Tensor] | None = None
+    ) -> None:
         """Accumulate the statistics of quantity ``q`` over all elements of ``x`` (PyTorch path).
 
-        ``total``: the sum of ``x``'s elements, if the caller already has it.
+        ``total``: returns the sum of ``x``'s elements, if the caller has a cheaper way to it.
         """
         from fastmlp.torch_path import accumulate
 
@@ -217,7 +220,7 @@ class LayerStats(nn.Module):
         xs = torch.where(fin, x, 0).to(torch.float64)
         self.shift[q] = xs.sum() / n.clamp(min=1)
         if x.device.type == "cpu":
-            self.center_hint[q] = float(np.float32(self.shift[q].item()))
+            self.center_hint[q] = as_float32(self.shift[q].item())
         if not self.fixed_range[q]:
             r = pow2_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
             self.hist_range[q, 0] = -r
@@ -253,6 +256,11 @@ class LayerStats(nn.Module):
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
             f"saturation={self.saturation_active}"
         )
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32: a centre that ``x - c`` uses exactly in any float dtype."""
+    return float(np.float32(value))
 
 
 def _bounds_in(thresholds: tuple[float, float], dtype: torch.dtype) -> tuple[float, float]:

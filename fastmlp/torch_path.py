@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from fastmlp.stats import (
     SUMSQ,
     WEIGHT_GRAD,
     LayerStats,
+    as_float32,
     pow2_above,
 )
 
@@ -66,13 +68,14 @@ def merge_block_(
 
 
 def accumulate(
-    stats: LayerStats, q: int, x: torch.Tensor, total: torch.Tensor | None = None
+    stats: LayerStats, q: int, x: torch.Tensor, total: Callable[[], torch.Tensor] | None = None
 ) -> None:
     """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``).
 
-    ``total``, when the caller has it at hand, is the sum of ``x``'s elements (in ``x``'s
-    precision); the CPU path then skips its own summing pass. ``x`` is detached first, so
-    no autograd graph is recorded (no ``no_grad`` context needed on this hot path).
+    ``total``, when the caller has a cheaper way to it, returns the sum of ``x``'s elements
+    (in ``x``'s precision); the CPU path calls it instead of its own summing pass, and
+    nothing else calls it. ``x`` is detached first, so no autograd graph is recorded (no
+    ``no_grad`` context needed on this hot path).
     """
     x = x.detach().reshape(-1)
     if x.numel() == 0:
@@ -90,7 +93,12 @@ def accumulate(
 
 
 def _accumulate_finite_on_host(
-    stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float, total: torch.Tensor | None
+    stats: LayerStats,
+    q: int,
+    x: torch.Tensor,
+    mn: float,
+    mx: float,
+    total: Callable[[], torch.Tensor] | None,
 ) -> None:
     """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
     n = x.numel()
@@ -103,14 +111,14 @@ def _accumulate_finite_on_host(
     # pass at all), else its mean. If this batch is off, recentre.
     c = stats.center_hint[q]
     if c == 0:
-        s1 = float(x.sum() if total is None else total)
+        s1 = float(x.sum() if total is None else total())
         s2 = float(torch.dot(x, x))
     else:
         s1 = float(torch.sub(x, c, out=d).sum())
         s2 = float(torch.dot(d, d))
     offset = s1 / n
     if offset * offset > s2 / n - offset * offset:
-        c = _as_float32(c + offset)
+        c = as_float32(c + offset)
         s1 = float(torch.sub(x, c, out=d).sum())
         s2 = float(torch.dot(d, d))
     if not (math.isfinite(s1) and math.isfinite(s2)):
@@ -119,7 +127,7 @@ def _accumulate_finite_on_host(
         return
     mean = c + s1 / n
     var = max(s2 / n - (s1 / n) ** 2, 0.0)
-    stats.center_hint[q] = 0.0 if mean * mean <= var else _as_float32(mean)
+    stats.center_hint[q] = 0.0 if mean * mean <= var else as_float32(mean)
     row = acc[q]
     delta = c - float(shift[q])
     row[COUNT] += n
@@ -133,11 +141,6 @@ def _accumulate_finite_on_host(
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
     if stats.histograms:
         _histogram_on_host(stats, q, x, mn, mx)
-
-
-def _as_float32(value: float) -> float:
-    """``value`` rounded to float32: a centre that ``x - c`` uses exactly in any float dtype."""
-    return float(np.float32(value))
 
 
 def _histogram_on_host(stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float) -> None:
@@ -302,26 +305,18 @@ def _onednn_works() -> bool:
 
 
 def _dense(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: Activation | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``, with ``post`` (``"none"`` or a key of the oneDNN
-    epilogues: ``"relu"``, ``"sigmoid"``, ``"tanh"``) applied; oneDNN on float32 CPU
-    tensors, cuBLAS/MKL otherwise."""
+    """``x @ weight.T + bias``, then ``activation`` if given (one of ``_ONEDNN_POST``'s);
+    oneDNN, with the activation fused, on float32 CPU tensors, cuBLAS/MKL otherwise."""
     if _onednn_usable(x, weight):
+        post = "none" if activation is None else _ONEDNN_POST[activation.name]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
     z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    return z if post == "none" else _POST_OPS[post](z)
-
-
-_POST_OPS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
-
-
-def _weight_grad_total(dz: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """The sum of ``dz.T @ x``'s elements from the row sums of ``dz`` and ``x`` (two passes
-    over the small operands instead of one over the product), for the CPU path."""
-    if dz.device.type != "cpu":
-        return None
-    return torch.dot(dz.sum(1), x.sum(1))
+    return z if activation is None else activation.forward(z)
 
 
 class LinearActivationFunction(torch.autograd.Function):
@@ -329,9 +324,8 @@ class LinearActivationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: Activation, stats: LayerStats | None):
-        post = _ONEDNN_POST.get(activation.name)
-        if stats is None and post is not None:
-            h = _dense(x, weight, bias, post)
+        if stats is None and activation.name in _ONEDNN_POST:
+            h = _dense(x, weight, bias, activation)
         else:
             z = _dense(x, weight, bias)
             h = activation.forward(z)
@@ -353,12 +347,13 @@ class LinearActivationFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         db = dz.sum(0) if ctx.has_bias and need_b else None
         if stats is not None:
-            stats.update(PREACTIVATION_GRAD, dz, total=None if db is None else db.sum())
+            stats.update(PREACTIVATION_GRAD, dz, total=None if db is None else db.sum)
         dw = None
         if need_w or stats is not None:
             dw = dz.t() @ x
             if stats is not None:
-                stats.update(WEIGHT_GRAD, dw, total=_weight_grad_total(dz, x))
+                # sum(dz.T @ x) from the row sums of the small operands, not a pass over dW.
+                stats.update(WEIGHT_GRAD, dw, total=lambda: torch.dot(dz.sum(1), x.sum(1)))
         # dx last: it is the next layer's first input, still in cache when that one starts.
         dx = _dense(dz, weight.t(), None) if need_x else None
         return dx, dw if need_w else None, db, None, None
