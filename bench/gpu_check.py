@@ -109,36 +109,36 @@ def _median_ms(fn: Callable[[], object], warmup_calls: int = 3) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
 
 
-def _kernel_fns(x, w, b, stats) -> dict[str, Callable[[], object]]:
-    import fastmlp.kernels as K
+def _kernel_fns(x, w, b, layer) -> dict[str, Callable[[], object]]:
+    def run(stats: bool) -> torch.Tensor:
+        layer.stats.enabled = stats
+        return layer(x)
 
-    tanh = stats.activation
     return {
         "cublas-matmul": lambda: x @ w.t(),
-        "fastmlp-fwd-nostats": lambda: K.linear_activation(x, w, b, tanh, None),
-        "fastmlp-fwd-allstats": lambda: K.linear_activation(x, w, b, tanh, stats),
+        "fastmlp-fwd-nostats": lambda: run(False),
+        "fastmlp-fwd-allstats": lambda: run(True),
     }
 
 
 def kernel_bench(size: int = 4096) -> list[dict]:
     """Forward kernel vs cuBLAS at ``size``^3 in bf16 and TF32."""
-    import fastmlp.kernels as K
-
-    from fastmlp.activations import get_activation
-    from fastmlp.stats import LayerStats
+    from fastmlp.layers import InstrumentedLinear
 
     rows = []
-    tanh = get_activation("tanh")
     for name, mm, dtype in (("bf16", "highest", torch.bfloat16), ("tf32", "high", torch.float32)):
         with _matmul_precision(mm):
             g = torch.Generator(device="cuda").manual_seed(0)
             x = torch.randn(size, size, device="cuda", dtype=dtype, generator=g)
             w = torch.randn(size, size, device="cuda", dtype=dtype, generator=g) / size**0.5
             b = torch.randn(size, device="cuda", dtype=dtype, generator=g) * 0.1
-            stats = LayerStats(tanh, device="cuda")
+            layer = InstrumentedLinear(size, size, "tanh", backend="triton", device="cuda")
+            layer.to(dtype)
             with torch.no_grad():
-                K.linear_activation(x, w, b, tanh, stats)  # calibration pass (PyTorch)
-                fns = _kernel_fns(x, w, b, stats)
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+                layer(x)  # calibration pass (PyTorch)
+                fns = _kernel_fns(x, w, b, layer)
                 flops = 2 * size**3
                 base = None
                 for variant, fn in fns.items():
@@ -166,7 +166,7 @@ def kernel_bench(size: int = 4096) -> list[dict]:
                                 "error": f"{type(e).__name__}: {e}"[:500],
                             }
                         )
-            del x, w, b, stats
+            del x, w, b, layer
             torch.cuda.empty_cache()
     return rows
 
@@ -182,7 +182,7 @@ def _plain(seed: int) -> nn.Sequential:
 
 
 def _instrumented(seed: int) -> nn.Module:
-    from fastmlp.layers import MLP
+    from fastmlp.mlp import MLP
 
     return MLP(1024, 10, depth=5, width=1000, activation="tanh", backend="triton", seed=seed).cuda()
 

@@ -2,11 +2,11 @@
 
 from fastmlp.activations import ACTIVATIONS, Activation, get_activation
 from fastmlp.init import INITS, initialize_
-from fastmlp.layers import MLP, InstrumentedLinear
+from fastmlp.layers import InstrumentedLinear
+from fastmlp.mlp import MLP
 from fastmlp.model_stats import ModelStats, instrumented_layers
 from fastmlp.probe import probe
-from fastmlp.snapshot import QuantityStats, Snapshot
-from fastmlp.stats import QUANTITIES, LayerStats
+from fastmlp.stats import QUANTITIES, LayerStats, QuantityStats, Snapshot
 
 __version__ = "0.1.0"
 

@@ -44,6 +44,10 @@ class Activation:
         """Whether the output lies in a fixed finite range."""
         return self.output_range is not None
 
+    def __reduce__(self) -> tuple:
+        # Pickled by name (the functions are lambdas): models pickle and ``torch.save``.
+        return (get_activation, (self.name,))
+
 
 def _softsign(z: torch.Tensor) -> torch.Tensor:
     return z / (1 + z.abs())
@@ -89,9 +93,16 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 def get_activation(name: str | Activation) -> Activation:
-    """Return the activation called ``name`` (or ``name`` itself if already one)."""
+    """Return the activation called ``name`` (or ``name`` itself if already one).
+
+    An :class:`Activation` not yet in :data:`ACTIVATIONS` is added to it (the op refers to
+    activations by name); another activation under a taken name is an error.
+    """
     if isinstance(name, Activation):
-        return name
+        known = ACTIVATIONS.setdefault(name.name, name)
+        if known is not name and known != name:
+            raise ValueError(f"an activation named {name.name!r} is already registered")
+        return known
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

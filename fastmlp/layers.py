@@ -1,21 +1,29 @@
-"""Instrumented layers: :class:`InstrumentedLinear` and the paper's :class:`MLP`."""
+""":class:`InstrumentedLinear`: dense + bias + activation that records its own statistics."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fastmlp.activations import Activation, get_activation
 from fastmlp.init import initialize_
-from fastmlp.model_stats import ModelStats
-from fastmlp.stats import LayerStats, check_float_tensor
-from fastmlp.torch_path import linear_activation
+from fastmlp.op import BACKENDS, dense
+from fastmlp.stats.buffers import LayerStats
 
-__all__ = ["InstrumentedLinear", "MLP", "BACKENDS"]
+__all__ = ["BACKENDS", "InstrumentedLinear", "check_float_tensor"]
 
-BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(x: torch.Tensor, what: str = "input") -> None:
+    """Raise ``TypeError`` unless ``x`` is a real floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{what} must have a real floating dtype (float16, bfloat16, float32, float64), "
+            f"got {x.dtype}"
+        )
 
 
 class InstrumentedLinear(nn.Module):
@@ -82,13 +90,6 @@ class InstrumentedLinear(nn.Module):
             device=device,
         )
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -100,23 +101,34 @@ class InstrumentedLinear(nn.Module):
         weight, bias = self.weight, self.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
+            # Computed in the autocast dtype, the op itself outside autocast.
             dt = torch.get_autocast_dtype(device_type)
             x2, weight = x2.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                h = self._dense(x2, weight, bias)
         elif x2.dtype != weight.dtype:
             raise TypeError(
                 f"input dtype {x2.dtype} does not match the layer's parameters ({weight.dtype}); "
                 "cast the input or the model, or use torch.autocast"
             )
-        stats = self.stats if self.stats.enabled else None
-        with torch.autocast(device_type, enabled=False):
-            if self._use_triton(x2):
-                from fastmlp.kernels import linear_activation as triton_linear_activation
-
-                h = triton_linear_activation(x2, weight, bias, self.activation, stats)
-            else:
-                h = linear_activation(x2, weight, bias, self.activation, stats)
+        else:
+            h = self._dense(x2, weight, bias)
         return h.reshape(*lead, self.out_features)
+
+    def _dense(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        stats = self.stats
+        return dense(
+            x,
+            weight,
+            bias,
+            stats.buffers_tuple(),
+            self.activation.name,
+            self.backend,
+            stats.settings(),
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -124,87 +136,3 @@ class InstrumentedLinear(nn.Module):
             f"activation={self.activation.name}, init={self.init}, "
             f"bias={self.bias is not None}, backend={self.backend}, layer={self.layer_index}"
         )
-
-
-class MLP(nn.Module):
-    """The paper's network: instrumented hidden layers and an instrumented linear output layer.
-
-    Args:
-        in_features: input size (e.g. 1024 for 32x32 Shapeset images).
-        out_features: number of classes (logits; apply a softmax loss outside).
-        depth: number of hidden layers (ignored when ``width`` is a list).
-        width: hidden width, or a list of hidden widths.
-        activation, init, bias, zero_bias, bins, backend: as for :class:`InstrumentedLinear`.
-        seed: seed for a reproducible initialization.
-
-    Layers are numbered from 1; the output layer (identity activation) is
-    ``depth + 1``. Statistics: ``model.stats``.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        depth: int = 5,
-        width: int | Sequence[int] = 1000,
-        activation: str | Activation = "tanh",
-        init: str = "normalized",
-        *,
-        bias: bool = True,
-        zero_bias: bool | None = None,
-        bins: int = 64,
-        backend: str = "auto",
-        seed: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(width, int):
-            if not isinstance(depth, int) or depth < 0:
-                raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-            widths = [width] * depth
-        else:
-            widths = list(width)
-        self.activation = get_activation(activation)
-        self.widths = widths
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-        sizes = [in_features, *widths, out_features]
-        layers = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            last = i == len(sizes) - 2
-            layers.append(
-                InstrumentedLinear(
-                    n_in,
-                    n_out,
-                    "identity" if last else self.activation,
-                    init,
-                    bias,
-                    zero_bias=zero_bias,
-                    bins=bins,
-                    backend=backend,
-                    generator=generator,
-                    layer_index=i + 1,
-                    device=device,
-                    dtype=dtype,
-                )
-            )
-        self.layers = nn.ModuleList(layers)
-
-    @property
-    def depth(self) -> int:
-        """Number of hidden layers."""
-        return len(self.widths)
-
-    @property
-    def stats(self) -> ModelStats:
-        """The statistics of every layer (snapshot, reset, switches)."""
-        return ModelStats(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() > 2:  # images [n, H, W] or [n, C, H, W]
-            x = x.flatten(1)
-        for layer in self.layers:
-            x = layer(x)
-        return x

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from fastmlp.snapshot import Snapshot
-from fastmlp.stats import LayerStats
-
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
-    from fastmlp.layers import InstrumentedLinear
+from fastmlp.layers import InstrumentedLinear
+from fastmlp.stats import ranks
+from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.snapshot import Snapshot
 
 __all__ = ["ModelStats", "instrumented_layers"]
 
 
 def instrumented_layers(model: nn.Module) -> list[InstrumentedLinear]:
     """Every :class:`~fastmlp.InstrumentedLinear` in ``model``, in registration order."""
-    from fastmlp.layers import InstrumentedLinear
+    return [m for _, m in _named_layers(model)]
 
+
+def _named_layers(model: nn.Module) -> list[tuple[str, InstrumentedLinear]]:
     if isinstance(model, InstrumentedLinear):
-        return [model]
-    return [m for m in model.modules() if isinstance(m, InstrumentedLinear)]
+        return [("", model)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, InstrumentedLinear)]
 
 
 class ModelStats:
@@ -32,35 +30,45 @@ class ModelStats:
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
     clears every accumulator; ``enabled``, ``histograms`` and ``saturation``
     switch recording for every layer (disabled statistics cost nothing).
+
+    Layers are numbered by their ``layer_index``; where two layers share one (layers
+    built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
+    default), all are numbered 1, 2, ... in registration order instead. Every row also
+    carries the layer's module path (``name``).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._layers = instrumented_layers(model)
-        if not self._layers:
+        named = _named_layers(model)
+        if not named:
             raise ValueError("model has no InstrumentedLinear layers")
+        self._names = [n or None for n, _ in named]  # a lone layer has no path
+        self._layers = [m for _, m in named]
         indices = [layer.layer_index for layer in self._layers]
         if len(set(indices)) != len(indices):
-            raise ValueError(f"instrumented layers have duplicate layer_index values: {indices}")
+            indices = list(range(1, len(indices) + 1))
+        self._indices = indices
+
+    @property
+    def names(self) -> list[str | None]:
+        """Module path of every instrumented layer, in registration order."""
+        return list(self._names)
 
     def layer_stats(self) -> list[tuple[int, LayerStats]]:
-        """``(layer index, LayerStats)`` for every instrumented layer."""
-        return [(layer.layer_index, layer.stats) for layer in self._layers]
+        """``(layer number, LayerStats)`` for every instrumented layer."""
+        return [(i, layer.stats) for i, layer in zip(self._indices, self._layers, strict=True)]
 
     def snapshot(self, *, local: bool = False, group: ProcessGroup | None = None) -> Snapshot:
         """Statistics accumulated since the last reset, on the host.
 
         Under ``torch.distributed`` (an initialized process group of more than
         one rank) this combines every rank's statistics exactly with one packed
-        collective (:func:`fastmlp.distributed.snapshot`): every rank of
+        collective (:func:`fastmlp.stats.ranks.snapshot`): every rank of
         ``group`` must call it, and all get the same snapshot. ``local=True``
         reads this process's statistics alone (no communication).
         """
-        if not local:
-            from fastmlp import distributed
-
-            if distributed.is_distributed(group):
-                return distributed.snapshot(self.layer_stats(), group)
-        return Snapshot.from_layers(self.layer_stats())
+        if local:
+            return Snapshot.from_layers(self.layer_stats(), names=self._names)
+        return ranks.snapshot(self.layer_stats(), group, names=self._names)
 
     def reset(self) -> None:
         """Clear every layer's accumulators."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmlp.run import CONFIG, JACOBIAN, METRICS, STATS, read_jsonl
-from fastmlp.snapshot import QuantityStats
+from fastmlp.stats.snapshot import QuantityStats
 
 __all__ = ["FIGURES", "plot_run", "plot_runs", "plot_test_error", "run_label"]
 

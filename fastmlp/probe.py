@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastmlp.model_stats import ModelStats, instrumented_layers
-from fastmlp.snapshot import Snapshot
+from fastmlp.stats.snapshot import Snapshot
 
 __all__ = ["probe"]
 

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fastmlp.activations import Activation
-from fastmlp.stats import (
+from fastmlp.stats.algebra import grow_range_, merge_block_
+from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.layout import (
     ACTIVATION,
+    CALIBRATED,
+    CENTER,
     COUNT,
     MAX,
     MIN,
@@ -33,44 +38,24 @@ from fastmlp.stats import (
     SUM,
     SUMSQ,
     WEIGHT_GRAD,
-    LayerStats,
+    Buffers,
+    Settings,
     as_float32,
     pow2_above,
+    saturation_bounds,
 )
 
-__all__ = ["accumulate", "linear_activation", "merge_block_", "regroup_bins"]
-
-
-@torch.no_grad()
-def merge_block_(
-    acc: torch.Tensor,
-    shift: torch.Tensor,
-    count: torch.Tensor,
-    center: torch.Tensor,
-    dev_sum: torch.Tensor,
-    dev_sumsq: torch.Tensor,
-    mn: torch.Tensor,
-    mx: torch.Tensor,
-) -> None:
-    """Merge one block of values into ``acc`` (a row of ``LayerStats.acc``) with device ops.
-
-    The block has ``count`` finite values with sums of ``x - center`` and
-    ``(x - center)**2`` (``center`` is any value near the block's mean) and
-    extremes ``mn``, ``mx``; the sums are re-expressed around ``shift`` in float64.
-    """
-    count, center, s1, s2 = (t.to(torch.float64) for t in (count, center, dev_sum, dev_sumsq))
-    delta = center - shift
-    acc[COUNT : SUMSQ + 1] += torch.stack(
-        (count, s1 + count * delta, s2 + delta * (2 * s1 + count * delta))
-    )
-    torch.minimum(acc[MIN], mn.to(torch.float64), out=acc[MIN])
-    torch.maximum(acc[MAX], mx.to(torch.float64), out=acc[MAX])
+__all__ = ["accumulate", "backward", "calibrate", "forward", "record", "update"]
 
 
 def accumulate(
-    stats: LayerStats, q: int, x: torch.Tensor, total: Callable[[], torch.Tensor] | None = None
+    bufs: Buffers,
+    settings: Settings,
+    q: int,
+    x: torch.Tensor,
+    total: Callable[[], torch.Tensor] | None = None,
 ) -> None:
-    """Accumulate quantity ``q`` of ``x`` into ``stats`` (which must be calibrated for ``q``).
+    """Accumulate quantity ``q`` of ``x`` into ``bufs`` (which must be calibrated for ``q``).
 
     ``total``, when the caller has a cheaper way to it, returns the sum of ``x``'s elements
     (in ``x``'s precision); the CPU path calls it instead of its own summing pass, and
@@ -87,13 +72,14 @@ def accumulate(
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
         # mean every element is finite.
         if math.isfinite(mn) and math.isfinite(mx):
-            _accumulate_finite_on_host(stats, q, x, mn, mx, total)
+            _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total)
             return
-    _accumulate_masked(stats, q, x)
+    _accumulate_masked(bufs, settings, q, x)
 
 
 def _accumulate_finite_on_host(
-    stats: LayerStats,
+    bufs: Buffers,
+    settings: Settings,
     q: int,
     x: torch.Tensor,
     mn: float,
@@ -102,14 +88,14 @@ def _accumulate_finite_on_host(
 ) -> None:
     """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
     n = x.numel()
-    d = stats.scratch(n, x.dtype)
-    acc, shift, _, _ = stats.host_arrays()
+    d = scratch(n, x.dtype, x.device)
+    acc, shift, state = bufs.acc.numpy(), bufs.shift.numpy(), bufs.state.numpy()
     # Sums of x - c and (x - c)**2 in the input precision are accurate when the offset of
     # the batch mean from c is at most the batch's spread (the error is relative to
     # var + offset**2). c is the previous batch's hint (a float32 number, so x - c is
     # computed against exactly c): 0 when that batch was centred enough (no subtraction
     # pass at all), else its mean. If this batch is off, recentre.
-    c = stats.center_hint[q]
+    c = float(state[CENTER, q])
     if c == 0:
         s1 = float(x.sum() if total is None else total())
         s2 = float(torch.dot(x, x))
@@ -123,11 +109,11 @@ def _accumulate_finite_on_host(
         s2 = float(torch.dot(d, d))
     if not (math.isfinite(s1) and math.isfinite(s2)):
         # Huge finite values overflowed float32 sums: take the float64 path instead.
-        _accumulate_masked(stats, q, x)
+        _accumulate_masked(bufs, settings, q, x)
         return
     mean = c + s1 / n
     var = max(s2 / n - (s1 / n) ** 2, 0.0)
-    stats.center_hint[q] = 0.0 if mean * mean <= var else as_float32(mean)
+    state[CENTER, q] = 0.0 if mean * mean <= var else as_float32(mean)
     row = acc[q]
     delta = c - float(shift[q])
     row[COUNT] += n
@@ -135,17 +121,17 @@ def _accumulate_finite_on_host(
     row[SUMSQ] += s2 + delta * (2 * s1 + n * delta)
     row[MIN] = min(row[MIN], mn)
     row[MAX] = max(row[MAX], mx)
-    if q == ACTIVATION and stats.saturation_active:
-        lo, hi = stats.saturation_bounds(x.dtype)
+    if q == ACTIVATION and settings.saturation:
+        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         row[SAT_LOW] += _count(torch.le(x, lo, out=d))
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
-    if stats.histograms:
-        _histogram_on_host(stats, q, x, mn, mx)
+    if settings.histograms:
+        _histogram_on_host(bufs, q, x, mn, mx)
 
 
-def _histogram_on_host(stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx: float) -> None:
-    bins = stats.bins
-    _, _, hist, hist_range = stats.host_arrays()
+def _histogram_on_host(bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: float) -> None:
+    bins = bufs.bins
+    hist, hist_range = bufs.hist.numpy(), bufs.hist_range.numpy()
     lo, hi = hist_range[q].tolist()
     # bin = floor(x * scale) + offset with scale = bins / (hi - lo), offset = -lo * scale (an
     # integer for every range used here, and x * scale is exact for power-of-two scales):
@@ -154,24 +140,22 @@ def _histogram_on_host(stats: LayerStats, q: int, x: torch.Tensor, mn: float, mx
     offset = int(-lo * scale)
     inside = mn >= lo and mx <= hi
     # Slot ``bins`` holds x == hi (or values rounding just below it): the last bin is closed.
-    counts = _slot_counts(stats, x, scale, offset, bins + 1, clamp=not inside)
+    counts = _slot_counts(x, scale, offset, bins + 1, clamp=not inside)
     row = hist[q]
     row[1 : bins + 1] += counts[:bins]
     row[bins] += counts[bins]
     if not inside:
-        work = stats.scratch(x.numel(), x.dtype)
+        work = scratch(x.numel(), x.dtype, x.device)
         nu = _count(torch.lt(x, lo, out=work))  # range edges are powers of two: exact
         no = _count(torch.gt(x, hi, out=work))
         row[0] += nu
         row[1] -= nu
         row[bins + 1] += no
         row[bins] -= no
-        _grow_range(stats, q, torch.tensor(max(abs(mn), abs(mx)), dtype=torch.float64))
+        grow_range_(bufs, q, torch.tensor(max(abs(mn), abs(mx)), dtype=torch.float64))
 
 
-def _slot_counts(
-    stats: LayerStats, x: torch.Tensor, scale: float, offset: int, slots: int, clamp: bool
-) -> np.ndarray:
+def _slot_counts(x: torch.Tensor, scale: float, offset: int, slots: int, clamp: bool) -> np.ndarray:
     """Counts of the slots ``floor(x * scale) + offset`` (clamped to ``[0, slots)`` when
     ``clamp``), as int64 numpy.
 
@@ -180,11 +164,11 @@ def _slot_counts(
     """
     n = x.numel()
     m = n // 2
-    t = torch.mul(x if n == 2 * m else x[: 2 * m], scale, out=stats.scratch(2 * m, x.dtype))
+    t = torch.mul(x if n == 2 * m else x[: 2 * m], scale, out=scratch(2 * m, x.dtype, x.device))
     t.floor_()
     if clamp:
         t.clamp_(-offset, slots - 1 - offset)
-    pairs = torch.add(t[1::2], t[0::2], alpha=slots, out=stats.scratch(m, x.dtype, slot=1))
+    pairs = torch.add(t[1::2], t[0::2], alpha=slots, out=scratch(m, x.dtype, x.device, slot=1))
     pairs.add_(offset * (slots + 1))
     # Converted in place (an integer type of the same width): one buffer stays in cache.
     idx = pairs.view(torch.int64 if pairs.dtype == torch.float64 else torch.int32)
@@ -202,7 +186,7 @@ def _count(flags: torch.Tensor) -> int:
     return int(flags.sum(dtype=torch.float64 if flags.numel() > 2**24 else None))
 
 
-def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
+def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> None:
     """Any device, any values: non-finite elements are masked out; no host reads.
 
     Moments are summed in float64, so finite values near the float32 limit cannot
@@ -210,22 +194,22 @@ def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
     """
     fin = torch.isfinite(x)
     n = fin.sum()
-    acc = stats.acc[q]
+    acc = bufs.acc[q]
     acc[NONFINITE] += x.numel() - n
     xd = torch.where(fin, x, 0).to(torch.float64)
     center = xd.sum() / n.clamp(min=1)
     d = torch.where(fin, xd - center, 0)
     mn = torch.where(fin, x, float("inf")).amin()
     mx = torch.where(fin, x, float("-inf")).amax()
-    merge_block_(acc, stats.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
-    if q == ACTIVATION and stats.saturation_active:
-        lo, hi = stats.saturation_bounds(x.dtype)
+    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
+    if q == ACTIVATION and settings.saturation:
+        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()
         acc[SAT_HIGH] += ((x >= hi) & fin).sum()
-    if not stats.histograms:
+    if not settings.histograms:
         return
-    bins = stats.bins
-    rng = stats.hist_range[q]
+    bins = bufs.bins
+    rng = bufs.hist_range[q]
     lo, hi = rng[0].to(x.dtype), rng[1].to(x.dtype)
     scale = bins / (rng[1] - rng[0])
     t = torch.floor(x * scale.to(x.dtype)).add_((-rng[0] * scale).to(x.dtype)).clamp_(0, bins)
@@ -234,41 +218,80 @@ def _accumulate_masked(stats: LayerStats, q: int, x: torch.Tensor) -> None:
     counts = torch.bincount(idx, minlength=bins + 2)
     nu = ((x < lo) & fin).sum()
     no = ((x > hi) & fin).sum()
-    row = stats.hist[q]
+    row = bufs.hist[q]
     row[1 : bins + 1] += counts[:bins]
     row[bins] += counts[bins]
     row[0] += nu
     row[1] -= nu
     row[bins + 1] += no
     row[bins] -= no
-    if not stats.fixed_range[q]:
-        _grow_range(stats, q, torch.maximum(mn.abs(), mx.abs()))
+    if not settings.fixed_range(q):
+        grow_range_(bufs, q, torch.maximum(mn.abs(), mx.abs()))
 
 
-def regroup_bins(counts: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
-    """Counts of bins on ``+-R`` regrouped onto ``+-R * factor`` (a power of two >= 1), exactly.
+def calibrate(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> None:
+    """Fix ``shift[q]`` and, for auto-ranged quantities, ``hist_range[q]`` from ``x``.
 
-    Bin ``i`` (offset ``i - bins/2`` from the centre, ``bins`` even) falls into bin
-    ``floor((i - bins/2) / factor) + bins/2``; device ops only.
+    Device ops only, except the CPU centring hint and the flag in the host-side ``state``.
     """
-    bins = counts.shape[-1]
-    i = torch.arange(bins, device=counts.device, dtype=torch.float64)
-    j = torch.floor((i - bins // 2) / factor).to(torch.int64) + bins // 2
-    return torch.zeros_like(counts).index_add_(0, j, counts)
+    x = x.detach().reshape(-1)
+    fin = torch.isfinite(x)
+    n = fin.sum()
+    xs = torch.where(fin, x, 0).to(torch.float64)
+    bufs.shift[q] = xs.sum() / n.clamp(min=1)
+    if x.device.type == "cpu":
+        bufs.state[CENTER, q] = as_float32(bufs.shift[q].item())
+    if not settings.fixed_range(q):
+        r = pow2_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
+        bufs.hist_range[q, 0] = -r
+        bufs.hist_range[q, 1] = r
+    bufs.state[CALIBRATED, q] = 1.0
 
 
-def _grow_range(stats: LayerStats, q: int, maxabs: torch.Tensor) -> None:
-    """Widen ``hist_range[q]`` by powers of two to cover ``maxabs``, merging bins exactly."""
-    bins = stats.bins
-    rng = stats.hist_range[q]
-    r = rng[1]
-    maxabs = maxabs.to(rng.device, torch.float64)
-    # A batch without finite values (maxabs = inf from empty extremes) leaves the range alone.
-    new_r = torch.where(torch.isfinite(maxabs) & (maxabs > r), pow2_above(maxabs), r)
-    row = stats.hist[q]
-    row[1 : bins + 1] = regroup_bins(row[1 : bins + 1], new_r / r)
-    rng[0] = -new_r
-    rng[1] = new_r
+def record(
+    bufs: Buffers,
+    settings: Settings,
+    q: int,
+    x: torch.Tensor,
+    total: Callable[[], torch.Tensor] | None = None,
+) -> None:
+    """Accumulate quantity ``q`` of ``x``, calibrating it first if it is not yet."""
+    if not bufs.state[CALIBRATED, q]:
+        calibrate(bufs, settings, q, x)
+    accumulate(bufs, settings, q, x, total)
+
+
+def update(stats: LayerStats, q: int, x: torch.Tensor) -> None:
+    """Accumulate ``x`` as quantity ``q`` of the layer statistics ``stats`` (PyTorch path)."""
+    record(stats.buffers_tuple(), stats.settings(), q, x)
+
+
+# Work buffers of the CPU path, per thread and shared by all layers: one set stays in cache.
+_SCRATCH = threading.local()
+
+
+def scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A 1-D work buffer of ``n`` elements, shared by every layer in this thread.
+
+    Its contents do not survive the next statistics update; distinct ``slot``s are
+    distinct buffers.
+    """
+    pool: dict | None = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    key = (slot, dtype, device)
+    entry = pool.get(key)
+    if entry is None or entry[0].numel() < n:
+        # A normal tensor even when first asked for under torch.inference_mode(), so it
+        # stays usable outside it.
+        with torch.inference_mode(False):
+            entry = (torch.empty(n, dtype=dtype, device=device), {})
+        pool[key] = entry
+    buf, views = entry
+    view = views.get(n)
+    if view is None:
+        view = views[n] = buf[:n]
+    return view
 
 
 # oneDNN's matmul with the bias and activation fused into its epilogue: the CPU kernel
@@ -319,57 +342,51 @@ def _dense(
     return z if activation is None else activation.forward(z)
 
 
-class LinearActivationFunction(torch.autograd.Function):
-    """``h = f(x W^T + b)`` with statistics recorded in forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation: Activation, stats: LayerStats | None):
-        if stats is None and activation.name in _ONEDNN_POST:
-            h = _dense(x, weight, bias, activation)
-        else:
-            z = _dense(x, weight, bias)
-            h = activation.forward(z)
-            if stats is not None:
-                stats.update(PREACTIVATION, z)
-                stats.update(ACTIVATION, h)
-        ctx.save_for_backward(x, weight, h)
-        ctx.activation = activation
-        ctx.stats = stats
-        ctx.has_bias = bias is not None
-        return h
-
-    @staticmethod
-    def backward(ctx, dh):
-        x, weight, h = ctx.saved_tensors
-        activation: Activation = ctx.activation
-        stats: LayerStats | None = ctx.stats
-        dz = activation.backward(dh, h)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        db = dz.sum(0) if ctx.has_bias and need_b else None
-        if stats is not None:
-            stats.update(PREACTIVATION_GRAD, dz, total=None if db is None else db.sum)
-        dw = None
-        if need_w or stats is not None:
-            dw = dz.t() @ x
-            if stats is not None:
-                # sum(dz.T @ x) from the row sums of the small operands, not a pass over dW.
-                stats.update(WEIGHT_GRAD, dw, total=lambda: torch.dot(dz.sum(1), x.sum(1)))
-        # dx last: it is the next layer's first input, still in cache when that one starts.
-        dx = _dense(dz, weight.t(), None) if need_x else None
-        return dx, dw if need_w else None, db, None, None
-
-
-@torch.compiler.disable
-def linear_activation(
+def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     activation: Activation,
-    stats: LayerStats | None,
+    bufs: Buffers,
+    settings: Settings,
 ) -> torch.Tensor:
-    """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``stats`` when given.
+    """``h = f(x W^T + b)`` for a 2-D ``x``, recording ``preactivation`` and ``activation``
+    when ``settings.enabled``."""
+    if not settings.enabled and activation.name in _ONEDNN_POST:
+        return _dense(x, weight, bias, activation)
+    z = _dense(x, weight, bias)
+    h = activation.forward(z)
+    if settings.enabled:
+        record(bufs, settings, PREACTIVATION, z)
+        record(bufs, settings, ACTIVATION, h)
+    return h
 
-    Kept out of ``torch.compile`` graphs (it reads statistics on the host on the CPU):
-    a compiled model runs this layer eagerly and compiles the rest.
-    """
-    return LinearActivationFunction.apply(x, weight, bias, activation, stats)
+
+def backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    activation: Activation,
+    bufs: Buffers,
+    settings: Settings,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW, db)`` of ``h = f(x W^T + b)`` from ``dh`` (``None`` where not needed),
+    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``."""
+    dz = activation.backward(dh, h)
+    stats = settings.enabled
+    db = dz.sum(0) if need_b else None
+    if stats:
+        record(bufs, settings, PREACTIVATION_GRAD, dz, total=None if db is None else db.sum)
+    dw = None
+    if need_w or stats:
+        dw = dz.t() @ x
+        if stats:
+            # sum(dz.T @ x) from the row sums of the small operands, not a pass over dW.
+            record(bufs, settings, WEIGHT_GRAD, dw, total=lambda: torch.dot(dz.sum(1), x.sum(1)))
+    # dx last: it is the next layer's first input, still in cache when that one starts.
+    dx = _dense(dz, weight.t(), None) if need_x else None
+    return dx, dw if need_w else None, db

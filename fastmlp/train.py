@@ -42,10 +42,10 @@ from torch.nn import functional as F
 from fastmlp import data as datasets
 from fastmlp import distributed
 from fastmlp.jacobian import jacobian_singular_values
-from fastmlp.layers import MLP
+from fastmlp.mlp import MLP
 from fastmlp.probe import probe
 from fastmlp.run import RunDir, load_checkpoint, save_checkpoint
-from fastmlp.snapshot import Snapshot
+from fastmlp.stats.snapshot import Snapshot
 
 __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
@@ -112,7 +112,7 @@ class TrainConfig:
         """Raise ``ValueError`` naming the field and what was expected."""
         from fastmlp.activations import ACTIVATIONS
         from fastmlp.init import INITS
-        from fastmlp.layers import BACKENDS
+        from fastmlp.op import BACKENDS
 
         def positive(name: str, allow_none: bool = False) -> None:
             v = getattr(self, name)

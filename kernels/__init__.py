@@ -1,19 +1,20 @@
-"""Fused Triton kernels (installed as ``fastmlp.kernels``).
+"""Fused Triton kernels and their launchers (installed as ``fastmlp.kernels``).
 
-``linear_activation(x, weight, bias, activation, stats)`` computes
-``f(x W^T + b)`` and records the layer statistics inside the kernels; see
-:mod:`fastmlp.kernels.linear_activation`. :func:`set_deterministic` switches to
-bitwise-reproducible statistics.
+:func:`forward` and :func:`backward` compute dense + bias + activation and record the
+layer statistics into the buffers of :mod:`fastmlp.stats.layout` inside the kernels;
+:func:`supported` says which inputs they take. The op (:mod:`fastmlp.op`) decides when
+they run. :func:`set_deterministic` switches to bitwise-reproducible statistics.
 """
 
-from .linear_activation import LinearActivationKernelFunction, linear_activation, supported
-from .utils import INTERPRET, is_deterministic, set_deterministic
+from .linear_activation import backward, forward, supported
+from .utils import ACT_IDS, INTERPRET, is_deterministic, set_deterministic
 
 __all__ = [
-    "linear_activation",
-    "LinearActivationKernelFunction",
-    "supported",
-    "set_deterministic",
-    "is_deterministic",
+    "ACT_IDS",
     "INTERPRET",
+    "backward",
+    "forward",
+    "is_deterministic",
+    "set_deterministic",
+    "supported",
 ]

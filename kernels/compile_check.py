@@ -125,7 +125,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
 
 def finalize_variants() -> list[tuple[str, object, dict, dict, dict]]:
     """The finalize kernel in its deterministic/grow combinations."""
-    from fastmlp.stats import NFIELDS
+    from fastmlp.stats.layout import NFIELDS
 
     from .utils import finalize_kernel
 

@@ -35,14 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlp.activations import Activation
-from fastmlp.stats import (
-    ACTIVATION,
+from fastmlp.stats.layout import (
     NFIELDS,
     PREACTIVATION,
     PREACTIVATION_GRAD,
-    WEIGHT_GRAD,
-    LayerStats,
+    Buffers,
+    Settings,
+    saturation_bounds,
 )
 
 from .utils import (
@@ -64,7 +63,7 @@ from .utils import (
     tile_moments,
 )
 
-__all__ = ["linear_activation", "LinearActivationKernelFunction", "supported"]
+__all__ = ["backward", "forward", "supported"]
 
 _GL_NFIELDS = tl.constexpr(NFIELDS)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -493,59 +492,62 @@ def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool
     kernel[grid_fn(kw)](*args, **meta, **kw, num_warps=warps, num_stages=stages)
 
 
-_DUMMIES: dict[torch.device, torch.Tensor] = {}
+# Per-pass work buffers shared by every layer on a device (passes run in stream order):
+# the finite extents ``[4, 2]`` (min, max) that the finalize kernel consumes and resets to
+# (inf, -inf), and the deterministic mode's per-program partials. Allocated on first use,
+# so nothing is allocated once every shape has run (CUDA-graph capture).
+_EXTENTS: dict[torch.device, torch.Tensor] = {}
+_PARTIALS: dict[torch.device, torch.Tensor] = {}
 
 
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A tiny float64 stand-in for the statistics buffers when no statistics are recorded."""
-    buf = _DUMMIES.get(device)
+def _extents(device: torch.device) -> torch.Tensor:
+    buf = _EXTENTS.get(device)
     if buf is None:
-        buf = _DUMMIES[device] = torch.zeros(8, dtype=torch.float64, device=device)
-    return buf
-
-
-def _extents_buffer(stats: LayerStats) -> torch.Tensor:
-    """Per-pass finite extents ``[4, 2]`` (min, max) of a layer; (inf, -inf) between passes."""
-    dev = stats.acc.device
-    buf = getattr(stats, "_kernel_extents", None)
-    if buf is None or buf.device != dev:
-        buf = torch.empty(4, 2, dtype=torch.float64, device=dev)
+        buf = torch.empty(4, 2, dtype=torch.float64, device=device)
         buf[:, 0] = float("inf")
         buf[:, 1] = float("-inf")
-        stats._kernel_extents = buf
+        _EXTENTS[device] = buf
     return buf
 
 
-def _part_buffer(stats: LayerStats, n_parts: int, deterministic: bool) -> torch.Tensor:
-    if deterministic:
-        return torch.empty(2, max(n_parts, 1), 2, dtype=torch.float64, device=stats.acc.device)
-    return stats.acc  # unused (never written) when not deterministic
+def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.Tensor:
+    """``[2, n_parts, 2]`` float64 partial sums (a view of a grow-only buffer) in
+    deterministic mode; otherwise a stand-in that the kernels never write."""
+    if not deterministic:
+        return _extents(device)
+    n = max(n_parts, 1)
+    buf = _PARTIALS.get(device)
+    if buf is None or buf.shape[1] < n:
+        buf = _PARTIALS[device] = torch.empty(2, n, 2, dtype=torch.float64, device=device)
+    return buf[:, :n]
 
 
-def _stats_meta(stats: LayerStats | None) -> dict:
-    if stats is None:
+def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
+    if not settings.enabled:
         return {"STATS": False, "HIST": False, "SAT": False, "BINS": 2, "HB": 4}
-    bins = stats.bins
+    bins = bufs.bins
     return {
         "STATS": True,
-        "HIST": bool(stats.histograms),
-        "SAT": bool(stats.saturation_active),
+        "HIST": settings.histograms,
+        "SAT": settings.saturation,
         "BINS": bins,
         "HB": next_pow2(bins + 2),
     }
 
 
-def _finalize(stats: LayerStats, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool) -> None:
-    grow0 = stats.histograms and not stats.fixed_range[q0]
-    grow1 = stats.histograms and not stats.fixed_range[q0 + 1]
+def _finalize(
+    bufs: Buffers, settings: Settings, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool
+) -> None:
+    grow0 = settings.histograms and not settings.fixed_range(q0)
+    grow1 = settings.histograms and not settings.fixed_range(q0 + 1)
     if not (det or grow0 or grow1):
         return
-    bins = stats.bins
+    bins = bufs.bins
     finalize_kernel[(1,)](
-        stats.acc,
-        stats.hist,
-        stats.hist_range,
-        _extents_buffer(stats),
+        bufs.acc,
+        bufs.hist,
+        bufs.hist_range,
+        _extents(bufs.acc.device),
         part,
         n0,
         n1,
@@ -561,37 +563,43 @@ def _finalize(stats: LayerStats, q0: int, part: torch.Tensor, n0: int, n1: int, 
     )
 
 
-def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Tensor:
+def _stat_args(bufs: Buffers, part: torch.Tensor) -> tuple:
+    return (bufs.acc, bufs.shift, bufs.hist, bufs.hist_range, _extents(bufs.acc.device), part)
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_id: int,
+    bufs: Buffers,
+    settings: Settings,
+) -> torch.Tensor:
+    """``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``; records ``preactivation`` and
+    ``activation`` into ``bufs`` (calibrated) when ``settings.enabled``. No host reads."""
     M, K = x.shape
     N = weight.shape[0]
     h = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    det = stats is not None and is_deterministic()
-    smeta = _stats_meta(stats)
+    stats = settings.enabled
+    det = stats and is_deterministic()
+    smeta = _stats_meta(bufs, settings)
 
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-    n_parts = 0
-    if det:
-        cfg = _INTERPRET_CFG if INTERPRET else _FIXED_CFG
-        n_parts = grid(cfg)[0]
-    if stats is not None:
-        part = _part_buffer(stats, n_parts, det)
-        sat_lo, sat_hi = (
-            stats.saturation_bounds(torch.float32) if stats.saturation_active else (0.0, 0.0)
-        )
-        bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
-        part_stride = part.stride(0) if det else 0
-        fixed_act = bool(stats.fixed_range[ACTIVATION])
-    else:
-        bufs = (_dummy(h.device),) * 6
-        part_stride, sat_lo, sat_hi, fixed_act = 0, 0.0, 0.0, False
+    n_parts = grid(_INTERPRET_CFG if INTERPRET else _FIXED_CFG)[0] if det else 0
+    part = _partials(x.device, n_parts, det)
+    sat_lo, sat_hi = (
+        saturation_bounds(settings.sat_low, settings.sat_high, torch.float32)
+        if stats and settings.saturation
+        else (0.0, 0.0)
+    )
     args = (
         x,
         weight,
         bias if bias is not None else x,
         h,
-        *bufs,
+        *_stat_args(bufs, part),
         M,
         N,
         K,
@@ -601,7 +609,7 @@ def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Te
         weight.stride(1),
         h.stride(0),
         h.stride(1),
-        part_stride,
+        part.stride(0) if det else 0,
         float(sat_lo),
         float(sat_hi),
         m_bucket(M),
@@ -609,21 +617,35 @@ def _forward(x, weight, bias, act_id: int, stats: LayerStats | None) -> torch.Te
     meta = dict(
         ACT=act_id,
         HAS_BIAS=bias is not None,
-        FIXED_ACT=fixed_act,
+        FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=dot_precision(x.dtype),
         **smeta,
     )
     _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
-    if stats is not None:
-        _finalize(stats, PREACTIVATION, bufs[5], n_parts, n_parts, det)
+    if stats:
+        _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
     return h
 
 
-def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
+def backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    act_id: int,
+    bufs: Buffers,
+    settings: Settings,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
+    ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``."""
     M, K = x.shape
     N = weight.shape[0]
     precision = dot_precision(x.dtype)
+    stats = settings.enabled
     dx = dw = db = None
     if need_x:
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
@@ -652,34 +674,25 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
         meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
         key = (m_bucket(M), N, K, x.dtype, x.device)
         _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key)
-    if not (need_w or need_b or stats is not None):
+    if not (need_w or need_b or stats):
         return dx, dw, db
-    det = stats is not None and is_deterministic()
-    smeta = _stats_meta(stats)
+    det = stats and is_deterministic()
+    smeta = _stats_meta(bufs, settings)
     dw = torch.empty(N, K, dtype=weight.dtype, device=weight.device) if need_w else None
     db = torch.empty(N, dtype=weight.dtype, device=weight.device) if need_b else None
 
     def grid_dw(cfg):
         return (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
 
-    n_pg = n_wg = 0
-    if det:
-        cfg = _INTERPRET_CFG if INTERPRET else _FIXED_CFG
-        n_pg = n_wg = grid_dw(cfg)[0]
-    if stats is not None:
-        part = _part_buffer(stats, max(n_pg, n_wg), det)
-        bufs = (stats.acc, stats.shift, stats.hist, stats.hist_range, _extents_buffer(stats), part)
-        part_stride = part.stride(0) if det else 0
-    else:
-        bufs = (_dummy(x.device),) * 6
-        part_stride = 0
+    n_parts = grid_dw(_INTERPRET_CFG if INTERPRET else _FIXED_CFG)[0] if det else 0
+    part = _partials(x.device, n_parts, det)
     args = (
         dh,
         h,
         x,
         dw if dw is not None else x,
         db if db is not None else x,
-        *bufs,
+        *_stat_args(bufs, part),
         M,
         N,
         K,
@@ -691,7 +704,7 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
         x.stride(1),
         dw.stride(0) if dw is not None else 0,
         dw.stride(1) if dw is not None else 0,
-        part_stride,
+        part.stride(0) if det else 0,
         m_bucket(M),
     )
     meta = dict(
@@ -706,108 +719,18 @@ def _backward(dh, x, weight, h, act_id, stats, need_x, need_w, need_b):
     _launch(
         _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device)
     )
-    if stats is not None:
-        _finalize(stats, PREACTIVATION_GRAD, bufs[5], n_pg, n_wg, det)
+    if stats:
+        _finalize(bufs, settings, PREACTIVATION_GRAD, part, n_parts, n_parts, det)
     return dx, dw, db
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor, activation: Activation) -> bool:
-    """Whether the fused kernels handle these inputs (else the PyTorch path runs)."""
+def supported(x: torch.Tensor, weight: torch.Tensor, activation: str) -> bool:
+    """Whether the fused kernels handle these inputs (``activation`` by name)."""
     return (
         x.dim() == 2
         and x.dtype in _KERNEL_DTYPES
         and weight.dtype == x.dtype
-        and activation.name in ACT_IDS
+        and activation in ACT_IDS
         and x.shape[0] > 0
         and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
     )
-
-
-class LinearActivationKernelFunction(torch.autograd.Function):
-    """Autograd function of the fused kernels (mirrors ``torch_path.LinearActivationFunction``).
-
-    With ``use_kernels=False``, or while a pass's quantities are not calibrated
-    yet, the pass runs with PyTorch ops and ``LayerStats.update`` instead.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation: Activation, stats, use_kernels: bool):
-        act_id = ACT_IDS.get(activation.name)
-        if not use_kernels or (
-            stats is not None
-            and not (stats.calibrated[PREACTIVATION] and stats.calibrated[ACTIVATION])
-        ):
-            # PyTorch ops; LayerStats.update calibrates shifts and histogram ranges.
-            z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-            h = activation.forward(z)
-            if stats is not None:
-                stats.update(PREACTIVATION, z)
-                stats.update(ACTIVATION, h)
-        else:
-            h = _forward(x, weight, bias, act_id, stats)
-        ctx.save_for_backward(x, weight, h)
-        ctx.activation = activation
-        ctx.act_id = act_id
-        ctx.stats = stats
-        ctx.has_bias = bias is not None
-        ctx.use_kernels = use_kernels
-        return h
-
-    @staticmethod
-    def backward(ctx, dh):
-        x, weight, h = ctx.saved_tensors
-        activation: Activation = ctx.activation
-        stats: LayerStats | None = ctx.stats
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        if not ctx.use_kernels or (
-            stats is not None
-            and not (stats.calibrated[PREACTIVATION_GRAD] and stats.calibrated[WEIGHT_GRAD])
-        ):
-            dz = activation.backward(dh, h)
-            dx = dz @ weight if need_x else None
-            dw = None
-            if need_w or stats is not None:
-                dw = dz.t() @ x
-            if stats is not None:
-                stats.update(PREACTIVATION_GRAD, dz)
-                stats.update(WEIGHT_GRAD, dw)
-            db = dz.sum(0) if need_b else None
-            return dx, dw if need_w else None, db, None, None, None
-        dx, dw, db = _backward(dh, x, weight, h, ctx.act_id, stats, need_x, need_w, need_b)
-        return dx, dw, db, None, None, None
-
-
-@torch.compiler.disable
-def linear_activation(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: Activation,
-    stats: LayerStats | None,
-) -> torch.Tensor:
-    """``f(x W^T + b)`` for a 2-D ``x`` with fused Triton kernels, recording statistics.
-
-    Args:
-        x: ``[M, K]`` input (float32, float16 or bfloat16; CUDA, or CPU under
-            ``TRITON_INTERPRET=1``).
-        weight: ``[N, K]``, same dtype as ``x``.
-        bias: ``[N]`` or ``None``.
-        activation: one of the built-in activations.
-        stats: the layer's :class:`~fastmlp.stats.LayerStats`, or ``None`` to
-            record nothing.
-
-    Returns:
-        ``h = f(x W^T + b)`` of shape ``[M, N]`` in ``x``'s dtype.
-
-    Inputs the kernels do not handle (float64, custom activations, empty
-    batches) run with PyTorch ops inside the same autograd function and give
-    the same numbers as ``fastmlp.torch_path``.
-    """
-    use = supported(x, weight, activation)
-    if not use and x.device.type == "cpu" and not INTERPRET and x.dtype in _KERNEL_DTYPES:
-        raise RuntimeError(
-            "the Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 "
-            "before triton is imported, or use backend='torch'"
-        )
-    return LinearActivationKernelFunction.apply(x, weight, bias, activation, stats, use)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlp.stats import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ
+from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ
 
 __all__ = [
     "INTERPRET",

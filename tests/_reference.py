@@ -32,6 +32,7 @@ SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99), "softsign": (-0.99
 # Row keys, exactly as DESIGN.md lists them (Snapshot.rows()).
 ROW_KEYS = (
     "layer",
+    "name",
     "quantity",
     "count",
     "mean",

@@ -41,7 +41,8 @@ from fastmlp.stats import (
     SUMSQ,
     LayerStats,
 )
-from fastmlp.torch_path import _grow_range
+from fastmlp.stats.algebra import grow_range_
+from fastmlp.torch_path import update
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -191,7 +192,9 @@ def test_regroup_bins_matches_grow_range() -> None:
     row = torch.randint(0, 50, (BINS + 2,), generator=g)
     s.hist[PREACTIVATION] = row
     s.hist_range[PREACTIVATION] = torch.tensor([-2.0, 2.0], dtype=torch.float64)
-    _grow_range(s, PREACTIVATION, torch.tensor(13.0, dtype=torch.float64))  # -> +-16: factor 8
+    grow_range_(
+        s.buffers_tuple(), PREACTIVATION, torch.tensor(13.0, dtype=torch.float64)
+    )  # -> +-16: factor 8
     assert s.hist_range[PREACTIVATION].tolist() == [-16.0, 16.0]
     np.testing.assert_array_equal(
         regroup_bins(row[1:-1].numpy(), 8.0), s.hist[PREACTIVATION, 1:-1].numpy()
@@ -209,9 +212,9 @@ def test_merge_of_layerstats_matches_one_layerstats() -> None:
     xb = torch.randn(3000, generator=g, dtype=torch.float64) * 6.0 - 2.0  # range +-32
     act = get_activation("tanh")
     sa, sb, one = (LayerStats(act, bins=BINS) for _ in range(3))
-    sa.update(PREACTIVATION, xa)
-    sb.update(PREACTIVATION, xb)
-    one.update(PREACTIVATION, torch.cat([xb, xa]))  # one batch: no sticky overflow
+    update(sa, PREACTIVATION, xa)
+    update(sb, PREACTIVATION, xb)
+    update(one, PREACTIVATION, torch.cat([xb, xa]))  # one batch: no sticky overflow
     assert sa.shift[0] != sb.shift[0] and sa.hist_range[0, 1] != sb.hist_range[0, 1]
     merged = merge_buffers(
         [LayerBuffers.from_stats(sa), LayerBuffers.from_stats(sb)], sa.fixed_range

@@ -23,8 +23,8 @@ import torch
 from _reference import FIXED_RANGE, SATURATION, assert_matches, capture, stream_stats
 
 from fastmlp.layers import InstrumentedLinear
-from fastmlp.snapshot import Snapshot
 from fastmlp.stats import QUANTITIES
+from fastmlp.stats.snapshot import Snapshot
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernel_module = importlib.import_module("fastmlp.kernels.linear_activation")
@@ -49,7 +49,7 @@ def _ieee_fp32():
 def kernel_calls(monkeypatch):
     """Count the kernel passes, to make sure the second step did not fall back to PyTorch."""
     calls = {"forward": 0, "backward": 0}
-    fwd, bwd = kernel_module._forward, kernel_module._backward
+    fwd, bwd = K.forward, K.backward
 
     def count_fwd(*a, **k):
         calls["forward"] += 1
@@ -59,8 +59,8 @@ def kernel_calls(monkeypatch):
         calls["backward"] += 1
         return bwd(*a, **k)
 
-    monkeypatch.setattr(kernel_module, "_forward", count_fwd)
-    monkeypatch.setattr(kernel_module, "_backward", count_bwd)
+    monkeypatch.setattr(K, "forward", count_fwd)
+    monkeypatch.setattr(K, "backward", count_bwd)
     return calls
 
 

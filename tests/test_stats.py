@@ -20,8 +20,9 @@ from _reference import (
     stream_stats,
 )
 
-from fastmlp import MLP, InstrumentedLinear, LayerStats, ModelStats, get_activation
+from fastmlp import MLP, InstrumentedLinear, LayerStats, ModelStats, Snapshot, get_activation
 from fastmlp.stats import ACTIVATION, SAT_HIGH, SAT_LOW
+from fastmlp.torch_path import update
 
 
 def _layer(n_in, n_out, act, *, seed=0, bins=64, bias=True, dtype=None):
@@ -156,7 +157,7 @@ def test_counts_exact_beyond_float32_integers():
     n = 2**24 + 3
     x = torch.rand(n, generator=torch.Generator().manual_seed(0))
     s = LayerStats(get_activation("sigmoid"))
-    s.update(1, x)  # the activation: fixed range [0, 1], saturation counts
+    update(s, 1, x)  # the activation: fixed range [0, 1], saturation counts
     ref = x.double().numpy()
     acc = s.acc[1]
     assert int(acc[0].item()) == n
@@ -170,7 +171,7 @@ def test_counts_exact_beyond_float32_integers():
 def test_huge_finite_values_do_not_poison_moments():
     s = LayerStats(get_activation("identity"))
     x = torch.tensor([1e38, 1e38, 1e38, -5e37, 1.0] * 3)
-    s.update(0, x)
+    update(s, 0, x)
     ref = x.double().numpy()
     assert s.acc[0, 0].item() == 15
     assert torch.isfinite(s.acc[0]).all()
@@ -180,7 +181,7 @@ def test_huge_finite_values_do_not_poison_moments():
 def test_large_finite_values_give_finite_variance():
     s = LayerStats(get_activation("identity"))
     x = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 1e20
-    s.update(0, x)
+    update(s, 0, x)
     ref = x.double().numpy()
     var = (s.acc[0, 2] / 100 - (s.acc[0, 1] / 100) ** 2).item()
     assert math.isfinite(var) and abs(var - ref.var()) <= 1e-4 * ref.var()
@@ -368,8 +369,9 @@ def test_snapshot_before_any_step():
         assert tuple(row) == ROW_KEYS
         assert row["count"] == 0 and row["nonfinite"] == 0
         for k in ROW_KEYS:
-            if k not in ("layer", "quantity", "count", "nonfinite"):
+            if k not in ("layer", "name", "quantity", "count", "nonfinite"):
                 assert row[k] is None, (k, row[k])
+            assert row["name"] == f"layers.{row['layer'] - 1}"
     for qs in snap:
         assert qs.percentile(98) is None
     json.dumps(rows, allow_nan=False)
@@ -532,8 +534,8 @@ def test_saturation_counts_exact_beyond_float32_integers():
     n = 2**24 + 8  # n - 3 saturated high: odd, not a float32 integer
     x = torch.full((n,), 0.995)
     x[:3] = -0.995
-    stats.update(1, x)  # quantity 1: activation
-    qs = stats.snapshot()[1]["activation"]
+    update(stats, 1, x)  # quantity 1: activation
+    qs = Snapshot.from_layers([(1, stats)])[1]["activation"]
     assert qs.count == n
     assert round(qs.saturated_high * n) == n - 3
     assert round(qs.saturated_low * n) == 3
@@ -549,7 +551,7 @@ def test_saturation_thresholds_not_representable_in_the_dtype_count_exactly(dtyp
     rng = np.random.default_rng(3)
     h = np.concatenate([np.repeat(near, 5), rng.uniform(-1, 1, 1000)]).astype(np.float32)
     stats = LayerStats(get_activation("tanh"), saturation_thresholds=(lo, hi))
-    stats.update(ACTIVATION, torch.from_numpy(h).to(dtype))
+    update(stats, ACTIVATION, torch.from_numpy(h).to(dtype))
     h64 = h.astype(np.float64)
     assert stats.acc[ACTIVATION, SAT_LOW].item() == (h64 <= lo).sum()
     assert stats.acc[ACTIVATION, SAT_HIGH].item() == (h64 >= hi).sum()
@@ -562,6 +564,6 @@ def test_saturation_thresholds_exact_on_the_masked_path_too():
     near = [f32(hi), np.nextafter(f32(hi), f32(2)), f32(lo), np.nextafter(f32(lo), f32(-2))]
     h = np.array([*near, np.nan, np.inf], dtype=np.float32)
     stats = LayerStats(get_activation("tanh"), saturation_thresholds=(lo, hi))
-    stats.update(ACTIVATION, torch.from_numpy(h))
+    update(stats, ACTIVATION, torch.from_numpy(h))
     assert stats.acc[ACTIVATION, SAT_LOW].item() == 1
     assert stats.acc[ACTIVATION, SAT_HIGH].item() == 1

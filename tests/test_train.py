@@ -14,7 +14,7 @@ import torch
 
 from fastmlp.cli import build_parser, main
 from fastmlp.run import load_checkpoint, read_jsonl
-from fastmlp.snapshot import ROW_FIELDS
+from fastmlp.stats.snapshot import ROW_FIELDS
 from fastmlp.train import TrainConfig, train
 
 TINY = dict(

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastmlp.stats import (
+from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.layout import (
     ACTIVATION,
     COUNT,
     MAX,
@@ -20,13 +21,13 @@ from fastmlp.stats import (
     SAT_LOW,
     SUM,
     SUMSQ,
-    LayerStats,
 )
 
 __all__ = ["QuantityStats", "Snapshot", "ROW_FIELDS"]
 
 ROW_FIELDS = (
     "layer",
+    "name",
     "quantity",
     "count",
     "mean",
@@ -69,6 +70,8 @@ class QuantityStats:
     hist_counts: list[int] | None = field(default=None, repr=False)
     underflow: int | None = None
     overflow: int | None = None
+    name: str | None = None
+    """The layer's module path (e.g. ``layers.2``), where known."""
 
     @property
     def saturated(self) -> float | None:
@@ -120,12 +123,13 @@ def quantity_stats(
     hist: np.ndarray | None,
     hist_range: np.ndarray,
     saturation: bool,
+    name: str | None = None,
 ) -> QuantityStats:
     """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
     n = int(acc[COUNT])
     nonfinite = int(acc[NONFINITE])
     if n == 0:
-        return QuantityStats(layer, QUANTITIES[q], 0, nonfinite)
+        return QuantityStats(layer, QUANTITIES[q], 0, nonfinite, name=name)
     m1 = acc[SUM] / n
     var = max(acc[SUMSQ] / n - m1 * m1, 0.0)
     kw: dict = {
@@ -145,22 +149,31 @@ def quantity_stats(
         kw["hist_counts"] = hist[1:-1].astype(np.int64).tolist()
         kw["underflow"] = int(hist[0])
         kw["overflow"] = int(hist[-1])
-    return QuantityStats(layer, QUANTITIES[q], n, nonfinite, **kw)
+    return QuantityStats(layer, QUANTITIES[q], n, nonfinite, name=name, **kw)
 
 
 class Snapshot:
     """Statistics of every instrumented layer, copied to the host.
 
     Index as ``snapshot[layer][quantity]`` (layers are 1-based; the output
-    layer of an :class:`~fastmlp.MLP` is ``depth + 1``).
+    layer of an :class:`~fastmlp.MLP` is ``depth + 1``) or by module path,
+    ``snapshot["layers.2"][quantity]``.
     """
 
     def __init__(self, layers: dict[int, dict[str, QuantityStats]]) -> None:
         self.layers = layers
 
     @classmethod
-    def from_layers(cls, indexed: Sequence[tuple[int, LayerStats]]) -> Snapshot:
-        """Copy the accumulators of ``(layer index, LayerStats)`` pairs to the host at once."""
+    def from_layers(
+        cls,
+        indexed: Sequence[tuple[int, LayerStats]],
+        names: Sequence[str | None] | None = None,
+    ) -> Snapshot:
+        """Copy the accumulators of ``(layer index, LayerStats)`` pairs to the host at once.
+
+        ``names``: each layer's module path, reported in its rows.
+        """
+        names = list(names) if names is not None else [None] * len(indexed)
         if not indexed:
             return cls({})
         parts = []
@@ -170,7 +183,8 @@ class Snapshot:
         flat = torch.cat([p.to(indexed[0][1].acc.device) for p in parts]).cpu().numpy()
         layers: dict[int, dict[str, QuantityStats]] = {}
         pos = 0
-        for index, s in indexed:
+        calibrated = [s.calibrated for _, s in indexed]
+        for (index, s), name, cal in zip(indexed, names, calibrated, strict=True):
             nq, nf = s.acc.shape
             acc = flat[pos : pos + nq * nf].reshape(nq, nf)
             pos += nq * nf
@@ -181,20 +195,28 @@ class Snapshot:
             hist = flat[pos : pos + s.hist.numel()].reshape(s.hist.shape)
             pos += s.hist.numel()
             layers[index] = {
-                name: quantity_stats(
+                qname: quantity_stats(
                     index,
                     q,
                     acc[q],
                     shift[q],
-                    hist[q] if s.histograms and s.calibrated[q] else None,
+                    hist[q] if s.histograms and cal[q] else None,
                     rng[q],
                     s.saturation_active,
+                    name,
                 )
-                for q, name in enumerate(QUANTITIES)
+                for q, qname in enumerate(QUANTITIES)
             }
         return cls(layers)
 
-    def __getitem__(self, layer: int) -> dict[str, QuantityStats]:
+    def __getitem__(self, layer: int | str) -> dict[str, QuantityStats]:
+        """A layer's quantities, by layer number or by module path (``"layers.2"``)."""
+        if isinstance(layer, str):
+            for quantities in self.layers.values():
+                if next(iter(quantities.values())).name == layer:
+                    return quantities
+            names = [next(iter(v.values())).name for _, v in sorted(self.layers.items())]
+            raise KeyError(f"no layer named {layer!r}; layers are {names}")
         try:
             return self.layers[layer]
         except KeyError:

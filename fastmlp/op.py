@@ -1,0 +1,261 @@
+"""The instrumented dense op: ``h = f(x W^T + b)`` that records per-layer statistics.
+
+This is what PyTorch sees of fastmlp: two ``torch.library`` custom ops,
+``fastmlp::dense_forward`` and ``fastmlp::dense_backward``, that mutate the layer's
+statistics buffers (declared in ``mutates_args``, so ``torch.compile(fullgraph=True)``,
+``torch.export`` and CUDA graphs see one node per pass and the statistics keep updating),
+with fake implementations for tracing, and one ``autograd.Function``
+(:class:`DenseFunction`) that calls them.
+
+Which implementation runs is decided in one place, :func:`route`, for every pass:
+
+- ``"triton"``: the fused kernels (:mod:`fastmlp.kernels`) — for ``backend="auto"`` on CUDA
+  tensors and ``backend="triton"`` (on CPU tensors only under ``TRITON_INTERPRET=1``),
+  when the kernels take the inputs (float32/float16/bfloat16, a built-in activation, a
+  non-empty batch) and every quantity of the pass is calibrated;
+- ``"torch"``: the PyTorch path (:mod:`fastmlp.torch_path`) otherwise. It calibrates a
+  quantity's shift and histogram range on its first pass after a reset, so the first pass
+  of a kernel layer runs here too. On the CPU it reads values on the host (inside the
+  opaque op, which is allowed); on a GPU it does not.
+
+Inside the op the calibration flags are read from the host-side ``state`` buffer, so no
+pass synchronises with a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from fastmlp import torch_path
+from fastmlp.activations import get_activation
+from fastmlp.stats.layout import (
+    ACTIVATION,
+    CALIBRATED,
+    PREACTIVATION,
+    PREACTIVATION_GRAD,
+    WEIGHT_GRAD,
+    Buffers,
+    Settings,
+)
+
+__all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
+
+BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MUTATED = ("acc", "shift", "hist", "hist_range", "state")
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """The kernels package, or ``None`` where Triton cannot be imported."""
+    try:
+        from fastmlp import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def route(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    activation: str,
+    state: torch.Tensor,
+    quantities: tuple[int, int],
+    enabled: bool,
+) -> str:
+    """``"triton"`` or ``"torch"``: the implementation of one pass (see the module docstring).
+
+    ``quantities``: the two quantities the pass records; a pass whose quantities are not all
+    calibrated runs on the PyTorch path, which calibrates them.
+    """
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return "torch"
+    kernels = _kernels()
+    if kernels is None or not kernels.supported(x, weight, activation):
+        if backend == "triton" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+            if kernels is None or not kernels.INTERPRET:
+                raise RuntimeError(
+                    "the Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 "
+                    "before triton is imported, or use backend='torch'"
+                )
+        return "torch"
+    if enabled and not (state[CALIBRATED, quantities[0]] and state[CALIBRATED, quantities[1]]):
+        return "torch"
+    return "triton"
+
+
+def _settings(
+    activation: str, enabled: bool, histograms: bool, saturation: bool, lo: float, hi: float
+) -> Settings:
+    return Settings(enabled, histograms, saturation, lo, hi, get_activation(activation).bounded)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)
+def dense_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    acc: torch.Tensor,
+    shift: torch.Tensor,
+    hist: torch.Tensor,
+    hist_range: torch.Tensor,
+    state: torch.Tensor,
+    activation: str,
+    backend: str,
+    enabled: bool,
+    histograms: bool,
+    saturation: bool,
+    sat_low: float,
+    sat_high: float,
+) -> torch.Tensor:
+    """``f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and ``activation``."""
+    bufs = Buffers(acc, shift, hist, hist_range, state)
+    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
+    if how == "triton":
+        kernels = _kernels()
+        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
+    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+
+
+@dense_forward.register_fake
+def _(x, weight, bias, acc, shift, hist, hist_range, state, activation, backend, *flags):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)
+def dense_backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    acc: torch.Tensor,
+    shift: torch.Tensor,
+    hist: torch.Tensor,
+    hist_range: torch.Tensor,
+    state: torch.Tensor,
+    activation: str,
+    backend: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    enabled: bool,
+    histograms: bool,
+    saturation: bool,
+    sat_low: float,
+    sat_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities."""
+    bufs = Buffers(acc, shift, hist, hist_range, state)
+    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
+    if how == "triton":
+        kernels = _kernels()
+        act_id = kernels.ACT_IDS[activation]
+        grads = kernels.backward(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
+    else:
+        act = get_activation(activation)
+        grads = torch_path.backward(dh, x, weight, h, act, bufs, settings, need_x, need_w, need_b)
+    # Outputs must not alias each other: a fresh empty tensor for each one not needed.
+    return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+@dense_backward.register_fake
+def _(dh, x, weight, h, acc, shift, hist, hist_range, state, activation, backend, nx, nw, nb, *f):
+    n = weight.shape[0]
+    return (
+        x.new_empty(x.shape) if nx else x.new_empty(0),
+        weight.new_empty(weight.shape) if nw else x.new_empty(0),
+        weight.new_empty(n) if nb else x.new_empty(0),
+    )
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class DenseFunction(torch.autograd.Function):
+    """Autograd of the instrumented dense op: forward and backward are the two custom ops.
+
+    Arguments as :func:`dense`. Double backward is not supported (the backward runs
+    without recording a graph).
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
+        return torch.ops.fastmlp.dense_forward(
+            x, weight, bias, *bufs, activation, backend, *_flags(settings)
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, weight, bias, bufs, activation, backend, settings = inputs
+        ctx.save_for_backward(x, weight, output)
+        # The buffers are mutated by every pass: kept as attributes, not saved tensors
+        # (whose version check would fail when a later pass has updated them).
+        ctx.bufs = bufs
+        ctx.activation = activation
+        ctx.backend = backend
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        x, weight, h = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        with torch.no_grad():
+            dx, dw, db = torch.ops.fastmlp.dense_backward(
+                dh,
+                x,
+                weight,
+                h,
+                *ctx.bufs,
+                ctx.activation,
+                ctx.backend,
+                need_x,
+                need_w,
+                need_b,
+                *_flags(ctx.settings),
+            )
+        return (
+            dx if need_x else None,
+            dw if need_w else None,
+            db if need_b else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # type: ignore[override]
+        raise NotImplementedError(
+            "fastmlp's instrumented layers do not support torch.func.vmap: their statistics "
+            "accumulate over the whole batch. Call the model on the batch directly, or switch "
+            "statistics off (model.stats.enabled = False) and vmap a plain copy of the model."
+        )
+
+
+def _flags(s: Settings) -> tuple[bool, bool, bool, float, float]:
+    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high
+
+
+def dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    settings: Settings,
+) -> torch.Tensor:
+    """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
+    ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
+    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)

@@ -1,0 +1,135 @@
+"""The statistics buffer layout shared by the PyTorch path, the Triton kernels and the snapshot.
+
+For each of the four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
+buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
+
+- ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
+  nonfinite, sat_low, sat_high``, where ``sum`` and ``sumsq`` are
+  ``sum(x - shift[q])`` and ``sum((x - shift[q])**2)`` over finite values;
+- ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
+  the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
+- ``hist[q]``: int64 ``[bins + 2]`` = ``underflow, bins..., overflow``;
+- ``hist_range[q]``: float64 ``(low, high)``. Bins are ``[e_i, e_i+1)``, the
+  last one closed; underflow is ``x < low``, overflow ``x > high``;
+- ``state``: float64 ``[2, 4]`` kept on the host (CPU) whatever the device of
+  the others: row :data:`CALIBRATED` holds 1 for each calibrated quantity, row
+  :data:`CENTER` the PyTorch path's centring hint (a float32 number). Host
+  code reads it without synchronising with a GPU.
+
+Calibration happens on the first update after a reset: ``shift`` becomes that
+batch's mean, and quantities without a fixed range get the symmetric range
+``+-R`` with ``R`` the smallest power of two strictly above the batch's largest
+``|x|``. Afterwards, whenever a batch exceeds ``R`` (those values are counted as
+under/overflow), ``R`` becomes the smallest power of two above that batch's
+largest ``|x|`` and existing bins are merged exactly, so later batches are
+covered. Bin indices are ``floor(x * scale) + offset`` in the input's precision.
+One corner is not exact: a value exactly equal to the current ``+R`` sits in the
+closed last bin, and a later growth merges it into the bin below ``R``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "QUANTITIES",
+    "PREACTIVATION",
+    "ACTIVATION",
+    "PREACTIVATION_GRAD",
+    "WEIGHT_GRAD",
+    "FIELDS",
+    "NFIELDS",
+    "CALIBRATED",
+    "CENTER",
+    "Buffers",
+    "Settings",
+    "empty_acc",
+    "as_float32",
+    "pow2_above",
+    "saturation_bounds",
+]
+
+QUANTITIES = ("preactivation", "activation", "preactivation_grad", "weight_grad")
+PREACTIVATION, ACTIVATION, PREACTIVATION_GRAD, WEIGHT_GRAD = range(4)
+FIELDS = ("count", "sum", "sumsq", "min", "max", "nonfinite", "sat_low", "sat_high")
+COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH = range(len(FIELDS))
+NFIELDS = len(FIELDS)
+NQ = len(QUANTITIES)
+#: Rows of ``state``.
+CALIBRATED, CENTER = 0, 1
+
+
+class Buffers(NamedTuple):
+    """One layer's statistics buffers (layout above), as the op and the kernels take them."""
+
+    acc: torch.Tensor
+    shift: torch.Tensor
+    hist: torch.Tensor
+    hist_range: torch.Tensor
+    state: torch.Tensor
+
+    @property
+    def bins(self) -> int:
+        return self.hist.shape[-1] - 2
+
+
+class Settings(NamedTuple):
+    """What one pass records, beside the buffers.
+
+    ``saturation``: count saturation (the thresholds ``sat_low``/``sat_high`` are the real
+    numbers; :func:`saturation_bounds` rounds them for a dtype). ``fixed_activation``: the
+    activation quantity is histogrammed on a fixed range (a bounded activation).
+    """
+
+    enabled: bool
+    histograms: bool
+    saturation: bool
+    sat_low: float
+    sat_high: float
+    fixed_activation: bool
+
+    def fixed_range(self, q: int) -> bool:
+        """Whether quantity ``q`` has a fixed histogram range."""
+        return q == ACTIVATION and self.fixed_activation
+
+
+def empty_acc(device: torch.device | str | None = None) -> torch.Tensor:
+    """A fresh ``acc`` buffer: zero counts and sums, extremes at +-inf."""
+    acc = torch.zeros(NQ, NFIELDS, dtype=torch.float64, device=device)
+    acc[:, MIN] = float("inf")
+    acc[:, MAX] = float("-inf")
+    return acc
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32: a centre that ``x - c`` uses exactly in any float dtype."""
+    return float(np.float32(value))
+
+
+@functools.cache
+def saturation_bounds(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The thresholds as ``dtype`` numbers ``(lo, hi)`` such that, for ``x`` of that dtype,
+    ``x <= lo`` and ``x >= hi`` hold exactly when they hold for the real thresholds
+    (``lo`` rounded down, ``hi`` rounded up)."""
+    if dtype == torch.float64:
+        return lo, hi
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    # Compared as Python floats: NumPy would round the Python operand to float32 first.
+    if float(lo32) > lo:
+        lo32 = np.nextafter(lo32, np.float32(-np.inf))
+    if float(hi32) < hi:
+        hi32 = np.nextafter(hi32, np.float32(np.inf))
+    return float(lo32), float(hi32)
+
+
+def pow2_above(m: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two strictly above ``m`` (float64, exact); 1 for 0 or non-finite ``m``."""
+    m = m.to(torch.float64)
+    ok = torch.isfinite(m) & (m > 0)
+    # m = mantissa * 2**exponent, m < 2**exponent
+    _, exponent = torch.frexp(torch.where(ok, m, 1.0))
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), 1.0)
