@@ -80,8 +80,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fastmlp.snapshot import QuantityStats, Snapshot
@@ -95,6 +97,7 @@ __all__ = [
     "findings_json",
     "format_findings",
     "from_rows",
+    "load_run_snapshot",
     "worst",
 ]
 
@@ -361,21 +364,16 @@ def _saturation(layer: dict[str, QuantityStats], i: int, t: Thresholds) -> list[
         severity = "info"
     else:
         return []
-    if near_lo >= near_hi:
-        main, other = near_lo, near_hi
-        side = f"h <= {near_lo_at:.3g}"
-        if other >= 0.005:
-            side += f" ({100 * other:.0f}% at h >= {near_hi_at:.3g})"
+    lo_text, hi_text = f"h <= {near_lo_at:.3g}", f"h >= {near_hi_at:.3g}"
+    if near_hi < 0.005 or near_lo < 0.005:
+        desc = f"{100 * total:.0f}% at {lo_text if near_lo >= near_hi else hi_text}"
     else:
-        main, other = near_hi, near_lo
-        side = f"h >= {near_hi_at:.3g}"
-        if other >= 0.005:
-            side += f" ({100 * other:.0f}% at h <= {near_lo_at:.3g})"
+        desc = (
+            f"{100 * total:.0f}% near the bounds ({100 * near_lo:.0f}% at {lo_text}, "
+            f"{100 * near_hi:.0f}% at {hi_text})"
+        )
     mostly = "mostly" if severity == "warning" else "partly"
-    msg = (
-        f"activations {mostly} saturated: {100 * main:.0f}% at {side}, mean {a.mean:.3g}; "
-        "gradients through this layer are damped"
-    )
+    msg = f"activations {mostly} saturated: {desc}, mean {a.mean:.3g}; gradients through it damped"
     evidence = {
         "near_low": near_lo,
         "near_high": near_hi,
@@ -507,3 +505,56 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+def load_run_snapshot(
+    run_dir: str | os.PathLike, step: int | None = None, source: str = "probe"
+) -> tuple[int, Snapshot]:
+    """The snapshot logged in ``run_dir/stats.jsonl`` at ``step`` (default: the latest).
+
+    Returns ``(step, snapshot)``. Rows with another ``source`` (``probe`` or
+    ``train``) are ignored. A last line cut short (a run being written, or
+    killed mid-line) is skipped; any other unreadable line is an error.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a directory or has no ``stats.jsonl``.
+        ValueError: a line is not JSON, there is no ``source`` snapshot, or
+            ``step`` was not logged (the message lists the steps that were).
+    """
+    from fastmlp.run import STATS
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a directory")
+    path = run / STATS
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no {STATS})")
+    by_step: dict[int, list[dict]] = {}
+    with path.open(encoding="utf-8") as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines) and not line.endswith("\n"):
+                break  # a row still being written
+            raise ValueError(f"{path}:{n} is not a JSON row") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{n} is not a statistics row (no step)")
+        if row.get("source", "probe") == source:
+            by_step.setdefault(int(row["step"]), []).append(row)
+    if not by_step:
+        raise ValueError(f"{path} holds no {source} statistics yet")
+    if step is None:
+        step = max(by_step)
+    elif step not in by_step:
+        steps = sorted(by_step)
+        shown = (
+            ", ".join(map(str, steps))
+            if len(steps) <= 12
+            else (f"{', '.join(map(str, steps[:5]))}, ..., {', '.join(map(str, steps[-5:]))}")
+        )
+        raise ValueError(f"no {source} statistics at step {step} in {path}; steps: {shown}")
+    return step, from_rows(by_step[step])
