@@ -8,8 +8,9 @@ Layout of ``RUN/``::
     jacobian.jsonl    {"step", "layer", "examples", "mean", "std", "min", "max", "median"}
     checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:
                       the stream regenerates batch k from it), RNG states, log positions
-    tb/               TensorBoard events (only when tensorboard is importable)
-    figures/          PNGs written by ``fastmlp plot``
+    tb/               TensorBoard events (a warning on stderr when tensorboard is not importable)
+    figures/          PNGs written at the end of ``fastmlp train`` and by ``fastmlp plot``
+    diagnosis.json    findings of fastmlp.diagnosis on the last probe (end of ``fastmlp train``)
 
 Exactly-once logging: rows are appended as they are produced; each checkpoint
 records, for every JSONL file, the byte offset and line count reached when it
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,8 @@ class RunDir:
         path: the run directory (created if missing).
         enabled: write anything at all; ``False`` on non-zero ranks of a
             distributed job, so only rank 0 touches the directory.
-        tensorboard: write TensorBoard events under ``tb/`` when tensorboard is importable.
+        tensorboard: write TensorBoard events under ``tb/`` (when tensorboard cannot be
+            imported, a line on stderr says so and no events are written).
     """
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
@@ -252,9 +255,16 @@ class RunDir:
 
 
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
+    """A SummaryWriter, or ``None`` with one line on stderr saying why when tensorboard cannot
+    be imported (it is a dependency of fastmlp, but an environment may lack it)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError as e:
+        print(
+            f"fastmlp: no TensorBoard events in {logdir}: {e} "
+            "(pip install tensorboard, or --no-tensorboard to silence this)",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
