@@ -7,6 +7,7 @@ from fastmlp.mlp import MLP
 from fastmlp.model_stats import ModelStats, instrumented_layers
 from fastmlp.probe import probe
 from fastmlp.stats import QUANTITIES, LayerStats, QuantityStats, Snapshot
+from fastmlp.stats.diagnosis import Finding, Thresholds, diagnose
 
 __version__ = "0.1.0"
 
@@ -16,12 +17,15 @@ __all__ = [
     "MLP",
     "QUANTITIES",
     "Activation",
+    "Finding",
     "InstrumentedLinear",
     "LayerStats",
     "ModelStats",
     "QuantityStats",
     "Snapshot",
+    "Thresholds",
     "__version__",
+    "diagnose",
     "get_activation",
     "initialize_",
     "instrumented_layers",

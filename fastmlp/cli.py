@@ -10,7 +10,7 @@ import fastmlp
 
 # Modules under fastmlp.commands, each with ``register(subparsers)`` adding its sub-command
 # (a parser whose ``func(args) -> int`` runs it).
-COMMANDS: tuple[str, ...] = ("train", "plot", "reproduce", "bench")
+COMMANDS: tuple[str, ...] = ("train", "diagnose", "plot", "reproduce", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

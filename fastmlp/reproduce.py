@@ -3,7 +3,8 @@
 ``reproduce(dataset, budget)`` trains the paper's models (sigmoid, tanh, tanh N,
 softsign, softsign N with 5 hidden layers, and sigmoid with 4) one after the
 other, draws their figures and writes ``report.md``: the test error of each
-model at this budget beside the paper's Table 1. Runs that already finished are
+model at this budget beside the paper's Table 1, and what :mod:`fastmlp.diagnosis`
+reads in each model's last probe. Runs that already finished are
 reused and interrupted ones resumed, so rerunning the command continues.
 
 Budgets (all with SGD on minibatches of 10, as in the paper):
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmlp.plot import plot_run, plot_test_error
-from fastmlp.run import CHECKPOINT, METRICS, load_checkpoint, read_jsonl
+from fastmlp.run import CHECKPOINT, METRICS, load_checkpoint, load_run_snapshot, read_jsonl
+from fastmlp.stats.diagnosis import Finding, diagnose
+from fastmlp.summary import read_diagnosis
 from fastmlp.train import TrainConfig, train
 
 __all__ = ["BUDGETS", "MODELS", "PAPER_TABLE1", "Budget", "Model", "reproduce", "report_markdown"]
@@ -162,6 +165,25 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
+def _diagnosis_line(run: Path) -> str:
+    """The findings at warning level or above of a run's last probe, for the report."""
+    saved = read_diagnosis(run)
+    if saved is not None:
+        step, findings = saved.get("step"), [Finding.from_dict(d) for d in saved["findings"]]
+    else:  # a run finished before diagnosis.json existed: diagnose its stats.jsonl
+        try:
+            step, snap = load_run_snapshot(run)
+        except (OSError, ValueError) as e:
+            return f"no diagnosis ({e})"
+        findings = diagnose(snap)
+    shown = [f for f in findings if f.rank >= 1]
+    if not shown:
+        return f"step {step}: no warning"
+    return f"step {step}: " + "; ".join(
+        f"`{f.code}` layer {f.layer} ({f.severity}): {f.message}" for f in shown
+    )
+
+
 def report_markdown(
     dataset: str,
     budget_name: str,
@@ -202,6 +224,14 @@ def report_markdown(
             f"The `{budget_name}` budget trains for {budget.steps} steps instead of the paper's "
             "5 million: compare the ranking and the early dynamics, not the numbers.",
         ]
+    lines += ["", "## Diagnosis", ""]
+    lines += [
+        "What `fastmlp diagnose` reads in each model's last probe (warnings and errors; "
+        "every finding with its numbers is in the run's `diagnosis.json`):",
+        "",
+    ]
+    for model, run in runs:
+        lines.append(f"- **{model.label}** (depth {model.depth}), {_diagnosis_line(run)}")
     lines += ["", "## Figures", "", "Test error of every model during training (Fig 11):", ""]
     lines.append("![test error](fig11_test_error.png)")
     lines.append("")
@@ -260,13 +290,14 @@ def reproduce(
         if progress:
             print(f"[{i}/{len(models)}] {model.label}, depth {model.depth}", file=sys.stderr)
         if state is None:
-            train(config)
+            train(config)  # draws the run's figures and writes diagnosis.json at its end
         elif state < config.steps:
             saved = json.loads((run_dir / "config.json").read_text())
             if saved.get("steps") != config.steps:
                 raise ValueError(f"{run_dir} was made with another budget; use another --out")
             train(config, resume=True)
-        plot_run(run_dir)
+        else:  # finished earlier, perhaps by a version that drew no figures
+            plot_run(run_dir)
         runs.append((model, run_dir))
     plot_test_error([r for _, r in runs], out / "fig11_test_error.png")
     report = out / "report.md"

@@ -8,8 +8,9 @@ Layout of ``RUN/``::
     jacobian.jsonl    {"step", "layer", "examples", "mean", "std", "min", "max", "median"}
     checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:
                       the stream regenerates batch k from it), RNG states, log positions
-    tb/               TensorBoard events (only when tensorboard is importable)
-    figures/          PNGs written by ``fastmlp plot``
+    tb/               TensorBoard events (a warning on stderr when tensorboard is not importable)
+    figures/          PNGs written at the end of ``fastmlp train`` and by ``fastmlp plot``
+    diagnosis.json    findings of fastmlp.diagnosis on the last probe (end of ``fastmlp train``)
 
 Exactly-once logging: rows are appended as they are produced; each checkpoint
 records, for every JSONL file, the byte offset and line count reached when it
@@ -23,17 +24,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastmlp.stats.snapshot import Snapshot
+
 __all__ = [
     "LOG_FILES",
     "RunDir",
     "read_jsonl",
     "load_checkpoint",
+    "load_run_snapshot",
     "save_checkpoint",
 ]
 
@@ -110,7 +115,8 @@ class RunDir:
         path: the run directory (created if missing).
         enabled: write anything at all; ``False`` on non-zero ranks of a
             distributed job, so only rank 0 touches the directory.
-        tensorboard: write TensorBoard events under ``tb/`` when tensorboard is importable.
+        tensorboard: write TensorBoard events under ``tb/`` (when tensorboard cannot be
+            imported, a line on stderr says so and no events are written).
     """
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
@@ -252,9 +258,16 @@ class RunDir:
 
 
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
+    """A SummaryWriter, or ``None`` with one line on stderr saying why when tensorboard cannot
+    be imported (it is a dependency of fastmlp, but an environment may lack it)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError as e:
+        print(
+            f"fastmlp: no TensorBoard events in {logdir}: {e} "
+            "(pip install tensorboard, or --no-tensorboard to silence this)",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
@@ -284,3 +297,54 @@ def _add_histogram(tb: Any, tag: str, r: dict, step: int) -> None:
         bucket_counts=bucket_counts,
         global_step=step,
     )
+
+
+def load_run_snapshot(
+    run_dir: str | os.PathLike, step: int | None = None, source: str = "probe"
+) -> tuple[int, Snapshot]:
+    """The snapshot logged in ``run_dir/stats.jsonl`` at ``step`` (default: the latest).
+
+    Returns ``(step, snapshot)``. Rows with another ``source`` (``probe`` or
+    ``train``) are ignored. A last line cut short (a run being written, or
+    killed mid-line) is skipped; any other unreadable line is an error.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a directory or has no ``stats.jsonl``.
+        ValueError: a line is not JSON, there is no ``source`` snapshot, or
+            ``step`` was not logged (the message lists the steps that were).
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a directory")
+    path = run / STATS
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no {STATS})")
+    by_step: dict[int, list[dict]] = {}
+    with path.open(encoding="utf-8") as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines) and not line.endswith("\n"):
+                break  # a row still being written
+            raise ValueError(f"{path}:{n} is not a JSON row") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{n} is not a statistics row (no step)")
+        if row.get("source", "probe") == source:
+            by_step.setdefault(int(row["step"]), []).append(row)
+    if not by_step:
+        raise ValueError(f"{path} holds no {source} statistics yet")
+    if step is None:
+        step = max(by_step)
+    elif step not in by_step:
+        steps = sorted(by_step)
+        shown = (
+            ", ".join(map(str, steps))
+            if len(steps) <= 12
+            else (f"{', '.join(map(str, steps[:5]))}, ..., {', '.join(map(str, steps[-5:]))}")
+        )
+        raise ValueError(f"no {source} statistics at step {step} in {path}; steps: {shown}")
+    return step, Snapshot.from_rows(by_step[step])

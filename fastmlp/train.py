@@ -46,6 +46,7 @@ from fastmlp.mlp import MLP
 from fastmlp.probe import probe
 from fastmlp.run import RunDir, load_checkpoint, save_checkpoint
 from fastmlp.stats.snapshot import Snapshot
+from fastmlp.summary import compact_finding, finish_run, twin_at_init
 
 __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
@@ -101,6 +102,8 @@ class TrainConfig:
     checkpoint_every: int | None = None
     """Steps between checkpoints; ``None``: at every evaluation, probe and Jacobian step."""
     tensorboard: bool = True
+    figures: bool = True
+    """Draw the paper's figures into ``RUN/figures/`` at the end (:mod:`fastmlp.summary`)."""
     progress: bool = True
     extra: dict = field(default_factory=dict)
     """Free-form labels carried into ``config.json`` (e.g. by ``fastmlp reproduce``)."""
@@ -476,13 +479,15 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         if bar is not None:
             bar.close()
         run.close()
-    if is_main and config.progress:
+    if is_main:  # diagnosis.json, figures and the per-layer summary (fastmlp.summary)
         elapsed = time.perf_counter() - t0
-        print(
-            f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n"
-            f"  draw its figures: fastmlp plot {run_dir}",
-            file=sys.stderr,
-        )
+        twin = twin_at_init(model, x_probe, y_probe, seed=config.seed)  # the other paper init
+        report = finish_run(run_dir, figures=config.figures, twin=twin)
+        if config.progress:
+            print(
+                f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n{report}",
+                file=sys.stderr,
+            )
     return run_dir
 
 
@@ -515,8 +520,9 @@ def _check_compatible(saved: TrainConfig, config: TrainConfig) -> None:
 def _postfix(
     running: torch.Tensor, test_error: float | None, snap: Snapshot | None, depth: int
 ) -> str:
-    """``loss=.. err=..% test=..% sat%=a|b|c|d|e``: training loss and error since the last
-    evaluation, the last test error and the saturated activations of each hidden layer."""
+    """``loss=.. err=..% test=..% sat%=a|b|c|d|e code@layer``: training loss and error since the
+    last evaluation, the last test error, the saturated activations of each hidden layer and the
+    last probe's worst finding (warning or error; :mod:`fastmlp.diagnosis`)."""
     loss_sum, wrong, n = running.tolist()
     parts = []
     if n:
@@ -525,7 +531,8 @@ def _postfix(
         parts.append(f"test={test_error:.1f}%")
     if snap is not None:
         parts.append(f"sat%={_saturation_readout(snap, depth)}")
-    return " ".join(parts)
+        parts.append(compact_finding(snap))  # the worst finding at warning level, e.g. saturation@5
+    return " ".join(p for p in parts if p)
 
 
 def _progress(config: TrainConfig, step: int, is_main: bool):  # noqa: ANN202 - tqdm or None

@@ -25,7 +25,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             cfg = TrainConfig(
                 depth=3, width=20, init=init, steps=20, eval_every=10, probe_every=10,
                 probe_size=60, valid_size=100, test_size=100, jacobian_every=10,
-                jacobian_examples=2, progress=False, tensorboard=False, out=str(root / init),
+                jacobian_examples=2, progress=False, tensorboard=False, figures=False,
+                out=str(root / init),
             )  # fmt: skip
             out.append(train(cfg))
         return out

@@ -18,7 +18,7 @@ from fastmlp.run import LOG_FILES, RunDir, load_checkpoint, read_jsonl, save_che
 ARGS = [
     "--depth", "3", "--width", "48", "--steps", "120", "--eval-every", "10",
     "--probe-every", "10", "--jacobian-every", "40", "--valid-size", "300", "--test-size", "300",
-    "--probe-size", "100", "--seed", "3", "--lr", "0.05", "--no-progress",
+    "--probe-size", "100", "--seed", "3", "--lr", "0.05", "--no-progress", "--no-figures",
 ]  # fmt: skip
 
 
@@ -129,7 +129,7 @@ def test_resume_with_more_steps_extends_the_run(tmp_path: Path) -> None:
     try:
         kw = dict(depth=2, width=12, eval_every=10, probe_every=10, probe_size=40,
                   valid_size=50, test_size=50, jacobian_every=-1, progress=False,
-                  tensorboard=False)  # fmt: skip
+                  tensorboard=False, figures=False)  # fmt: skip
         whole = train(TrainConfig(steps=40, out=str(tmp_path / "whole"), **kw))
         part = train(TrainConfig(steps=20, out=str(tmp_path / "part"), **kw))
         train(TrainConfig(steps=40, out=str(part), **kw), resume=True)
@@ -144,7 +144,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path) -> None:
 
     kw = dict(depth=1, width=8, steps=10, eval_every=5, probe_every=5, probe_size=20,
               valid_size=30, test_size=30, jacobian_every=-1, progress=False,
-              tensorboard=False)  # fmt: skip
+              tensorboard=False, figures=False)  # fmt: skip
     ref = train(TrainConfig(out=str(tmp_path / "ref"), **kw))
     run = tmp_path / "run"
     train(TrainConfig(out=str(run), **kw))

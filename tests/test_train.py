@@ -20,6 +20,7 @@ from fastmlp.train import TrainConfig, train
 TINY = dict(
     depth=2, width=24, steps=30, eval_every=10, probe_every=15, probe_size=50, valid_size=100,
     test_size=100, jacobian_every=0, jacobian_examples=3, progress=False, tensorboard=False,
+    figures=False,
 )  # fmt: skip
 
 
@@ -188,6 +189,8 @@ def test_reproduce_smoke_writes_table_and_figures(tmp_path: Path) -> None:
     assert f"{PAPER_TABLE1['Tanh N']['shapeset']:.2f}" in text
     assert (tmp_path / "fig11_test_error.png").stat().st_size > 0
     assert (tmp_path / "tanh-normalized-d5" / "figures" / "fig02_activation_mean_std.png").exists()
+    assert "## Diagnosis" in text
+    assert "- **Tanh** (depth 5), step 20:" in text and "- **Tanh N** (depth 5), step 20:" in text
     mtime = (tmp_path / "tanh-standard-d5" / "checkpoint.pt").stat().st_mtime_ns
     rp.BUDGETS["tiny-test"] = tiny
     try:  # a second invocation reuses finished runs

@@ -72,7 +72,7 @@ def device_arg(text: str) -> str:
 
 
 # Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = ("steps", "device", "threads", "progress", "tensorboard")
+RESUMABLE = ("steps", "device", "threads", "progress", "tensorboard", "figures")
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,6 +147,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="do not write TensorBoard events",
+    )
+    p.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        default=None,
+        help="do not draw the figures into RUN/figures/ at the end",
     )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.diagnosis import Finding, diagnose
 from fastmlp.stats.layout import (
     ACTIVATION,
     COUNT,
@@ -208,6 +210,33 @@ class Snapshot:
                 for q, qname in enumerate(QUANTITIES)
             }
         return cls(layers)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> Snapshot:
+        """A :class:`~fastmlp.Snapshot` rebuilt from rows of the DESIGN.md schema.
+
+        ``rows`` are one snapshot's rows, e.g. the lines of a run's ``stats.jsonl``
+        with one ``step`` and ``source`` (extra keys such as those are ignored).
+        A ``(layer, quantity)`` pair given twice is an error: the rows of two
+        snapshots were mixed.
+        """
+        known = set(QuantityStats.__dataclass_fields__)
+        layers: dict[int, dict[str, QuantityStats]] = {}
+        for r in rows:
+            missing = [k for k in ("layer", "quantity", "count", "nonfinite") if k not in r]
+            if missing:
+                raise ValueError(f"statistics row without {missing}: {dict(r)!r:.120}")
+            layer, quantity = int(r["layer"]), str(r["quantity"])
+            per = layers.setdefault(layer, {})
+            if quantity in per:
+                raise ValueError(f"two rows for layer {layer} {quantity}: several snapshots mixed")
+            per[quantity] = QuantityStats(**{k: v for k, v in r.items() if k in known})
+        return cls(dict(sorted(layers.items())))
+
+    def diagnose(self, **thresholds: float) -> list[Finding]:
+        """What these statistics say about training, as findings (:mod:`fastmlp.stats.diagnosis`:
+        codes, severities and the documented thresholds, which keyword arguments override)."""
+        return diagnose(self, **thresholds)
 
     def __getitem__(self, layer: int | str) -> dict[str, QuantityStats]:
         """A layer's quantities, by layer number or by module path (``"layers.2"``)."""
