@@ -179,6 +179,10 @@ def _(dh, x, weight, h, acc, shift, hist, hist_range, state, activation, backend
 
 # ----------------------------------------------------------------------------- autograd
 
+#: The ops as the autograd function calls them (one overload each).
+FORWARD_OP = torch.ops.fastmlp.dense_forward.default
+BACKWARD_OP = torch.ops.fastmlp.dense_backward.default
+
 
 class DenseFunction(torch.autograd.Function):
     """Autograd of the instrumented dense op: forward and backward are the two custom ops.
@@ -189,9 +193,7 @@ class DenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        return torch.ops.fastmlp.dense_forward(
-            x, weight, bias, *bufs, activation, backend, *_flags(settings)
-        )
+        return FORWARD_OP(x, weight, bias, *bufs, activation, backend, *_flags(settings))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -211,7 +213,7 @@ class DenseFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         with torch.no_grad():
-            dx, dw, db = torch.ops.fastmlp.dense_backward(
+            dx, dw, db = BACKWARD_OP(
                 dh,
                 x,
                 weight,
