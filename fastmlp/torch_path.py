@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -304,12 +305,14 @@ def scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> 
     return view
 
 
-# oneDNN's matmul with the bias and activation fused into its epilogue: the CPU kernel
-# PyTorch's own compiler uses for linear layers. On the x86 CPU measured here it is faster
-# than MKL's sgemm plus a separate activation pass (bench/: ``fastmlp-off`` vs ``plain``),
-# except on tiny products, where its fixed cost (~15 us) dominates.
+# oneDNN's matmul with the bias and activation fused into its epilogue (the CPU kernel
+# PyTorch's own compiler uses for linear layers) competes with MKL's sgemm (``addmm``, what
+# nn.Linear runs) plus a separate activation pass. Which one wins depends on the CPU and the
+# shape (oneDNN won by 10% on one 2-core EPYC and lost by 20% on another), so it is measured
+# per shape at first use, like ``torch.backends.cudnn.benchmark``, and cached.
 _ONEDNN_POST = {"identity": "none", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ONEDNN_MIN_MACS = 2**18
+# (x shape, weight shape and strides, bias, post-op, threads) -> oneDNN is faster
+_ONEDNN_CHOICE: dict[tuple, bool] = {}
 
 
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -318,10 +321,60 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
-        and x.shape[0] * x.shape[1] * weight.shape[0] >= _ONEDNN_MIN_MACS
         and torch.backends.mkldnn.enabled
         and _onednn_works()
     )
+
+
+def _use_onednn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation | None
+) -> bool:
+    """Whether ``_dense`` runs oneDNN for these operands (measured once per shape)."""
+    if not _onednn_usable(x, weight):
+        return False
+    post = "none" if act is None else act.name
+    key = (x.shape, weight.shape, weight.stride(), bias is not None, post, torch.get_num_threads())
+    choice = _ONEDNN_CHOICE.get(key)
+    if choice is None:
+        choice = _ONEDNN_CHOICE[key] = _onednn_is_faster(x, weight, bias, act)
+    return choice
+
+
+def _onednn_is_faster(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation | None
+) -> bool:
+    """Time both implementations on these operands: one warm-up call each, then the fastest
+    of three alternating calls; oneDNN must win by 5% (ties go to what nn.Linear runs)."""
+
+    def mkl() -> torch.Tensor:
+        return _addmm(x, weight, bias, act)
+
+    def onednn() -> torch.Tensor:
+        return _linear_pointwise(x, weight, bias, act)
+
+    best = {mkl: math.inf, onednn: math.inf}
+    for f in best:
+        f()
+    for _ in range(3):
+        for f in best:
+            t0 = time.perf_counter()
+            f()
+            best[f] = min(best[f], time.perf_counter() - t0)
+    return best[onednn] < 0.95 * best[mkl]
+
+
+def _linear_pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation | None
+) -> torch.Tensor:
+    post = "none" if act is None else _ONEDNN_POST[act.name]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
+
+
+def _addmm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation | None
+) -> torch.Tensor:
+    z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    return z if act is None else act.forward(z)
 
 
 @functools.cache
@@ -343,13 +396,12 @@ def _dense(
     bias: torch.Tensor | None,
     activation: Activation | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``, then ``activation`` if given (one of ``_ONEDNN_POST``'s);
-    oneDNN, with the activation fused, on float32 CPU tensors, cuBLAS/MKL otherwise."""
-    if _onednn_usable(x, weight):
-        post = "none" if activation is None else _ONEDNN_POST[activation.name]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
-    z = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    return z if activation is None else activation.forward(z)
+    """``x @ weight.T + bias``, then ``activation`` if given (one of ``_ONEDNN_POST``'s):
+    oneDNN with the activation fused where it measured faster for this shape, else
+    ``addmm`` (cuBLAS/MKL) and the activation."""
+    if _use_onednn(x, weight, bias, activation):
+        return _linear_pointwise(x, weight, bias, activation)
+    return _addmm(x, weight, bias, activation)
 
 
 def forward(

@@ -10,7 +10,7 @@ from _reference import ACTS, torch_act
 from torch import nn
 from torch.func import functional_call
 
-from fastmlp import ACTIVATIONS, INITS, MLP, InstrumentedLinear, ModelStats
+from fastmlp import ACTIVATIONS, INITS, MLP, InstrumentedLinear, ModelStats, get_activation
 
 
 def _plain(layer: InstrumentedLinear) -> nn.Linear:
@@ -55,9 +55,9 @@ def test_outputs_and_gradients_equal_plain_pytorch(act, batch, bias):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("act", ACTS)
 def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
-    """Products big enough for oneDNN's fused matmul (with the activation fused into it
-    when no statistics need the pre-activation) still equal nn.Linear + activation, and
-    equal the MKL path with oneDNN switched off."""
+    """oneDNN's fused matmul (with the activation fused into it when no statistics need the
+    pre-activation), forced here whatever the per-shape measurement would choose, still
+    equals nn.Linear + activation, and equals the MKL path with oneDNN switched off."""
     from fastmlp import torch_path
 
     used = []
@@ -65,6 +65,8 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     monkeypatch.setattr(
         torch_path, "_onednn_usable", lambda x, w: used.append(usable(x, w)) or used[-1]
     )
+    monkeypatch.setattr(torch_path, "_onednn_is_faster", lambda *a: True)
+    monkeypatch.setattr(torch_path, "_ONEDNN_CHOICE", {})
     g = torch.Generator().manual_seed(7)
     layer = InstrumentedLinear(300, 200, act, bias=bias, zero_bias=False, generator=g)
     layer.stats.enabled = stats
@@ -92,6 +94,43 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
         used.clear()
         torch.testing.assert_close(layer(x), out, **close)
         assert not any(used)
+
+
+@pytest.mark.parametrize("slow", ["onednn", "mkl"])
+def test_onednn_or_addmm_is_chosen_by_measurement_once_per_shape(slow, monkeypatch):
+    """The faster implementation is chosen per shape (here made slow on purpose), measured
+    once and cached; both give the same result."""
+    import time
+
+    from fastmlp import torch_path
+
+    if not torch_path._onednn_usable(torch.ones(2, 2), torch.ones(2, 2)):
+        pytest.skip("oneDNN's fused linear is not available in this PyTorch build")
+    calls = {"onednn": 0, "mkl": 0}
+    impls = {"onednn": torch_path._linear_pointwise, "mkl": torch_path._addmm}
+
+    def timed(name):
+        def run(*args):
+            calls[name] += 1
+            if name == slow:
+                time.sleep(0.002)
+            return impls[name](*args)
+
+        return run
+
+    monkeypatch.setattr(torch_path, "_linear_pointwise", timed("onednn"))
+    monkeypatch.setattr(torch_path, "_addmm", timed("mkl"))
+    monkeypatch.setattr(torch_path, "_ONEDNN_CHOICE", {})
+    x, w, b = torch.randn(7, 30), torch.randn(20, 30), torch.randn(20)
+    act = get_activation("tanh")
+    outs = [torch_path._dense(x, w, b, act) for _ in range(5)]
+    fast = "mkl" if slow == "onednn" else "onednn"
+    assert calls[slow] == 4  # measured once: a warm-up and three timed calls, then never
+    assert calls[fast] == 4 + 5
+    assert list(torch_path._ONEDNN_CHOICE.values()) == [fast == "onednn"]
+    torch.testing.assert_close(outs[0], torch.tanh(torch.addmm(b, x, w.t())))
+    torch_path._dense(torch.randn(8, 30), w, b, act)  # a new shape is measured again
+    assert len(torch_path._ONEDNN_CHOICE) == 2
 
 
 @pytest.mark.parametrize("act", ACTS)
