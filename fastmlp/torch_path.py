@@ -55,6 +55,7 @@ def accumulate(
     q: int,
     x: torch.Tensor,
     total: Callable[[], torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Accumulate quantity ``q`` of ``x`` into ``bufs`` (which must be calibrated for ``q``).
 
@@ -73,7 +74,7 @@ def accumulate(
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
         # mean every element is finite.
         if math.isfinite(mn) and math.isfinite(mx):
-            _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total)
+            _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total, factors)
             return
     _accumulate_masked(bufs, settings, q, x)
 
@@ -86,28 +87,16 @@ def _accumulate_finite_on_host(
     mn: float,
     mx: float,
     total: Callable[[], torch.Tensor] | None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
     n = x.numel()
     d = scratch(n, x.dtype, x.device)
     acc, shift, state = bufs.acc.numpy(), bufs.shift.numpy(), bufs.state.numpy()
-    # Sums of x - c and (x - c)**2 in the input precision are accurate when the offset of
-    # the batch mean from c is at most the batch's spread (the error is relative to
-    # var + offset**2). c is the previous batch's hint (a float32 number, so x - c is
-    # computed against exactly c): 0 when that batch was centred enough (no subtraction
-    # pass at all), else its mean. If this batch is off, recentre.
-    c = float(state[CENTER, q])
-    if c == 0:
-        s1 = float(x.sum() if total is None else total())
-        s2 = _sum_of_squares(x, d)
+    if factors is not None and _factored_is_cheaper(*factors):
+        c, (s1, s2) = 0.0, _factored_moments(*factors)
     else:
-        s1 = float(torch.sub(x, c, out=d).sum())
-        s2 = _sum_of_squares(d, d)
-    offset = s1 / n
-    if offset * offset > s2 / n - offset * offset:
-        c = as_float32(c + offset)
-        s1 = float(torch.sub(x, c, out=d).sum())
-        s2 = _sum_of_squares(d, d)
+        c, s1, s2 = _centred_sums(x, d, float(state[CENTER, q]), total)
     if not (math.isfinite(s1) and math.isfinite(s2)):
         # Huge finite values overflowed float32 sums: take the float64 path instead.
         _accumulate_masked(bufs, settings, q, x)
@@ -128,6 +117,53 @@ def _accumulate_finite_on_host(
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
     if settings.histograms:
         _histogram_on_host(bufs, q, x, mn, mx)
+
+
+def _centred_sums(
+    x: torch.Tensor, d: torch.Tensor, c: float, total: Callable[[], torch.Tensor] | None
+) -> tuple[float, float, float]:
+    """``(c, sum(x - c), sum((x - c)**2))`` in ``x``'s precision, ``d`` a work buffer.
+
+    Sums of x - c and (x - c)**2 in the input precision are accurate when the offset of the
+    batch mean from c is at most the batch's spread (the error is relative to var +
+    offset**2). c is the previous batch's hint (a float32 number, so x - c is computed
+    against exactly c): 0 when that batch was centred enough (no subtraction pass at all),
+    else its mean. If this batch is off, recentre.
+    """
+    if c == 0:
+        s1 = float(x.sum() if total is None else total())
+        s2 = _sum_of_squares(x, d)
+    else:
+        s1 = float(torch.sub(x, c, out=d).sum())
+        s2 = _sum_of_squares(d, d)
+    n = x.numel()
+    offset = s1 / n
+    if offset * offset > s2 / n - offset * offset:
+        c = as_float32(c + offset)
+        s1 = float(torch.sub(x, c, out=d).sum())
+        s2 = _sum_of_squares(d, d)
+    return c, s1, s2
+
+
+def _factored_is_cheaper(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the moments of ``a.T @ b`` cost fewer multiply-adds from its factors (two
+    ``[M, M]`` Gram matrices) than elements of the product (one pass over it)."""
+    m, n = a.shape
+    k = b.shape[1]
+    return m * m * (n + k) <= n * k
+
+
+def _factored_moments(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``(sum(P), sum(P**2))`` of ``P = a.T @ b`` in float64 from its factors, without a pass
+    over ``P``: ``sum(P) = a.sum(1) . b.sum(1)``, ``sum(P**2) = sum((a a.T) * (b b.T))``.
+
+    Exact to float64 rounding for the product of the float32 factors (``P`` itself is that
+    product rounded to float32, a relative difference of float32's epsilon per element).
+    """
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    s1 = float(torch.dot(a64.sum(1), b64.sum(1)))
+    s2 = float(torch.mul(a64 @ a64.t(), b64 @ b64.t()).sum())
+    return s1, s2
 
 
 def _sum_of_squares(v: torch.Tensor, work: torch.Tensor) -> float:
@@ -265,11 +301,16 @@ def record(
     q: int,
     x: torch.Tensor,
     total: Callable[[], torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Accumulate quantity ``q`` of ``x``, calibrating it first if it is not yet."""
+    """Accumulate quantity ``q`` of ``x``, calibrating it first if it is not yet.
+
+    ``total`` returns the sum of ``x``; ``factors`` ``(a, b)`` say that ``x = a.T @ b``. Both
+    are shortcuts the CPU path may take instead of passes over ``x``.
+    """
     if not bufs.state[CALIBRATED, q]:
         calibrate(bufs, settings, q, x)
-    accumulate(bufs, settings, q, x, total)
+    accumulate(bufs, settings, q, x, total, factors)
 
 
 def update(stats: LayerStats, q: int, x: torch.Tensor) -> None:
@@ -447,8 +488,8 @@ def backward(
     if need_w or stats:
         dw = dz.t() @ x
         if stats:
-            # sum(dz.T @ x) from the row sums of the small operands, not a pass over dW.
-            record(bufs, settings, WEIGHT_GRAD, dw, total=lambda: torch.dot(dz.sum(1), x.sum(1)))
+            # Moments of dW = dz.T @ x from the small operands where cheaper than a pass.
+            record(bufs, settings, WEIGHT_GRAD, dw, factors=(dz, x))
     # dx last: it is the next layer's first input, still in cache when that one starts.
     dx = _dense(dz, weight.t(), None) if need_x else None
     return dx, dw if need_w else None, db

@@ -32,23 +32,27 @@ def recorded(monkeypatch):
     seen: dict[str, list[np.ndarray]] = {q: [] for q in QUANTITIES}
     original = torch_path.record
 
-    def spy(bufs, settings, q, x, total=None):
+    def spy(bufs, settings, q, x, total=None, factors=None):
         seen[QUANTITIES[q]].append(x.detach().clone().numpy())
-        original(bufs, settings, q, x, total)
+        original(bufs, settings, q, x, total, factors)
 
     monkeypatch.setattr(torch_path, "record", spy)
     return seen
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("n_in, n_out", [(1024, 1000), (2048, 2048)])
-def test_million_weight_layers_match_float64(recorded, act, n_in, n_out):
+@pytest.mark.parametrize(
+    "batch, n_in, n_out",
+    [(10, 1024, 1000), (10, 2048, 2048), (300, 1024, 1000)],
+    ids=["b10-1M", "b10-4M", "b300-1M"],  # batch 10: dW's moments from its factors
+)
+def test_million_weight_layers_match_float64(recorded, act, batch, n_in, n_out):
     g = torch.Generator().manual_seed(n_in + len(act))
     layer = InstrumentedLinear(n_in, n_out, act, init="standard", generator=g)
     with torch.no_grad():  # a bias, so pre-activations are off-centre
         layer.bias.uniform_(-0.5, 0.5, generator=g)
     for _ in range(2):  # two passes: the accumulation across them too
-        x = torch.rand(10, n_in, generator=g)
+        x = torch.rand(batch, n_in, generator=g)
         out = layer(x)
         out.backward(torch.randn(out.shape, generator=g))
     snap = ModelStats(layer).snapshot()[1]
