@@ -1,13 +1,17 @@
 """The pure-PyTorch path: dense + bias + activation with statistics, on any device.
 
 It computes what the Triton kernels compute (up to float rounding), with ordinary
-PyTorch ops, and is the reference the kernels are tested against. On the CPU, host
-reads are free, so it takes cheap shortcuts: no non-finite masks when a batch's min
-and max are finite, float32 sums centred where they stay accurate (float64 merges),
-scalars updated through NumPy views of the buffers, histogram slots counted in pairs by
-one ``bincount``, no range bookkeeping when nothing left the histogram range; float32
-matmuls run in oneDNN with the activation fused when nothing needs the pre-activation.
-On other devices it never reads device values on the host.
+PyTorch ops, and is the reference the kernels are tested against; :mod:`fastmlp.op` calls
+:func:`forward` and :func:`backward`, whose :func:`record` calibrates a quantity on its
+first pass after a reset and accumulates it. On the CPU, host reads are free, so it takes
+cheap shortcuts: no non-finite masks when a batch's min and max are finite, float32 sums
+centred where they stay accurate (float64 merges, squares summed by ATen's cascade sum),
+the moments of dW from its factors where that is cheaper than a pass over it, scalars
+updated through NumPy views of the buffers, histogram slots counted in pairs by one
+``bincount``, no range bookkeeping when nothing left the histogram range; float32 matmuls
+in oneDNN (the activation fused when nothing needs the pre-activation) or ``addmm``,
+whichever measured faster for the shape. On other devices it never reads device values
+on the host.
 """
 
 from __future__ import annotations

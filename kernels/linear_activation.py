@@ -24,7 +24,7 @@ and accumulated in float64. Float64 inputs (and custom activations) take the
 PyTorch path.
 
 Calibration: a quantity's first update after a reset fixes its shift and
-automatic histogram range from the data (``LayerStats.calibrate``); a pass in
+automatic histogram range from the data (``fastmlp.torch_path.calibrate``); a pass in
 which any of its quantities is not yet calibrated runs through the PyTorch path
 (``LayerStats.update``), later passes run the kernels.
 """

@@ -3,7 +3,7 @@
 ``capture`` runs plain PyTorch (``F.linear`` + the activation written with torch ops) in
 float64 and returns the four quantities; ``stream_stats`` computes, with numpy alone,
 what a statistics accumulator must report after a sequence of batches, following the
-contract of DESIGN.md and the histogram semantics documented in ``fastmlp/stats.py``:
+contract of DESIGN.md and the histogram semantics documented in ``fastmlp/stats/layout.py``:
 
 - moments, min and max over finite values only; non-finite values only counted;
 - bins ``[e_i, e_{i+1})``, the last closed; underflow ``x < low``, overflow ``x > high``;
