@@ -26,7 +26,7 @@ PyTorch path.
 Calibration: a quantity's first update after a reset fixes its shift and
 automatic histogram range from the data (``fastmlp.torch_path.calibrate``); a pass in
 which any of its quantities is not yet calibrated runs through the PyTorch path
-(``LayerStats.update``), later passes run the kernels.
+(``fastmlp.op.route`` decides), later passes run the kernels.
 """
 
 from __future__ import annotations
