@@ -5,12 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastmlp.data import cifar
 from fastmlp.data.shapes import SHAPESET_CLASSES, SIZE, shapeset
 from fastmlp.data.splits import ArrayStream, ShapesetStream, Splits, derive_seed
 
@@ -51,6 +51,10 @@ CIFAR10_FILES = (
     "test_batch",
     "batches.meta",
 )
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
 def _torchvision():
@@ -154,8 +158,8 @@ def _load_mnist(
     if missing and not download:
         raise FileNotFoundError(
             f"MNIST not found: expected {', '.join(missing)} (or the same names with .gz) "
-            f"in {raw}. Pass download=True to download it into {data_dir}, or copy the "
-            "four IDX files there."
+            f"in {raw}. Pass --download (download=True in Python) to download it into "
+            f"{data_dir}, or copy the four IDX files there."
         )
     sets = {}
     for train in (True, False):
@@ -180,57 +184,42 @@ def _gunzip(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _cifar10_class(tvd, verified: bool):
-    """torchvision's CIFAR10, or a subclass that checks files exist but not their md5."""
-    if verified:
-        return tvd.CIFAR10
-
-    class UnverifiedCIFAR10(tvd.CIFAR10):
-        train_list = [[name, None] for name, _ in tvd.CIFAR10.train_list]
-        test_list = [[name, None] for name, _ in tvd.CIFAR10.test_list]
-        meta = {**tvd.CIFAR10.meta, "md5": None}
-
-    return UnverifiedCIFAR10
-
-
 def _load_cifar10(
     data_dir: Path, download: bool, device: torch.device, valid_size, test_size
 ) -> Splits:
-    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (``data_dir/cifar-10-batches-py``).
+    """CIFAR-10's python batches in ``data_dir/cifar-10-batches-py``.
 
-    torchvision checks every file against the official md5 sums. Files that are all
-    present but do not match (a re-packed or hand-made copy in the same pickle format)
-    are loaded anyway, by the same torchvision code with the md5 check turned off, and
-    a warning says so. Images are flattened channel-major (R plane, G, B: 3072 values).
+    The batch files are pickles; they are read by :mod:`fastmlp.data.cifar`'s
+    restricted unpickler, which builds only the arrays, lists and dicts of the format
+    and refuses anything else (no code from the files ever runs), so official,
+    re-packed and hand-made copies all load. ``download`` fetches the official archive
+    (md5-checked by torchvision) when files are missing. Images are flattened
+    channel-major (R plane, G, B: 3072 values).
     """
-    tvd = _torchvision()
-    folder = data_dir / tvd.CIFAR10.base_folder
+    folder = data_dir / CIFAR10_FOLDER
     missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
     if missing:
         if not download:
             raise FileNotFoundError(
                 f"CIFAR-10 not found: expected {', '.join(missing)} in {folder} (the python "
-                "version, cifar-10-python.tar.gz, extracted). Pass download=True to download "
-                f"it into {data_dir}."
+                "version, cifar-10-python.tar.gz, extracted). Pass --download (download=True "
+                f"in Python) to download it into {data_dir}."
             )
-        tvd.CIFAR10(str(data_dir), train=True, download=True)
-    cls = tvd.CIFAR10
-    try:
-        train_ds = cls(str(data_dir), train=True)
-    except RuntimeError:
-        warnings.warn(
-            f"CIFAR-10 files in {folder} do not match the official md5 checksums; "
-            "loading them anyway",
-            stacklevel=3,
+        _torchvision()
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(
+            CIFAR10_URL, str(data_dir), filename=CIFAR10_ARCHIVE, md5=CIFAR10_ARCHIVE_MD5
         )
-        cls = _cifar10_class(tvd, verified=False)
-        train_ds = cls(str(data_dir), train=True)
+    class_names = cifar.read_label_names(folder / "batches.meta")
     sets = {}
-    for train, ds in ((True, train_ds), (False, cls(str(data_dir), train=False))):
-        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-        sets[train] = (x.reshape(len(x), -1), torch.as_tensor(ds.targets, dtype=torch.int64))
+    for train, names in ((True, CIFAR10_FILES[:5]), (False, CIFAR10_FILES[5:6])):
+        parts = [cifar.read_batch(folder / name) for name in names]
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        sets[train] = (x, y)
     return _holdout_splits(
-        "cifar10", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
+        "cifar10", *sets[True], *sets[False], class_names, device, valid_size, test_size
     )
 
 
@@ -325,8 +314,10 @@ def load(
             - ``"mnist"``: ``torchvision.datasets.MNIST`` under ``data_dir`` (784
               inputs): 50k train / 10k valid (the last 10k of the training file) /
               10k test.
-            - ``"cifar10"``: ``torchvision.datasets.CIFAR10`` under ``data_dir`` (3072
-              inputs, channel-major): 40k / 10k (last 10k of the training batches) / 10k.
+            - ``"cifar10"``: the python batches under ``data_dir/cifar-10-batches-py``
+              (3072 inputs, channel-major), read without running code from the files
+              (:mod:`fastmlp.data.cifar`): 40k / 10k (last 10k of the training
+              batches) / 10k.
             - ``"imagefolder"``: ``data_dir`` holds one sub-folder of images per class
               (a Small-ImageNet stand-in); grey ``image_size x image_size``; split at
               random with ``seed`` into train / valid / test.
