@@ -5,7 +5,8 @@ Layout of ``RUN/``::
     config.json       the TrainConfig (JSON)
     metrics.jsonl     {"step", "split", "loss", "error"}          (error in %)
     stats.jsonl       DESIGN.md row schema + {"step", "source"}  (source: probe | train)
-    jacobian.jsonl    {"step", "layer", "examples", "mean", "std", "min", "max", "median"}
+    jacobian.jsonl    {"step", "layer", "examples", "nonfinite", "mean", "std", "min", "max",
+                      "median"}  (nonfinite: examples left out; figures null when none is left)
     checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:
                       the stream regenerates batch k from it), RNG states, log positions
     tb/               TensorBoard events (only when tensorboard is importable)
@@ -231,6 +232,8 @@ class RunDir:
         self._append(JACOBIAN, ({"step": step, **r} for r in rows))
         if self.tb is not None:
             for r in rows:
+                if r.get("mean") is None:  # every example's Jacobian was non-finite
+                    continue
                 self.tb.add_scalar(f"jacobian/layer{r['layer']}/mean_sv", r["mean"], step)
                 self.tb.add_scalar(f"jacobian/layer{r['layer']}/std_sv", r["std"], step)
 
