@@ -9,6 +9,7 @@ Layout of ``RUN/``::
                       "median"}  (nonfinite: examples left out; figures null when none is left)
     checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:
                       the stream regenerates batch k from it), RNG states, log positions
+    .lock             held (``flock``) by the one process writing the run; see :func:`hold`
     tb/               TensorBoard events (only when tensorboard is importable)
     figures/          PNGs written by ``fastmlp plot``
 
@@ -16,23 +17,45 @@ Exactly-once logging: rows are appended as they are produced; each checkpoint
 records, for every JSONL file, the byte offset and line count reached when it
 was taken. Resuming truncates every file back to those offsets, so rows
 written after the last checkpoint (by a run that was killed, possibly half-way
-through a line) disappear and are produced again by the resumed run.
+through a line) disappear and are produced again by the resumed run; a note on
+stderr says how many.
+
+One writer: :func:`hold` takes an exclusive ``flock`` on ``RUN/.lock`` for the
+whole run (the operating system releases it when the process ends, however it
+ends); a second process on the same directory is refused with
+:class:`RunDirBusy`. A run with no checkpoint is started over only while its logs
+hold nothing past step 0 (:meth:`RunDir.check_restart`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+import pickle
+import sys
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastmlp.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "LOG_FILES",
+    "CheckpointError",
     "RunDir",
+    "RunDirBusy",
+    "hold",
     "read_jsonl",
     "load_checkpoint",
     "save_checkpoint",
@@ -44,6 +67,15 @@ METRICS = "metrics.jsonl"
 STATS = "stats.jsonl"
 JACOBIAN = "jacobian.jsonl"
 LOG_FILES = (METRICS, STATS, JACOBIAN)
+LOCK = ".lock"
+
+
+class RunDirBusy(UsageError):
+    """Another process is writing this run directory."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read (empty, truncated, corrupted, not ours)."""
 
 
 def _clean(value: Any) -> Any:
@@ -87,8 +119,27 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is empty, truncated or corrupted, or holds anything
+            but tensors, numbers, strings and containers of them (nothing in it is run).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): it cannot be resumed from")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first = " ".join(str(e).split(".")[0].split()) or type(e).__name__
+        raise CheckpointError(
+            f"{path} ({size} bytes) is truncated or corrupted and cannot be resumed from ({first})"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a fastmlp checkpoint (it holds {type(state)})")
+    return state
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,6 +153,104 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_in(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of ``path/.lock`` holding its exclusive ``flock`` (``None`` where the
+    file system has no locks). Raises :class:`RunDirBusy` when another process holds it."""
+    lock = path / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _pid_in(fd)
+            os.close(fd)
+            who = f"process {pid}" if pid else "another process"
+            raise RunDirBusy(
+                f"{path} is in use by {who}: one process writes a run directory at a time; "
+                f"wait for it to end (or stop it), then continue with --resume {path}"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                print(f"fastmlp: note: {path} cannot be locked ({e.strerror})", file=sys.stderr)
+                return None
+            raise
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the file was replaced while we waited for it: lock the new one
+
+
+@contextlib.contextmanager
+def hold(path: str | os.PathLike, *, new: bool, enabled: bool = True) -> Iterator[Path]:
+    """Own the run directory ``path`` while the block runs: one writer at a time.
+
+    An exclusive ``flock`` on ``path/.lock`` is taken (not waited for) and held until
+    the block ends; the operating system drops it when the process dies, so a killed
+    run never leaves its directory locked.
+
+    Args:
+        path: the run directory.
+        new: a new run: ``path`` is created if missing and, once locked, must not hold
+            a run already (``config.json``). Otherwise (resume) ``path`` must be a run
+            directory.
+        enabled: take the lock at all; ``False`` on the ranks of a distributed job
+            that do not write the directory (only rank 0 locks it).
+
+    Raises:
+        RunDirBusy: another process holds the directory.
+        FileExistsError: ``new`` and ``path`` already holds a run.
+        FileNotFoundError: not ``new`` and ``path`` is not a run directory.
+    """
+    path = Path(path)
+    if not enabled or fcntl is None:
+        yield path
+        return
+    if not new and not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no {CONFIG})")
+    created = [d for d in (path, *path.parents) if not d.exists()] if new else []
+    try:
+        if new:
+            path.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path)
+    except OSError as e:
+        if isinstance(e, BlockingIOError) or e.errno is None:
+            raise
+        what = "create" if new else "lock"
+        raise OSError(e.errno, f"cannot {what} the run directory ({e.strerror})", str(path)) from e
+    ok = False
+    try:
+        if new and (path / CONFIG).exists():
+            raise FileExistsError(
+                f"{path} already holds a run; continue it with --resume {path} "
+                "or choose another --out"
+            )
+        yield path
+        ok = True
+    finally:
+        if created and not ok and fd is not None:
+            with contextlib.suppress(OSError):  # failed before writing anything: leave no trace
+                if [p.name for p in path.iterdir()] == [LOCK]:
+                    (path / LOCK).unlink()
+                    for d in created:  # this directory, then the parents made for it
+                        d.rmdir()
+        if fd is not None:
+            os.close(fd)
 
 
 class RunDir:
@@ -145,7 +294,51 @@ class RunDir:
         """The run's ``config.json``."""
         if not self.config_path.exists():
             raise FileNotFoundError(f"{self.path} is not a run directory (no {CONFIG})")
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"{self.config_path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise UsageError(
+                f"{self.config_path} must hold a JSON object of TrainConfig fields, "
+                f"not {type(config).__name__}"
+            )
+        return config
+
+    def check_restart(self) -> None:
+        """Allow a run without a checkpoint to start over from step 0, or refuse.
+
+        A run killed during its step-0 monitoring has no checkpoint yet; its logs
+        hold at most step-0 rows, which the new start produces again. Logs that go
+        past step 0 mean the checkpoint was lost: retraining would replace them, so
+        this raises :class:`CheckpointError` saying so.
+        """
+        if not self.config_path.exists():
+            raise FileNotFoundError(f"{self.path} is not a run directory (no {CONFIG})")
+        last, rows = 0, 0
+        for name in LOG_FILES:
+            p = self.path / name
+            if not p.exists():
+                continue
+            for line in p.read_bytes().splitlines():
+                try:
+                    step = json.loads(line).get("step", 0)
+                except (ValueError, AttributeError):
+                    continue  # a half-written last line
+                rows += 1
+                last = max(last, step if isinstance(step, int) else 0)
+        if last > 0:
+            raise CheckpointError(
+                f"{self.checkpoint_path} is missing but the logs of {self.path} reach step "
+                f"{last}: refusing to train again from step 0 over them; put the checkpoint "
+                "back, or start a new run with another --out"
+            )
+        if self.enabled and rows:
+            print(
+                f"fastmlp: note: {self.path} stopped before its first checkpoint: starting it "
+                f"over from step 0 (its {rows} step-0 rows are written again)",
+                file=sys.stderr,
+            )
 
     def open(self, positions: Mapping[str, Mapping[str, int]] | None = None, *, tb_step: int = 0):
         """Open the log files for appending.
@@ -170,6 +363,15 @@ class RunDir:
                 raise RuntimeError(
                     f"{p} has {size} bytes but the checkpoint recorded {pos['bytes']}; "
                     "the run directory was modified after the checkpoint"
+                )
+            if positions is not None and size > pos["bytes"]:
+                with p.open("rb") as f:
+                    f.seek(pos["bytes"])
+                    dropped = sum(c.count(b"\n") for c in iter(lambda f=f: f.read(1 << 20), b""))
+                print(
+                    f"fastmlp: note: {p}: dropping {dropped} row(s) ({size - pos['bytes']} bytes) "
+                    "written after the last checkpoint; they are written again",
+                    file=sys.stderr,
                 )
             with p.open("ab") as f:
                 f.truncate(pos["bytes"])

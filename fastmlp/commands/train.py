@@ -17,8 +17,17 @@ from pathlib import Path
 
 from fastmlp import distributed
 from fastmlp.activations import ACTIVATIONS
+from fastmlp.errors import EXIT_INTERRUPTED, RunFailed, UsageError, describe, exit_status
 from fastmlp.init import INITS
-from fastmlp.train import TrainConfig, datasets_names, load_config, train
+from fastmlp.run import CHECKPOINT, CheckpointError, hold, load_checkpoint
+from fastmlp.train import (
+    TrainConfig,
+    datasets_names,
+    default_run_dir,
+    load_config,
+    resolve_device,
+    train,
+)
 
 __all__ = ["register", "run"]
 
@@ -244,8 +253,12 @@ def run(args: argparse.Namespace) -> int:
             parser.error(f"--resume takes the run's own configuration; remove {flags}")
         try:
             base = load_config(args.resume)
-        except FileNotFoundError as e:
-            parser.error(str(e))
+        except (ValueError, TypeError) as e:  # config.json edited into something else
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(
+                f"{Path(args.resume) / 'config.json'}: {e} (expected the TrainConfig fastmlp wrote)"
+            ) from e
         config = config_from_args(args, base)
         config.out = args.resume
         resume = True
@@ -255,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             parser.error(str(e))
         resume = False
+    if world is None:
+        resolve_device(config.device)  # a device that is not there: refused before any work
         if launching and config.out is not None and (Path(config.out) / "config.json").exists():
             print(
                 f"fastmlp train: error: {config.out} already holds a run; continue it with "
@@ -263,19 +278,42 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     if launching:
+        if resume:
+            with hold(config.out, new=False):  # refuse a busy run before starting N processes
+                pass
         # The flags were checked here; each of the N ranks runs this command again.
         return distributed.launch(nproc, ["train", *argv_from_args(parser, args, skip=("nproc",))])
     return _train(config, resume=resume, world=world)
 
 
+def _checkpoint_note(run_dir: Path) -> str:
+    """What the run directory's checkpoint offers after an interruption or failure ("" when
+    there is none to continue from)."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return ""
+    try:
+        step = load_checkpoint(path)["step"]
+    except (CheckpointError, KeyError, OSError):
+        return ""
+    return f"{path} (step {step}) is intact: continue with fastmlp train --resume {run_dir}"
+
+
 def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
     """Train here; as one rank of a torchrun job when ``world`` is set."""
     if world is None:
+        run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
         try:
             train(config, resume=resume)
-        except FileExistsError as e:
-            print(f"fastmlp train: error: {e}", file=sys.stderr)
-            return 2
+        except KeyboardInterrupt:
+            note = _checkpoint_note(run_dir) or "no checkpoint was written yet"
+            print(f"fastmlp train: interrupted; {note}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:
+            note = _checkpoint_note(run_dir) if exit_status(e) == 1 else ""
+            if note:  # a failure at run time (disk full, a device error) after a checkpoint
+                raise RunFailed(f"{describe(e)}; {note}") from e
+            raise
         return 0
     distributed.setup(device=None if config.device == "auto" else config.device)
     try:
