@@ -282,6 +282,27 @@ def test_image_folder_errors(tmp_path):
         load("imagefolder", data_dir=tmp_path / "few")
 
 
+def test_image_folder_skips_and_counts_unreadable_images(tmp_path):
+    _write_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "emu" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 14") as w:
+        s = load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3, image_size=9)
+    assert "broken.png" in str(w[0].message) or "empty.jpg" in str(w[0].message)
+    assert s.num_classes == 3 and s.train_size == 12 - 5  # the 12 readable images
+
+
+def test_image_folder_empty_class_folder_is_named(tmp_path):
+    _write_image_folder(tmp_path)
+    (tmp_path / "fox").mkdir()
+    (tmp_path / "fox" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="class folder\\(s\\) fox in .* hold no images"):
+        load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3)
+    (tmp_path / "fox" / "0.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable image .* fox"):
+        load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3)
+
+
 def _stream(n: int = 50) -> ArrayStream:
     x = torch.arange(n, dtype=torch.uint8).view(n, 1).repeat(1, 3)
     return ArrayStream(x, torch.arange(n))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,10 @@ def _read_grey(path: str, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _has_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in folder.rglob("*"))
+
+
 def _load_imagefolder(
     data_dir: Path, device: torch.device, seed: int, valid_size, test_size, image_size: int
 ) -> Splits:
@@ -248,7 +253,9 @@ def _load_imagefolder(
     ``image_size x image_size`` (bilinear). The examples are shuffled with ``seed``
     (CPU generator) and cut into test (first ``test_size``), validation (next
     ``valid_size``) and training (the rest); both default to 10% of the images
-    (rounded, at least one each).
+    (rounded, at least one each). Files that cannot be read as images are skipped, and
+    a warning counts them and names the first; a class folder without any image (or
+    without any readable one) is an error naming it.
     """
     tvd = _torchvision()
     if not data_dir.is_dir():
@@ -258,14 +265,39 @@ def _load_imagefolder(
         )
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    try:
-        folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
-    except FileNotFoundError as err:
+    class_dirs = sorted(d for d in data_dir.iterdir() if d.is_dir())
+    if not class_dirs:
         raise FileNotFoundError(
-            f"{err}. imagefolder expects {data_dir} to hold one sub-folder of images per "
-            f"class, with extensions {', '.join(IMAGE_EXTENSIONS)}"
-        ) from err
-    n = len(folder.samples)
+            f"image folder {data_dir} has no class sub-folder: imagefolder expects one "
+            "sub-folder of images per class (e.g. data_dir/cat/001.png, data_dir/dog/002.jpg)"
+        )
+    empty = [d.name for d in class_dirs if not _has_images(d)]
+    if empty:
+        raise ValueError(
+            f"imagefolder: class folder(s) {', '.join(empty)} in {data_dir} hold no images "
+            f"(expected files ending {', '.join(IMAGE_EXTENSIONS)}); add images or remove them"
+        )
+    folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
+    images, labels, bad = [], [], []
+    for path, label in folder.samples:
+        try:
+            images.append(_read_grey(path, image_size))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image, truncated...
+            bad.append((path, err))
+            continue
+        labels.append(label)
+    if bad:
+        path, err = bad[0]
+        warnings.warn(
+            f"imagefolder: skipped {len(bad)} unreadable image(s) of {len(folder.samples)} "
+            f"in {data_dir} (first: {path}: {' '.join(str(err).split())})",
+            stacklevel=3,
+        )
+    lost = sorted(set(range(len(folder.classes))) - set(labels))
+    if lost:
+        names = ", ".join(folder.classes[c] for c in lost)
+        raise ValueError(f"imagefolder: no readable image in class folder(s) {names} of {data_dir}")
+    n = len(images)
     valid_size = max(1, round(0.1 * n)) if valid_size is None else valid_size
     test_size = max(1, round(0.1 * n)) if test_size is None else test_size
     if valid_size + test_size >= n:
@@ -273,9 +305,8 @@ def _load_imagefolder(
             f"imagefolder: {n} images in {data_dir}, too few for valid_size={valid_size} plus "
             f"test_size={test_size} and a training set"
         )
-    x = torch.from_numpy(np.stack([_read_grey(p, image_size) for p, _ in folder.samples]))
-    x = x.reshape(n, image_size * image_size)
-    y = torch.tensor([c for _, c in folder.samples], dtype=torch.int64)
+    x = torch.from_numpy(np.stack(images)).reshape(n, image_size * image_size)
+    y = torch.tensor(labels, dtype=torch.int64)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("split", seed)))
     test_idx, valid_idx = perm[:test_size], perm[test_size : test_size + valid_size]
     train_idx = perm[test_size + valid_size :]
