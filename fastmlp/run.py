@@ -90,12 +90,27 @@ def _clean(value: Any) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All rows of a JSONL file (``[]`` when it does not exist)."""
+    """All complete rows of a JSONL file (``[]`` when it does not exist).
+
+    A last line without its newline is a row still being written (or cut short by a
+    killed writer, and dropped on resume): it is left out. Any other line that is not
+    JSON raises ``ValueError`` naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with path.open("rb") as f:
+        for k, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UsageError(f"{path} line {k} is not a JSON row ({e})") from None
+    return rows
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
