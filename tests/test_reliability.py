@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastmlp
+from fastmlp.cli import main
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.run import LOG_FILES, CheckpointError, RunDirBusy, hold, load_checkpoint, read_jsonl
 from fastmlp.train import TrainConfig, train
@@ -154,9 +155,19 @@ def test_hold_is_exclusive_and_released(tmp_path: Path) -> None:
             pass
     assert not (tmp_path / "nothing").exists()
     # A new run that fails before writing anything leaves no directory behind.
-    with pytest.raises(RuntimeError), hold(tmp_path / "fails", new=True):
+    with pytest.raises(RuntimeError), hold(tmp_path / "fails" / "run", new=True):
         raise RuntimeError("dataset missing")
     assert not (tmp_path / "fails").exists()
+
+
+def test_nproc_resume_of_a_busy_run_is_refused_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = train(TrainConfig(steps=5, out=str(tmp_path / "run"), jacobian_every=-1, **TINY))
+    with hold(run, new=False):
+        assert main(["train", "--nproc", "2", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"in use by process {os.getpid()}" in err
 
 
 # ------------------------------------------------------------ 4. missing checkpoint

@@ -211,6 +211,8 @@ def argv_from_args(
         value = getattr(args, action.dest, None)
         if value is None or value == action.default:
             continue
+        if value is False and isinstance(action, argparse._StoreTrueAction):
+            continue  # --debug: False comes from the top-level parser's default
         if isinstance(action, argparse.BooleanOptionalAction):
             pos = [o for o in action.option_strings if not o.startswith("--no-")]
             neg = [o for o in action.option_strings if o.startswith("--no-")]
@@ -268,8 +270,6 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             parser.error(str(e))
         resume = False
-    if world is None:
-        resolve_device(config.device)  # a device that is not there: refused before any work
         if launching and config.out is not None and (Path(config.out) / "config.json").exists():
             print(
                 f"fastmlp train: error: {config.out} already holds a run; continue it with "
@@ -277,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if world is None:
+        resolve_device(config.device)  # a device that is not there: refused before any work
     if launching:
         if resume:
             with hold(config.out, new=False):  # refuse a busy run before starting N processes
