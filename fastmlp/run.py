@@ -55,6 +55,7 @@ __all__ = [
     "CheckpointError",
     "RunDir",
     "RunDirBusy",
+    "RunDirModified",
     "hold",
     "read_jsonl",
     "load_checkpoint",
@@ -74,8 +75,12 @@ class RunDirBusy(UsageError):
     """Another process is writing this run directory."""
 
 
-class CheckpointError(UsageError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that cannot be read (empty, truncated, corrupted, not ours)."""
+
+
+class RunDirModified(UsageError, RuntimeError):
+    """A run directory whose logs no longer match its checkpoint (edited or truncated)."""
 
 
 def _clean(value: Any) -> Any:
@@ -370,19 +375,28 @@ class RunDir:
             return self
         for stale in self.path.glob(f".{CHECKPOINT}.tmp.*"):  # left by a writer killed mid-save
             stale.unlink()
+        # Check every file against the checkpoint before changing any.
+        plan = []
         for name in LOG_FILES:
             p = self.path / name
             pos = (positions or {}).get(name, {"bytes": 0, "lines": 0})
             size = p.stat().st_size if p.exists() else 0
             if size < pos["bytes"]:
-                raise RuntimeError(
-                    f"{p} has {size} bytes but the checkpoint recorded {pos['bytes']}; "
-                    "the run directory was modified after the checkpoint"
+                raise RunDirModified(
+                    f"{p} has {size} bytes but the checkpoint recorded {pos['bytes']}: rows "
+                    "were removed after the checkpoint was taken; restore the file to resume, "
+                    "or start a new run with another --out"
                 )
+            kept, dropped = _count_lines(p, pos["bytes"]) if size else (0, 0)
+            if kept != pos["lines"]:
+                raise RunDirModified(
+                    f"{p} holds {kept} lines up to the checkpoint's offset, expected "
+                    f"{pos['lines']}: the file was edited after the checkpoint; restore it to "
+                    "resume, or start a new run with another --out"
+                )
+            plan.append((name, p, pos, size, dropped))
+        for name, p, pos, size, dropped in plan:
             if positions is not None and size > pos["bytes"]:
-                with p.open("rb") as f:
-                    f.seek(pos["bytes"])
-                    dropped = sum(c.count(b"\n") for c in iter(lambda f=f: f.read(1 << 20), b""))
                 print(
                     f"fastmlp: note: {p}: dropping {dropped} row(s) ({size - pos['bytes']} bytes) "
                     "written after the last checkpoint; they are written again",
@@ -390,14 +404,8 @@ class RunDir:
                 )
             with p.open("ab") as f:
                 f.truncate(pos["bytes"])
-            with p.open("rb") as f:
-                lines = sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
-            if lines != pos["lines"]:
-                raise RuntimeError(
-                    f"{p} holds {lines} lines at the checkpoint's offset, expected {pos['lines']}"
-                )
             self._files[name] = p.open("a", encoding="utf-8")
-            self._lines[name] = lines
+            self._lines[name] = pos["lines"]
         if self._tb_requested:
             self.tb = _summary_writer(self.path / "tb", purge_step=tb_step if tb_step else None)
         return self
@@ -469,6 +477,19 @@ class RunDir:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def _count_lines(path: Path, offset: int) -> tuple[int, int]:
+    """Newlines in ``path`` before byte ``offset`` and from it on."""
+    before = after = 0
+    with path.open("rb") as f:
+        pos = 0
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            cut = min(max(offset - pos, 0), len(chunk))
+            before += chunk.count(b"\n", 0, cut)
+            after += chunk.count(b"\n", cut)
+            pos += len(chunk)
+    return before, after
 
 
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:

@@ -44,12 +44,13 @@ from fastmlp import distributed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.layers import MLP
 from fastmlp.probe import probe
-from fastmlp.run import RunDir, hold, load_checkpoint, save_checkpoint
+from fastmlp.run import CheckpointError, RunDir, hold, load_checkpoint, save_checkpoint
 from fastmlp.snapshot import Snapshot
 
 __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = ("config", "step", "model", "optimizer", "running", "rng", "logs")
 
 
 @dataclass
@@ -356,8 +357,12 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     if resume:
         ckpt_path = run.checkpoint_path
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"{ckpt_path}: unsupported checkpoint version {ckpt.get('version')}")
+        missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+        if ckpt.get("version") != CHECKPOINT_VERSION or missing:
+            raise CheckpointError(
+                f"{ckpt_path} is not a version-{CHECKPOINT_VERSION} fastmlp checkpoint (version "
+                f"{ckpt.get('version')!r}" + (f", no {', '.join(missing)})" if missing else ")")
+            )
         _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
         if ckpt.get("world_size", 1) != world_size:
             raise ValueError(

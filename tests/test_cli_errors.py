@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmlp import run as run_module
 from fastmlp.cli import main
@@ -269,6 +270,36 @@ CASES = [
         2,
         "--lr: expected a positive",
         one_line=False,
+    ),
+    Case(
+        "an empty --out",
+        lambda run, tmp: ["train", "--out", ""],
+        2,
+        "--out: expected a directory path",
+        one_line=False,
+    ),
+    Case(
+        "rows removed after the checkpoint",
+        _resume(),
+        2,
+        "stats.jsonl has 0 bytes but the checkpoint recorded",
+        lambda run, tmp: (run / "stats.jsonl").write_bytes(b""),
+    ),
+    Case(
+        "a row edited before the checkpoint's offset",
+        _resume(),
+        2,
+        "metrics.jsonl holds 7 lines up to the checkpoint's offset, expected 8",
+        lambda run, tmp: (run / "metrics.jsonl").write_bytes(
+            (run / "metrics.jsonl").read_bytes().replace(b"\n", b" ", 1)
+        ),
+    ),
+    Case(
+        "checkpoint from another program",
+        _resume(),
+        2,
+        "is not a version-1 fastmlp checkpoint (version None, no config, step",
+        lambda run, tmp: torch.save({"weights": 1}, run / "checkpoint.pt"),
     ),
 ]
 

@@ -65,6 +65,13 @@ def positive_float(text: str) -> float:
     return v
 
 
+def path_arg(text: str) -> str:
+    """argparse type: a non-empty path (an empty one would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+    return text
+
+
 def device_arg(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     import torch
@@ -130,7 +137,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         "latency-bound; PyTorch's choice on CUDA)",
     )
     p.add_argument("--seed", type=non_negative_int, help=f"(default: {d.seed})")
-    p.add_argument("--data-dir", help=f"dataset directory (default: {d.data_dir})")
+    p.add_argument("--data-dir", type=path_arg, help=f"dataset directory (default: {d.data_dir})")
     p.add_argument(
         "--download",
         action="store_true",
@@ -181,10 +188,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Without arguments: the main job, Shapeset-3x2, 5x1000 tanh, normalized init.",
     )
     add_config_arguments(p)
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<name>)")
+    p.add_argument(
+        "--out", metavar="RUN_DIR", type=path_arg, help="run directory (default: runs/<name>)"
+    )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=path_arg,
         help="continue the run in RUN_DIR from its checkpoint (only --steps, --device, "
         "--no-progress and --no-tensorboard may be given with it)",
     )
