@@ -387,8 +387,8 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                 f"{run_dir} is at step {step}, past --steps {config.steps}: give --steps "
                 f">= {step} to extend it, or leave --steps out"
             )
+        run.open(ckpt["logs"], tb_step=step + 1)  # checks every log before changing any
         run.write_config(config.to_dict())
-        run.open(ckpt["logs"], tb_step=step + 1)
     else:
         run.write_config(config.to_dict())
         run.open(None)
