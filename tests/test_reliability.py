@@ -192,3 +192,15 @@ def test_resume_says_which_rows_it_drops(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "metrics.jsonl: dropping 1 row(s)" in err and "after the last checkpoint" in err
     assert max(r["step"] for r in read_jsonl(run / "metrics.jsonl")) == 10
+
+
+def test_nproc_resume_below_the_current_step_is_refused_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = train(TrainConfig(steps=10, out=str(tmp_path / "run"), jacobian_every=-1, **TINY))
+    assert main(["train", "--nproc", "2", "--resume", str(run), "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"fastmlp train: error: {run} is at step 10, past --steps 5: give --steps >= 10 to "
+        "extend it, or leave --steps out"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -290,12 +291,33 @@ def run(args: argparse.Namespace) -> int:
     if world is None:
         resolve_device(config.device)  # a device that is not there: refused before any work
     if launching:
-        if resume:
-            with hold(config.out, new=False):  # refuse a busy run before starting N processes
+        if resume:  # refuse what the ranks would refuse before starting N processes
+            with hold(config.out, new=False):
                 pass
+            ckpt = Path(config.out) / CHECKPOINT
+            if args.steps is not None and ckpt.is_file():
+                at = load_checkpoint(ckpt)["step"]
+                if at > config.steps:
+                    raise UsageError(
+                        f"{config.out} is at step {at}, past --steps {config.steps}: give "
+                        f"--steps >= {at} to extend it, or leave --steps out"
+                    )
         # The flags were checked here; each of the N ranks runs this command again.
-        return distributed.launch(nproc, ["train", *argv_from_args(parser, args, skip=("nproc",))])
+        argv = ["train", *argv_from_args(parser, args, skip=("nproc",))]
+        try:
+            return distributed.launch(nproc, argv)
+        except Exception as e:  # Ctrl-C reaches torchrun's agent as a SignalException
+            if getattr(e, "sigval", None) != signal.SIGINT:
+                raise
+            run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
+            return _interrupted(run_dir)
     return _train(config, resume=resume, world=world)
+
+
+def _interrupted(run_dir: Path) -> int:
+    note = _checkpoint_note(run_dir) or "no checkpoint was written yet"
+    print(f"fastmlp train: interrupted; {note}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _checkpoint_note(run_dir: Path) -> str:
@@ -318,9 +340,7 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
         try:
             train(config, resume=resume)
         except KeyboardInterrupt:
-            note = _checkpoint_note(run_dir) or "no checkpoint was written yet"
-            print(f"fastmlp train: interrupted; {note}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return _interrupted(run_dir)
         except Exception as e:
             note = _checkpoint_note(run_dir) if exit_status(e) == 1 else ""
             if note:  # a failure at run time (disk full, a device error) after a checkpoint
@@ -331,6 +351,10 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
     try:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
+    except KeyboardInterrupt:  # rank 0 says where the run stands; the agent reports the rest
+        if os.environ.get("RANK") == "0" and config.out is not None:
+            return _interrupted(Path(config.out))
+        return EXIT_INTERRUPTED
     finally:
         distributed.cleanup()
     return 0
