@@ -175,6 +175,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _refuse_foreign_logs(path: Path) -> None:
+    """Raise ``FileExistsError`` if ``path`` holds non-empty logs (a new run would erase them)."""
+    found = [n for n in LOG_FILES if (path / n).is_file() and (path / n).stat().st_size]
+    if found:
+        raise FileExistsError(
+            f"{path} already holds {', '.join(found)} (rows of another run, no {CONFIG}): "
+            "refusing to overwrite them; choose another --out or move them away"
+        )
+
+
 def _pid_in(fd: int) -> str:
     try:
         text = os.pread(fd, 64, 0).decode(errors="replace").strip()
@@ -260,6 +270,8 @@ def hold(path: str | os.PathLike, *, new: bool, enabled: bool = True) -> Iterato
                 f"{path} already holds a run; continue it with --resume {path} "
                 "or choose another --out"
             )
+        if new:
+            _refuse_foreign_logs(path)
         yield path
         ok = True
     finally:
@@ -289,6 +301,7 @@ class RunDir:
         self._files: dict[str, Any] = {}
         self._lines: dict[str, int] = {}
         self._tb_requested = tensorboard
+        self._restarting = False  # check_restart() allowed starting over from step 0
         self.tb: Any = None
         if enabled:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -353,6 +366,7 @@ class RunDir:
                 f"{last}: refusing to train again from step 0 over them; put the checkpoint "
                 "back, or start a new run with another --out"
             )
+        self._restarting = True
         if self.enabled and rows:
             print(
                 f"fastmlp: note: {self.path} stopped before its first checkpoint: starting it "
@@ -367,7 +381,8 @@ class RunDir:
             positions: ``{file: {"bytes": b, "lines": n}}`` from a checkpoint; each
                 file is truncated to ``b`` bytes (rows written after the checkpoint
                 are dropped) and must then hold exactly ``n`` lines. ``None``: start
-                empty logs (existing ones are truncated to zero).
+                empty logs; logs that already hold rows are refused
+                (``FileExistsError``) unless :meth:`check_restart` allowed starting over.
             tb_step: first step this session will log; TensorBoard discards events
                 at or after it left by an interrupted session (``purge_step``).
         """
@@ -375,6 +390,8 @@ class RunDir:
             return self
         for stale in self.path.glob(f".{CHECKPOINT}.tmp.*"):  # left by a writer killed mid-save
             stale.unlink()
+        if positions is None and not self._restarting:  # a new run: never over others' rows
+            _refuse_foreign_logs(self.path)
         # Check every file against the checkpoint before changing any.
         plan = []
         for name in LOG_FILES:

@@ -272,6 +272,13 @@ CASES = [
         one_line=False,
     ),
     Case(
+        "--out of a directory holding another run's rows but no config.json",
+        lambda run, tmp: ["train", *FLAGS, "--out", str(run)],
+        2,
+        "jacobian.jsonl (rows of another run, no config.json): refusing to overwrite",
+        lambda run, tmp: (run / "config.json").unlink(),
+    ),
+    Case(
         "an empty --out",
         lambda run, tmp: ["train", "--out", ""],
         2,
