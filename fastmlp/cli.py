@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+import warnings
 
 import fastmlp
+from fastmlp.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    RunFailed,
+    UsageError,
+    describe,
+    exit_status,
+)
 
 # Modules under fastmlp.commands, each with ``register(subparsers)`` adding its sub-command
 # (a parser whose ``func(args) -> int`` runs it).
@@ -21,19 +31,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fastmlp {fastmlp.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     for name in COMMANDS:
         importlib.import_module(f"fastmlp.commands.{name}").register(sub)
+    for command in sub.choices.values():  # also accepted after the command: fastmlp train --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=DEBUG_HELP)  # fmt: skip
     return parser
 
 
+DEBUG_HELP = "on an error, show the Python traceback as well as the one-line message"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fastmlp`` console script."""
+    """Entry point of the ``fastmlp`` console script.
+
+    Errors end in one line on stderr, ``fastmlp <command>: error: <what and what was
+    expected>``, and the exit status of :mod:`fastmlp.errors` (2: bad input, 1: failure
+    at run time, 130: interrupted); ``--debug`` shows the traceback too.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    prog = f"fastmlp {args.command}"
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = one_line_warning
+        return _run(args, prog)
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        status = exit_status(e)
+        hint = ""
+        if status == EXIT_FAILURE and not isinstance(e, OSError | UsageError | RunFailed):
+            hint = f" ({type(e).__name__}; run again with --debug for the traceback)"
+        print(f"{prog}: error: {describe(e)}{hint}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

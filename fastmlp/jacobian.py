@@ -36,9 +36,11 @@ def jacobian_singular_values(
 
     Returns:
         One dict per hidden layer (the output layer is skipped): ``layer``
-        (1-based), ``examples``, and ``mean``, ``std`` (population), ``min``,
-        ``max``, ``median`` of the singular values pooled over the examples.
-        Statistics accumulators are not touched.
+        (1-based), ``examples``, ``nonfinite`` (examples left out because their
+        Jacobian holds NaN or +-Inf, as a diverged network's does, or its singular
+        values are not finite), and ``mean``, ``std`` (population), ``min``,
+        ``max``, ``median`` of the singular values pooled over the other examples
+        (``None`` when none is left). Statistics accumulators are not touched.
     """
     layers = instrumented_layers(model)
     if x.dim() > 2:
@@ -60,23 +62,49 @@ def jacobian_singular_values(
             s = s + layer.bias
         h = layer.activation.forward(s)
         dh = layer.activation.grad_from_output(h)  # f'(s), [n, out]
-        sv = torch.cat(
-            [
-                # diag(f'(s)) W for a chunk of examples: [chunk, out, in]
-                torch.linalg.svdvals(d.unsqueeze(-1) * w.float().unsqueeze(0)).reshape(-1)
-                for d in dh.float().split(_CHUNK)
-            ]
-        ).double()
-        rows.append(
-            {
-                "layer": layer.layer_index,
-                "examples": int(x.shape[0]),
+        sv, nonfinite = _singular_values(dh.float(), w.float())
+        row = {"layer": layer.layer_index, "examples": int(x.shape[0]), "nonfinite": nonfinite}
+        if sv.numel():
+            row |= {
                 "mean": float(sv.mean()),
                 "std": float(sv.std(correction=0)),
                 "min": float(sv.min()),
                 "max": float(sv.max()),
                 "median": float(sv.median()),
             }
-        )
+        else:
+            row |= dict.fromkeys(("mean", "std", "min", "max", "median"))
+        rows.append(row)
         z = h
     return rows
+
+
+def _singular_values(dh: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Singular values (float64, pooled) of ``diag(dh[k]) W`` for every example ``k`` whose
+    matrix and singular values are finite, and the number of examples left out."""
+    w_finite = bool(torch.isfinite(w).all())
+    parts, left_out = [], 0
+    for d in dh.split(_CHUNK):
+        ok = torch.isfinite(d).all(1) if w_finite else torch.zeros(d.shape[0], dtype=torch.bool)
+        m = d[ok].unsqueeze(-1) * w.unsqueeze(0)  # diag(f'(s)) W: [chunk, out, in]
+        ok_m = torch.isfinite(m).flatten(1).all(1)  # products can overflow
+        m = m[ok_m]
+        left_out += d.shape[0] - m.shape[0]
+        if not m.shape[0]:
+            continue
+        try:
+            sv = torch.linalg.svdvals(m)
+        except torch.linalg.LinAlgError:  # no convergence in float32: one by one in float64
+            sv = torch.stack([_svdvals_or_nan(mk.double()) for mk in m])
+        good = torch.isfinite(sv).all(1)
+        left_out += int((~good).sum())
+        parts.append(sv[good].reshape(-1).double())
+    sv = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return sv, left_out
+
+
+def _svdvals_or_nan(m: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.linalg.svdvals(m).float()
+    except torch.linalg.LinAlgError:
+        return torch.full((min(m.shape),), float("nan"), device=m.device)

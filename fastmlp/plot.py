@@ -251,6 +251,7 @@ def _jacobian(run: Path, title: str, path: Path) -> Path:
     colors = _colors(len(steps))
     for k, (c, step) in enumerate(zip(colors, steps, strict=True)):
         sel = [next((r for r in by_layer[layer] if r["step"] == step), None) for layer in layers]
+        sel = [r if r and r["mean"] is not None else None for r in sel]  # None: non-finite
         xs = [i + (k - (len(steps) - 1) / 2) * width for i, r in enumerate(sel) if r]
         ax.bar(
             xs,

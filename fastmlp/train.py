@@ -44,13 +44,14 @@ from fastmlp import distributed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.mlp import MLP
 from fastmlp.probe import probe
-from fastmlp.run import RunDir, load_checkpoint, save_checkpoint
+from fastmlp.run import CheckpointError, RunDir, hold, load_checkpoint, save_checkpoint
 from fastmlp.stats.snapshot import Snapshot
 from fastmlp.summary import compact_finding, finish_run, twin_at_init
 
 __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = ("config", "step", "model", "optimizer", "running", "rng", "logs")
 
 
 @dataclass
@@ -124,7 +125,13 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        if self.dataset not in datasets_names():
+        for name in ("download", "train_stats", "probe_histograms", "tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, kind in (("data_dir", str), ("device", str), ("extra", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if not isinstance(self.dataset, str) or self.dataset not in datasets_names():
             raise ValueError(
                 f"dataset must be one of {list(datasets_names())}, got {self.dataset!r}"
             )
@@ -151,7 +158,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.bins < 2 or self.bins % 2:
+        if not isinstance(self.bins, int) or self.bins < 2 or self.bins % 2:
             raise ValueError(f"bins must be an even integer >= 2, got {self.bins!r}")
         if self.test_size is not None and self.test_size < self.probe_size:
             raise ValueError(
@@ -200,8 +207,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s): expected cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: expected auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -280,7 +296,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(config, resume, run_dir, device)
+        # One writer per run directory (rank 0 of a distributed job); see fastmlp.run.hold.
+        with hold(run_dir, new=not resume, enabled=_dist_info()[0] == 0):
+            return _train(config, resume, run_dir, device)
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -337,15 +355,17 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     run = RunDir(run_dir, enabled=is_main, tensorboard=config.tensorboard)
     step = 0
     if resume and not run.checkpoint_path.exists():
-        # Killed before its first checkpoint (step 0): nothing it logged counts; start over.
-        if not run.config_path.exists():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+        run.check_restart()  # killed before its first checkpoint: start over; else refuse
         resume = False
     if resume:
         ckpt_path = run.checkpoint_path
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"{ckpt_path}: unsupported checkpoint version {ckpt.get('version')}")
+        missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+        if ckpt.get("version") != CHECKPOINT_VERSION or missing:
+            raise CheckpointError(
+                f"{ckpt_path} is not a version-{CHECKPOINT_VERSION} fastmlp checkpoint (version "
+                f"{ckpt.get('version')!r}" + (f", no {', '.join(missing)})" if missing else ")")
+            )
         _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
         if ckpt.get("world_size", 1) != world_size:
             raise ValueError(
@@ -366,9 +386,12 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
         step = int(ckpt["step"])
         if step > config.steps:
-            raise ValueError(f"checkpoint is at step {step}, beyond steps={config.steps}")
+            raise ValueError(
+                f"{run_dir} is at step {step}, past --steps {config.steps}: give --steps "
+                f">= {step} to extend it, or leave --steps out"
+            )
+        run.open(ckpt["logs"], tb_step=step + 1)  # checks every log before changing any
         run.write_config(config.to_dict())
-        run.open(ckpt["logs"], tb_step=step + 1)
     else:
         run.write_config(config.to_dict())
         run.open(None)

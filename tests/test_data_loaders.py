@@ -127,14 +127,13 @@ def test_mnist_missing_files_explain_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load("mnist", data_dir=tmp_path / "nowhere")
     msg = str(err.value)
-    assert "download=True" in msg and str(tmp_path / "nowhere" / "MNIST" / "raw") in msg
+    assert "--download" in msg and str(tmp_path / "nowhere" / "MNIST" / "raw") in msg
     assert "train-images-idx3-ubyte" in msg
 
 
 def test_cifar10_pickled_batches(tmp_path):
     (train_x, train_y), (test_x, test_y), names = write_cifar10(tmp_path)
-    with pytest.warns(UserWarning, match="md5"):
-        s = load("cifar10", data_dir=tmp_path, valid_size=10)
+    s = load("cifar10", data_dir=tmp_path, valid_size=10)
     assert s.name == "cifar10" and s.in_features == 3072 and s.num_classes == 10
     assert s.class_names == names and s.train_size == 30
     # The pickle rows are channel-major (1024 R, 1024 G, 1024 B): flattening keeps that order.
@@ -154,7 +153,63 @@ def test_cifar10_missing_files(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError) as err:
         load("cifar10", data_dir=tmp_path)
-    assert "data_batch_3" in str(err.value) and "download=True" in str(err.value)
+    assert "data_batch_3" in str(err.value) and "--download" in str(err.value)
+
+
+class _RunsCode:
+    """Unpickling this calls ``marker.touch()``: what a crafted batch file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batch_that_runs_code_is_refused(tmp_path, protocol):
+    """A crafted data_batch_1 never runs: the load refuses it, naming the file and global."""
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    x, y = _images(8, (3072,), 11)
+    payload = {"batch_label": "batch 1", "labels": y.tolist(), "data": x, "x": _RunsCode(marker)}
+    batch.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(ValueError, match=r"data_batch_1 was refused: it names (pathlib|__bui)"):
+        load("cifar10", data_dir=tmp_path, valid_size=10)
+    assert not marker.exists(), "code from the batch file ran"
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_object_arrays_and_bad_shapes_are_refused(tmp_path, protocol):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    objects = np.array([1, "a"], dtype=object)
+    batch.write_bytes(pickle.dumps({"labels": [1, 2], "data": objects}, protocol=protocol))
+    with pytest.raises(ValueError, match="data_batch_2 was refused: array of dtype object"):
+        load("cifar10", data_dir=tmp_path, valid_size=10)
+    x, y = _images(8, (3071,), 12)
+    batch.write_bytes(pickle.dumps({"labels": y.tolist(), "data": x}, protocol=protocol))
+    with pytest.raises(ValueError, match="3071 values per image, not 3072"):
+        load("cifar10", data_dir=tmp_path, valid_size=10)
+    batch.write_bytes(b"")
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR-10 python batch"):
+        load("cifar10", data_dir=tmp_path, valid_size=10)
+
+
+def test_cifar10_python2_style_batches_load(tmp_path):
+    """Batches with bytes keys and byte strings (protocol 2), as the official py2 pickles read."""
+    (train_x, _), _, names = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for b in range(1, 6):
+        x, y = train_x[8 * (b - 1) : 8 * b], list(range(8))
+        d = {b"batch_label": b"training batch", b"labels": y, b"data": x, b"filenames": [b"a"]}
+        (folder / f"data_batch_{b}").write_bytes(pickle.dumps(d, protocol=2))
+    meta = {b"label_names": [n.encode() for n in names], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    s = load("cifar10", data_dir=tmp_path, valid_size=10)
+    assert s.class_names == names
+    assert torch.equal(s.valid[1], torch.tensor([6, 7, 0, 1, 2, 3, 4, 5, 6, 7]))
 
 
 def _write_image_folder(root: Path) -> dict[str, list[int]]:
@@ -225,6 +280,27 @@ def test_image_folder_errors(tmp_path):
     Image.new("L", (4, 4), 3).save(tmp_path / "few" / "x" / "0.png")
     with pytest.raises(ValueError, match="too few"):
         load("imagefolder", data_dir=tmp_path / "few")
+
+
+def test_image_folder_skips_and_counts_unreadable_images(tmp_path):
+    _write_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "emu" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 14") as w:
+        s = load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3, image_size=9)
+    assert "broken.png" in str(w[0].message) or "empty.jpg" in str(w[0].message)
+    assert s.num_classes == 3 and s.train_size == 12 - 5  # the 12 readable images
+
+
+def test_image_folder_empty_class_folder_is_named(tmp_path):
+    _write_image_folder(tmp_path)
+    (tmp_path / "fox").mkdir()
+    (tmp_path / "fox" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="class folder\\(s\\) fox in .* hold no images"):
+        load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3)
+    (tmp_path / "fox" / "0.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no readable image .* fox"):
+        load("imagefolder", data_dir=tmp_path, valid_size=2, test_size=3)
 
 
 def _stream(n: int = 50) -> ArrayStream:

@@ -148,7 +148,11 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path) -> None:
     ref = train(TrainConfig(out=str(tmp_path / "ref"), **kw))
     run = tmp_path / "run"
     train(TrainConfig(out=str(run), **kw))
-    (run / "checkpoint.pt").unlink()  # as if killed during the step-0 monitoring
+    # As if killed during the step-0 monitoring: no checkpoint, logs up to part of step 0.
+    (run / "checkpoint.pt").unlink()
+    for name in LOG_FILES:
+        kept = [line for line in (run / name).read_text().splitlines() if '"step":0,' in line]
+        (run / name).write_text("".join(line + "\n" for line in kept[:3]))
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 0, "spl')
     train(TrainConfig(out=str(run), **kw), resume=True)

@@ -11,14 +11,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from fastmlp import distributed
 from fastmlp.activations import ACTIVATIONS
+from fastmlp.errors import EXIT_INTERRUPTED, RunFailed, UsageError, describe, exit_status
 from fastmlp.init import INITS
-from fastmlp.train import TrainConfig, datasets_names, load_config, train
+from fastmlp.run import CHECKPOINT, CheckpointError, hold, load_checkpoint
+from fastmlp.train import (
+    TrainConfig,
+    datasets_names,
+    default_run_dir,
+    load_config,
+    resolve_device,
+    train,
+)
 
 __all__ = ["register", "run"]
 
@@ -54,6 +64,13 @@ def positive_float(text: str) -> float:
     if not (v > 0 and v != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return v
+
+
+def path_arg(text: str) -> str:
+    """argparse type: a non-empty path (an empty one would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+    return text
 
 
 def device_arg(text: str) -> str:
@@ -121,7 +138,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         "latency-bound; PyTorch's choice on CUDA)",
     )
     p.add_argument("--seed", type=non_negative_int, help=f"(default: {d.seed})")
-    p.add_argument("--data-dir", help=f"dataset directory (default: {d.data_dir})")
+    p.add_argument("--data-dir", type=path_arg, help=f"dataset directory (default: {d.data_dir})")
     p.add_argument(
         "--download",
         action="store_true",
@@ -179,10 +196,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Without arguments: the main job, Shapeset-3x2, 5x1000 tanh, normalized init.",
     )
     add_config_arguments(p)
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<name>)")
+    p.add_argument(
+        "--out", metavar="RUN_DIR", type=path_arg, help="run directory (default: runs/<name>)"
+    )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=path_arg,
         help="continue the run in RUN_DIR from its checkpoint (only --steps, --device, "
         "--no-progress and --no-tensorboard may be given with it)",
     )
@@ -209,6 +229,8 @@ def argv_from_args(
         value = getattr(args, action.dest, None)
         if value is None or value == action.default:
             continue
+        if value is False and isinstance(action, argparse._StoreTrueAction):
+            continue  # --debug: False comes from the top-level parser's default
         if isinstance(action, argparse.BooleanOptionalAction):
             pos = [o for o in action.option_strings if not o.startswith("--no-")]
             neg = [o for o in action.option_strings if o.startswith("--no-")]
@@ -251,8 +273,12 @@ def run(args: argparse.Namespace) -> int:
             parser.error(f"--resume takes the run's own configuration; remove {flags}")
         try:
             base = load_config(args.resume)
-        except FileNotFoundError as e:
-            parser.error(str(e))
+        except (ValueError, TypeError) as e:  # config.json edited into something else
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(
+                f"{Path(args.resume) / 'config.json'}: {e} (expected the TrainConfig fastmlp wrote)"
+            ) from e
         config = config_from_args(args, base)
         config.out = args.resume
         resume = True
@@ -269,25 +295,73 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if world is None:
+        resolve_device(config.device)  # a device that is not there: refused before any work
     if launching:
+        if resume:  # refuse what the ranks would refuse before starting N processes
+            with hold(config.out, new=False):
+                pass
+            ckpt = Path(config.out) / CHECKPOINT
+            if args.steps is not None and ckpt.is_file():
+                at = load_checkpoint(ckpt)["step"]
+                if at > config.steps:
+                    raise UsageError(
+                        f"{config.out} is at step {at}, past --steps {config.steps}: give "
+                        f"--steps >= {at} to extend it, or leave --steps out"
+                    )
         # The flags were checked here; each of the N ranks runs this command again.
-        return distributed.launch(nproc, ["train", *argv_from_args(parser, args, skip=("nproc",))])
+        argv = ["train", *argv_from_args(parser, args, skip=("nproc",))]
+        try:
+            return distributed.launch(nproc, argv)
+        except Exception as e:  # Ctrl-C reaches torchrun's agent as a SignalException
+            if getattr(e, "sigval", None) != signal.SIGINT:
+                raise
+            run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
+            return _interrupted(run_dir)
     return _train(config, resume=resume, world=world)
+
+
+def _interrupted(run_dir: Path) -> int:
+    note = _checkpoint_note(run_dir) or "no checkpoint was written yet"
+    print(f"fastmlp train: interrupted; {note}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _checkpoint_note(run_dir: Path) -> str:
+    """What the run directory's checkpoint offers after an interruption or failure ("" when
+    there is none to continue from)."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return ""
+    try:
+        step = load_checkpoint(path)["step"]
+    except (CheckpointError, KeyError, OSError):
+        return ""
+    return f"{path} (step {step}) is intact: continue with fastmlp train --resume {run_dir}"
 
 
 def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
     """Train here; as one rank of a torchrun job when ``world`` is set."""
     if world is None:
+        run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
         try:
             train(config, resume=resume)
-        except FileExistsError as e:
-            print(f"fastmlp train: error: {e}", file=sys.stderr)
-            return 2
+        except KeyboardInterrupt:
+            return _interrupted(run_dir)
+        except Exception as e:
+            note = _checkpoint_note(run_dir) if exit_status(e) == 1 else ""
+            if note:  # a failure at run time (disk full, a device error) after a checkpoint
+                raise RunFailed(f"{describe(e)}; {note}") from e
+            raise
         return 0
     distributed.setup(device=None if config.device == "auto" else config.device)
     try:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
+    except KeyboardInterrupt:  # rank 0 says where the run stands; the agent reports the rest
+        if os.environ.get("RANK") == "0" and config.out is not None:
+            return _interrupted(Path(config.out))
+        return EXIT_INTERRUPTED
     finally:
         distributed.cleanup()
     return 0

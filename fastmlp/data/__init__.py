@@ -12,9 +12,9 @@ from fastmlp.data.shapes import (
     ShapesetSample,
     shapeset,
     shapeset_sample,
-    shapeset_throughput,
 )
 from fastmlp.data.splits import Splits, derive_seed
+from fastmlp.data.throughput import shapeset_throughput
 
 __all__ = [
     "DATASETS",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmlp.data import cifar
 from fastmlp.data.shapes import SHAPESET_CLASSES, SIZE, shapeset
 from fastmlp.data.splits import ArrayStream, ShapesetStream, Splits, derive_seed
 
@@ -51,6 +52,10 @@ CIFAR10_FILES = (
     "test_batch",
     "batches.meta",
 )
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
 def _torchvision():
@@ -154,8 +159,8 @@ def _load_mnist(
     if missing and not download:
         raise FileNotFoundError(
             f"MNIST not found: expected {', '.join(missing)} (or the same names with .gz) "
-            f"in {raw}. Pass download=True to download it into {data_dir}, or copy the "
-            "four IDX files there."
+            f"in {raw}. Pass --download (download=True in Python) to download it into "
+            f"{data_dir}, or copy the four IDX files there."
         )
     sets = {}
     for train in (True, False):
@@ -180,57 +185,42 @@ def _gunzip(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _cifar10_class(tvd, verified: bool):
-    """torchvision's CIFAR10, or a subclass that checks files exist but not their md5."""
-    if verified:
-        return tvd.CIFAR10
-
-    class UnverifiedCIFAR10(tvd.CIFAR10):
-        train_list = [[name, None] for name, _ in tvd.CIFAR10.train_list]
-        test_list = [[name, None] for name, _ in tvd.CIFAR10.test_list]
-        meta = {**tvd.CIFAR10.meta, "md5": None}
-
-    return UnverifiedCIFAR10
-
-
 def _load_cifar10(
     data_dir: Path, download: bool, device: torch.device, valid_size, test_size
 ) -> Splits:
-    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (``data_dir/cifar-10-batches-py``).
+    """CIFAR-10's python batches in ``data_dir/cifar-10-batches-py``.
 
-    torchvision checks every file against the official md5 sums. Files that are all
-    present but do not match (a re-packed or hand-made copy in the same pickle format)
-    are loaded anyway, by the same torchvision code with the md5 check turned off, and
-    a warning says so. Images are flattened channel-major (R plane, G, B: 3072 values).
+    The batch files are pickles; they are read by :mod:`fastmlp.data.cifar`'s
+    restricted unpickler, which builds only the arrays, lists and dicts of the format
+    and refuses anything else (no code from the files ever runs), so official,
+    re-packed and hand-made copies all load. ``download`` fetches the official archive
+    (md5-checked by torchvision) when files are missing. Images are flattened
+    channel-major (R plane, G, B: 3072 values).
     """
-    tvd = _torchvision()
-    folder = data_dir / tvd.CIFAR10.base_folder
+    folder = data_dir / CIFAR10_FOLDER
     missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
     if missing:
         if not download:
             raise FileNotFoundError(
                 f"CIFAR-10 not found: expected {', '.join(missing)} in {folder} (the python "
-                "version, cifar-10-python.tar.gz, extracted). Pass download=True to download "
-                f"it into {data_dir}."
+                "version, cifar-10-python.tar.gz, extracted). Pass --download (download=True "
+                f"in Python) to download it into {data_dir}."
             )
-        tvd.CIFAR10(str(data_dir), train=True, download=True)
-    cls = tvd.CIFAR10
-    try:
-        train_ds = cls(str(data_dir), train=True)
-    except RuntimeError:
-        warnings.warn(
-            f"CIFAR-10 files in {folder} do not match the official md5 checksums; "
-            "loading them anyway",
-            stacklevel=3,
+        _torchvision()
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(
+            CIFAR10_URL, str(data_dir), filename=CIFAR10_ARCHIVE, md5=CIFAR10_ARCHIVE_MD5
         )
-        cls = _cifar10_class(tvd, verified=False)
-        train_ds = cls(str(data_dir), train=True)
+    class_names = cifar.read_label_names(folder / "batches.meta")
     sets = {}
-    for train, ds in ((True, train_ds), (False, cls(str(data_dir), train=False))):
-        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-        sets[train] = (x.reshape(len(x), -1), torch.as_tensor(ds.targets, dtype=torch.int64))
+    for train, names in ((True, CIFAR10_FILES[:5]), (False, CIFAR10_FILES[5:6])):
+        parts = [cifar.read_batch(folder / name) for name in names]
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        sets[train] = (x, y)
     return _holdout_splits(
-        "cifar10", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
+        "cifar10", *sets[True], *sets[False], class_names, device, valid_size, test_size
     )
 
 
@@ -250,6 +240,10 @@ def _read_grey(path: str, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _has_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in folder.rglob("*"))
+
+
 def _load_imagefolder(
     data_dir: Path, device: torch.device, seed: int, valid_size, test_size, image_size: int
 ) -> Splits:
@@ -259,7 +253,9 @@ def _load_imagefolder(
     ``image_size x image_size`` (bilinear). The examples are shuffled with ``seed``
     (CPU generator) and cut into test (first ``test_size``), validation (next
     ``valid_size``) and training (the rest); both default to 10% of the images
-    (rounded, at least one each).
+    (rounded, at least one each). Files that cannot be read as images are skipped, and
+    a warning counts them and names the first; a class folder without any image (or
+    without any readable one) is an error naming it.
     """
     tvd = _torchvision()
     if not data_dir.is_dir():
@@ -269,14 +265,39 @@ def _load_imagefolder(
         )
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    try:
-        folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
-    except FileNotFoundError as err:
+    class_dirs = sorted(d for d in data_dir.iterdir() if d.is_dir())
+    if not class_dirs:
         raise FileNotFoundError(
-            f"{err}. imagefolder expects {data_dir} to hold one sub-folder of images per "
-            f"class, with extensions {', '.join(IMAGE_EXTENSIONS)}"
-        ) from err
-    n = len(folder.samples)
+            f"image folder {data_dir} has no class sub-folder: imagefolder expects one "
+            "sub-folder of images per class (e.g. data_dir/cat/001.png, data_dir/dog/002.jpg)"
+        )
+    empty = [d.name for d in class_dirs if not _has_images(d)]
+    if empty:
+        raise ValueError(
+            f"imagefolder: class folder(s) {', '.join(empty)} in {data_dir} hold no images "
+            f"(expected files ending {', '.join(IMAGE_EXTENSIONS)}); add images or remove them"
+        )
+    folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
+    images, labels, bad = [], [], []
+    for path, label in folder.samples:
+        try:
+            images.append(_read_grey(path, image_size))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image, truncated...
+            bad.append((path, err))
+            continue
+        labels.append(label)
+    if bad:
+        path, err = bad[0]
+        warnings.warn(
+            f"imagefolder: skipped {len(bad)} unreadable image(s) of {len(folder.samples)} "
+            f"in {data_dir} (first: {path}: {' '.join(str(err).split())})",
+            stacklevel=3,
+        )
+    lost = sorted(set(range(len(folder.classes))) - set(labels))
+    if lost:
+        names = ", ".join(folder.classes[c] for c in lost)
+        raise ValueError(f"imagefolder: no readable image in class folder(s) {names} of {data_dir}")
+    n = len(images)
     valid_size = max(1, round(0.1 * n)) if valid_size is None else valid_size
     test_size = max(1, round(0.1 * n)) if test_size is None else test_size
     if valid_size + test_size >= n:
@@ -284,9 +305,8 @@ def _load_imagefolder(
             f"imagefolder: {n} images in {data_dir}, too few for valid_size={valid_size} plus "
             f"test_size={test_size} and a training set"
         )
-    x = torch.from_numpy(np.stack([_read_grey(p, image_size) for p, _ in folder.samples]))
-    x = x.reshape(n, image_size * image_size)
-    y = torch.tensor([c for _, c in folder.samples], dtype=torch.int64)
+    x = torch.from_numpy(np.stack(images)).reshape(n, image_size * image_size)
+    y = torch.tensor(labels, dtype=torch.int64)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("split", seed)))
     test_idx, valid_idx = perm[:test_size], perm[test_size : test_size + valid_size]
     train_idx = perm[test_size + valid_size :]
@@ -325,8 +345,10 @@ def load(
             - ``"mnist"``: ``torchvision.datasets.MNIST`` under ``data_dir`` (784
               inputs): 50k train / 10k valid (the last 10k of the training file) /
               10k test.
-            - ``"cifar10"``: ``torchvision.datasets.CIFAR10`` under ``data_dir`` (3072
-              inputs, channel-major): 40k / 10k (last 10k of the training batches) / 10k.
+            - ``"cifar10"``: the python batches under ``data_dir/cifar-10-batches-py``
+              (3072 inputs, channel-major), read without running code from the files
+              (:mod:`fastmlp.data.cifar`): 40k / 10k (last 10k of the training
+              batches) / 10k.
             - ``"imagefolder"``: ``data_dir`` holds one sub-folder of images per class
               (a Small-ImageNet stand-in); grey ``image_size x image_size``; split at
               random with ``seed`` into train / valid / test.
