@@ -41,12 +41,14 @@ from torch.nn import functional as F
 
 from fastmlp import data as datasets
 from fastmlp import distributed
+from fastmlp.errors import RunFailed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.mlp import MLP
 from fastmlp.probe import probe
 from fastmlp.run import CheckpointError, RunDir, hold, load_checkpoint, save_checkpoint
 from fastmlp.stats.snapshot import Snapshot
 from fastmlp.summary import compact_finding, finish_run, twin_at_init
+from fastmlp.tripwire import NonFinite, Tripwire
 
 __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
@@ -103,6 +105,9 @@ class TrainConfig:
     checkpoint_every: int | None = None
     """Steps between checkpoints; ``None``: at every evaluation, probe and Jacobian step."""
     tensorboard: bool = True
+    stop_on_nonfinite: bool = False
+    """Stop at the first host read after a NaN/Inf appeared in the training statistics
+    (:mod:`fastmlp.tripwire`), keeping the checkpoint from before it; else report and go on."""
     figures: bool = True
     """Draw the paper's figures into ``RUN/figures/`` at the end (:mod:`fastmlp.summary`)."""
     progress: bool = True
@@ -125,7 +130,14 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("download", "train_stats", "probe_histograms", "tensorboard", "progress"):
+        for name in (
+            "download",
+            "train_stats",
+            "probe_histograms",
+            "tensorboard",
+            "progress",
+            "stop_on_nonfinite",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (("data_dir", str), ("device", str), ("extra", dict)):
@@ -270,6 +282,17 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+def _due_any(step: int, config: TrainConfig) -> bool:
+    """Whether anything (evaluation, probe, Jacobian, checkpoint) reads the host at ``step``."""
+    jac, ckpt = config.jacobian_every, config.checkpoint_every
+    return (
+        _due(step, config.eval_every, config.steps)
+        or _due(step, config.probe_every, config.steps)
+        or (jac >= 0 and (step in (0, config.steps) or (jac > 0 and step % jac == 0)))
+        or (ckpt is not None and _due(step, ckpt, config.steps))
+    )
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as ``config`` says; returns the run directory.
 
@@ -405,6 +428,10 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     last_probe: Snapshot | None = None
     last_test_error: float | None = None
     bar = _progress(config, step, is_main)
+    # The first NaN/Inf of the training statistics, found on the device every step and read
+    # at the monitoring points (no host synchronisation in the step).
+    wire = Tripwire(model) if config.train_stats else None
+    reported: NonFinite | None = None
     t0 = time.perf_counter()
     refresh = max(1, min(50, config.steps // 100))
 
@@ -440,6 +467,13 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
             # ---- monitoring at this step (already done for the step a resume starts from)
             if step > start_step or not resume:
                 logged = False
+                hit = wire.read() if wire is not None and _due_any(step, config) else None
+                if hit is not None and hit != reported:
+                    reported = hit
+                    if config.stop_on_nonfinite:
+                        raise RunFailed(f"stopped by --stop-on-nonfinite: {hit}")
+                    if is_main:
+                        print(f"fastmlp train: warning: {hit}", file=sys.stderr)
                 if _due(step, config.eval_every, config.steps):
                     distributed.all_reduce_sum_(running)  # training loss over every rank
                     if is_main and step > 0 and running[2] > 0:
@@ -462,6 +496,8 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                     if config.train_stats and step > 0:  # every rank: its own accumulators
                         run.log_stats(step, "train", model.stats.snapshot().rows())
                         model.stats.reset()
+                        if wire is not None:
+                            wire.rebase()
                     logged = True
                 if jac_every >= 0 and (
                     step in (0, config.steps) or (jac_every > 0 and step % jac_every == 0)
@@ -491,6 +527,8 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                 running[1] += (logits.argmax(1) != y).sum()
                 running[2] += y.shape[0]
             step += 1
+            if wire is not None:
+                wire.update(step)
 
             if bar is not None:
                 bar.update(1)

@@ -60,7 +60,8 @@ class Tripwire:
             for q in range(len(QUANTITIES)):
                 order[k, q] = k * 2 + q if q in _FORWARD else 2 * n + (n - 1 - k) * 2 + (q - 2)
         self._order = order.to(device)
-        self._seen = torch.zeros(n, len(QUANTITIES), dtype=torch.float64, device=device)
+        # Counts already there (a resumed run's) are not news.
+        self._seen = self._counts()
         # (step, flat cell index); step -1: nothing yet.
         self._first = torch.tensor([-1.0, -1.0], dtype=torch.float64, device=device)
 
@@ -69,7 +70,7 @@ class Tripwire:
 
         Call :meth:`rebase` after resetting the statistics.
         """
-        counts = torch.stack([acc[:, NONFINITE] for acc in self._accs])
+        counts = self._counts()
         fresh = counts > self._seen
         self._seen = counts
         rank = torch.where(fresh, self._order, torch.inf)
@@ -78,6 +79,9 @@ class Tripwire:
         self._first = torch.where(
             hit, torch.stack([best.new_tensor(float(step)), best]), self._first
         )
+
+    def _counts(self) -> torch.Tensor:
+        return torch.stack([acc[:, NONFINITE] for acc in self._accs])
 
     def read(self) -> NonFinite | None:
         """The first hit so far (one host read), or ``None``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch.nn import functional as F
@@ -104,3 +105,37 @@ def test_update_needs_no_host_read():
     for step in range(3):
         wire.update(step)
     assert wire._first.is_meta
+
+
+def _flags(run) -> list[str]:
+    return [
+        "train", "--depth", "2", "--width", "16", "--eval-every", "5", "--probe-every", "5",
+        "--probe-size", "30", "--valid-size", "50", "--test-size", "50", "--jacobian-every",
+        "-1", "--no-progress", "--no-tensorboard", "--no-figures", "--out", str(run),
+    ]  # fmt: skip
+
+
+def test_trainer_stops_on_nonfinite_and_keeps_the_checkpoint_from_before(tmp_path, capsys):
+    """--lr 1e38 diverges within a few steps: --stop-on-nonfinite stops at the next host
+    read with one line naming where, and the checkpoint is from before that step."""
+    from fastmlp.cli import main
+    from fastmlp.run import load_checkpoint
+
+    run = tmp_path / "run"
+    status = main([*_flags(run), "--steps", "40", "--lr", "1e38", "--stop-on-nonfinite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    m = re.search(r"first non-finite value at step (\d+), layer (\d+)", err[0])
+    assert m and "--stop-on-nonfinite" in err[0] and "is intact" in err[0], err[0]
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] < int(m.group(1)) <= ckpt["step"] + 5
+
+
+def test_trainer_without_the_flag_warns_once_and_finishes(tmp_path, capsys):
+    from fastmlp.cli import main
+
+    run = tmp_path / "run"
+    assert main([*_flags(run), "--steps", "20", "--lr", "1e38"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("first non-finite value at step") == 1, err

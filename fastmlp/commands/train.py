@@ -89,7 +89,15 @@ def device_arg(text: str) -> str:
 
 
 # Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = ("steps", "device", "threads", "progress", "tensorboard", "figures")
+RESUMABLE = (
+    "steps",
+    "device",
+    "threads",
+    "progress",
+    "tensorboard",
+    "figures",
+    "stop_on_nonfinite",
+)
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,6 +172,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="do not write TensorBoard events",
+    )
+    p.add_argument(
+        "--stop-on-nonfinite",
+        action="store_true",
+        default=None,
+        help="stop at the first NaN/Inf in the training statistics (seen at the next "
+        "evaluation or probe), keeping the checkpoint from before it; default: warn and go on",
     )
     p.add_argument(
         "--no-figures",
