@@ -12,7 +12,8 @@ Which implementation runs is decided in one place, :func:`route`, for every pass
 - ``"triton"``: the fused kernels (:mod:`fastmlp.kernels`) — for ``backend="auto"`` on CUDA
   tensors and ``backend="triton"`` (on CPU tensors only under ``TRITON_INTERPRET=1``),
   when the kernels take the inputs (float32/float16/bfloat16, a built-in activation, a
-  non-empty batch) and every quantity of the pass is calibrated;
+  non-empty batch, at most ``fastmlp.kernels.MAX_BINS`` histogram bins) and every quantity
+  of the pass is calibrated;
 - ``"torch"``: the PyTorch path (:mod:`fastmlp.torch_path`) otherwise. It calibrates a
   quantity's shift and histogram range on its first pass after a reset, so the first pass
   of a kernel layer runs here too. On the CPU it reads values on the host (inside the
@@ -63,7 +64,7 @@ def route(
     x: torch.Tensor,
     weight: torch.Tensor,
     activation: str,
-    state: torch.Tensor,
+    bufs: Buffers,
     quantities: tuple[int, int],
     enabled: bool,
 ) -> str:
@@ -72,10 +73,11 @@ def route(
     ``quantities``: the two quantities the pass records; a pass whose quantities are not all
     calibrated runs on the PyTorch path, which calibrates them.
     """
+    state = bufs.state
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return "torch"
     kernels = _kernels()
-    if kernels is None or not kernels.supported(x, weight, activation):
+    if kernels is None or not kernels.supported(x, weight, activation, bufs.bins):
         if backend == "triton" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
             if kernels is None or not kernels.INTERPRET:
                 raise RuntimeError(
@@ -118,7 +120,7 @@ def dense_forward(
     """``f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and ``activation``."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
     settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
-    how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
         kernels = _kernels()
         return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
@@ -155,7 +157,7 @@ def dense_backward(
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
     settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
-    how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
         kernels = _kernels()
         act_id = kernels.ACT_IDS[activation]

@@ -210,20 +210,29 @@ def _slot_counts(x: torch.Tensor, scale: float, offset: int, slots: int, clamp: 
     """Counts of the slots ``floor(x * scale) + offset`` (clamped to ``[0, slots)`` when
     ``clamp``), as int64 numpy.
 
-    Consecutive pairs are counted as one value ``a * slots + b`` of a ``slots**2`` table,
-    then folded back: half the serial ``bincount`` work of counting each value.
+    Where the ``slots**2`` table of pairs is smaller than the work it saves (and its indices
+    are exact in ``x``'s dtype), the two halves of ``x`` are counted as pairs ``a * slots + b``
+    and folded back: half the serial ``bincount`` work of counting each value.
     """
     n = x.numel()
     m = n // 2
-    t = torch.mul(x if n == 2 * m else x[: 2 * m], scale, out=scratch(2 * m, x.dtype, x.device))
+    exact = 2**24 if x.dtype == torch.float32 else 2**53
+    pairs = slots * slots <= min(m, exact)
+    k = 2 * m if pairs else n
+    t = torch.mul(x if n == k else x[:k], scale, out=scratch(k, x.dtype, x.device))
     t.floor_()
     if clamp:
         t.clamp_(-offset, slots - 1 - offset)
-    pairs = torch.add(t[1::2], t[0::2], alpha=slots, out=scratch(m, x.dtype, x.device, slot=1))
-    pairs.add_(offset * (slots + 1))
+    if pairs:
+        t = torch.add(t[m:], t[:m], alpha=slots, out=scratch(m, x.dtype, x.device, slot=1))
+        t.add_(offset * (slots + 1))
+    else:
+        t.add_(offset)
     # Converted in place (an integer type of the same width): one buffer stays in cache.
-    idx = pairs.view(torch.int64 if pairs.dtype == torch.float64 else torch.int32)
-    idx.copy_(pairs)
+    idx = t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+    idx.copy_(t)
+    if not pairs:
+        return torch.bincount(idx, minlength=slots).numpy()
     table = torch.bincount(idx, minlength=slots * slots).numpy().reshape(slots, slots)
     counts = table.sum(0) + table.sum(1)
     if n % 2:

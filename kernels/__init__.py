@@ -6,12 +6,13 @@ layer statistics into the buffers of :mod:`fastmlp.stats.layout` inside the kern
 they run. :func:`set_deterministic` switches to bitwise-reproducible statistics.
 """
 
-from .linear_activation import backward, forward, supported
+from .linear_activation import MAX_BINS, backward, forward, supported
 from .utils import ACT_IDS, INTERPRET, is_deterministic, set_deterministic
 
 __all__ = [
     "ACT_IDS",
     "INTERPRET",
+    "MAX_BINS",
     "backward",
     "forward",
     "is_deterministic",

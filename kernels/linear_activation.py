@@ -63,7 +63,11 @@ from .utils import (
     tile_moments,
 )
 
-__all__ = ["backward", "forward", "supported"]
+__all__ = ["MAX_BINS", "backward", "forward", "supported"]
+
+#: Most histogram bins the kernels take: the finalize kernel regroups bins through a
+#: ``[HB, HB]`` tile (``HB`` = the next power of two above ``bins + 2``) in one program.
+MAX_BINS = 256
 
 _GL_NFIELDS = tl.constexpr(NFIELDS)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -724,10 +728,12 @@ def backward(
     return dx, dw, db
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor, activation: str) -> bool:
-    """Whether the fused kernels handle these inputs (``activation`` by name)."""
+def supported(x: torch.Tensor, weight: torch.Tensor, activation: str, bins: int) -> bool:
+    """Whether the fused kernels handle these inputs (``activation`` by name, ``bins``
+    histogram bins)."""
     return (
-        x.dim() == 2
+        bins <= MAX_BINS
+        and x.dim() == 2
         and x.dtype in _KERNEL_DTYPES
         and weight.dtype == x.dtype
         and activation in ACT_IDS

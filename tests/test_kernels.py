@@ -316,6 +316,24 @@ def test_histograms_and_saturation_off():
     close(tri.stats.acc[:, :5], ref_layer.stats.acc[:, :5], rtol=1e-5, atol_scale=1e-6)
 
 
+def test_more_bins_than_the_kernels_take_run_on_the_torch_path(kernel_calls):
+    """A layer with more bins than ``fastmlp.kernels.MAX_BINS`` still trains under
+    backend="triton": its passes run on the PyTorch path, with the same statistics."""
+    bins = K.MAX_BINS * 2
+    g = torch.Generator().manual_seed(3)
+    ref = InstrumentedLinear(30, 20, "tanh", bins=bins, backend="torch", generator=g)
+    tri = InstrumentedLinear(30, 20, "tanh", bins=bins, backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    for x, up in batches(9, 30, 20, 4):
+        step(ref.to(DEVICE), x.to(DEVICE), up.to(DEVICE))
+        step(tri.to(DEVICE), x.to(DEVICE), up.to(DEVICE))
+    assert kernel_calls == {"forward": 0, "backward": 0}
+    assert (
+        Snapshot.from_layers([(1, tri.stats)]).rows()
+        == Snapshot.from_layers([(1, ref.stats)]).rows()
+    )
+
+
 def test_deterministic_mode_is_bitwise_reproducible():
     """Deterministic mode: identical statistics twice, equal to the atomic mode's up to rounding."""
     results = []

@@ -567,3 +567,33 @@ def test_saturation_thresholds_exact_on_the_masked_path_too():
     update(stats, ACTIVATION, torch.from_numpy(h))
     assert stats.acc[ACTIVATION, SAT_LOW].item() == 1
     assert stats.acc[ACTIVATION, SAT_HIGH].item() == 1
+
+
+@pytest.mark.parametrize("bins", [2, 64, 1000, 8192, 2**16])
+def test_histogram_exact_for_every_bin_count(bins):
+    """Every bin count the API accepts is counted exactly on the CPU float32 path (pairs of
+    bins packed into float32 numbers past 2**24 once put 9% of values in the wrong bin)."""
+    from fastmlp.stats import PREACTIVATION
+
+    stats = InstrumentedLinear(4, 4, "identity", bins=bins).stats
+    g = torch.Generator().manual_seed(bins)
+    batches = [torch.randn(300_001, generator=g), 0.5 * torch.randn(200_000, generator=g)]
+    for x in batches:
+        update(stats, PREACTIVATION, x)
+    qs = Snapshot.from_layers([(1, stats)])[1]["preactivation"]
+    lo, hi = qs.hist_edges[0], qs.hist_edges[-1]
+    scale = np.float32(bins / (hi - lo))
+    expect = np.zeros(bins, dtype=np.int64)
+    for x in batches:
+        v = x.numpy()
+        idx = np.floor(v * scale).astype(np.int64) + int(-lo * scale)  # float32 product
+        np.add.at(expect, np.minimum(idx, bins - 1), 1)
+    assert qs.underflow == qs.overflow == 0
+    np.testing.assert_array_equal(qs.hist_counts, expect)
+
+
+def test_bins_beyond_the_limit_are_refused():
+    from fastmlp.stats.buffers import MAX_BINS
+
+    with pytest.raises(ValueError, match=r"bins must be an even integer in \[2, 65536\]"):
+        InstrumentedLinear(4, 4, bins=MAX_BINS + 2)

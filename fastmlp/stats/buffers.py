@@ -18,7 +18,11 @@ from fastmlp.stats.layout import (
     empty_acc,
 )
 
-__all__ = ["LayerStats"]
+__all__ = ["MAX_BINS", "LayerStats"]
+
+#: Most histogram bins a layer takes (the PyTorch path counts any number exactly; the
+#: kernels take up to ``fastmlp.kernels.MAX_BINS`` and leave larger ones to it).
+MAX_BINS = 2**16
 
 
 class LayerStats(nn.Module):
@@ -31,7 +35,7 @@ class LayerStats(nn.Module):
     Args:
         activation: the layer's activation; bounded activations are histogrammed
             on their fixed output range, and saturating ones get saturation counts.
-        bins: number of histogram bins (even, >= 2).
+        bins: number of histogram bins (even, 2 to :data:`MAX_BINS`).
         saturation_thresholds: ``(low, high)`` overriding the activation's default.
         histograms: record histograms.
         saturation: record saturation counts.
@@ -48,8 +52,13 @@ class LayerStats(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2 or bins % 2:
-            raise ValueError(f"bins must be an even integer >= 2, got {bins!r}")
+        if (
+            not isinstance(bins, int)
+            or isinstance(bins, bool)
+            or not 2 <= bins <= MAX_BINS
+            or bins % 2
+        ):
+            raise ValueError(f"bins must be an even integer in [2, {MAX_BINS}], got {bins!r}")
         thresholds = saturation_thresholds or activation.saturation
         if thresholds is not None:
             lo, hi = (float(t) for t in thresholds)
