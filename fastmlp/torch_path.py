@@ -290,13 +290,18 @@ def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tenso
 
 
 def calibrate(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> None:
-    """Fix ``shift[q]`` and, for auto-ranged quantities, ``hist_range[q]`` from ``x``.
+    """Fix ``shift[q]`` and, for auto-ranged quantities, ``hist_range[q]`` from ``x``, if
+    ``x`` has a finite value (else ``q`` stays uncalibrated, for the next batch to calibrate).
 
-    Device ops only, except the CPU centring hint and the flag in the host-side ``state``.
+    Device ops, except one read of the finite count (on a GPU once per calibration pass,
+    which happens once per quantity after a reset), the CPU centring hint and the flag in
+    the host-side ``state``.
     """
     x = x.detach().reshape(-1)
     fin = torch.isfinite(x)
     n = fin.sum()
+    if not int(n):
+        return
     xs = torch.where(fin, x, 0).to(torch.float64)
     bufs.shift[q] = xs.sum() / n.clamp(min=1)
     if x.device.type == "cpu":
@@ -323,6 +328,9 @@ def record(
     """
     if not bufs.state[CALIBRATED, q]:
         calibrate(bufs, settings, q, x)
+        if not bufs.state[CALIBRATED, q]:  # nothing finite (or nothing at all) yet
+            bufs.acc[q, NONFINITE] += x.numel()
+            return
     accumulate(bufs, settings, q, x, total, factors)
 
 

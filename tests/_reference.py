@@ -182,7 +182,9 @@ def stream_stats(
         if fixed_range is not None:
             lo, hi = fixed_range
         elif lo is None:
-            r = pow2_above(float(np.abs(f).max()) if f.size else 0.0)
+            if not f.size:  # nothing finite: the first batch with finite values calibrates
+                continue
+            r = pow2_above(float(np.abs(f).max()))
             lo, hi = -r, r
         amb += int(_near_edges(f, lo, hi, bins, tol).sum())
         under += int((f < lo).sum())

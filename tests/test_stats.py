@@ -597,3 +597,46 @@ def test_bins_beyond_the_limit_are_refused():
 
     with pytest.raises(ValueError, match=r"bins must be an even integer in \[2, 65536\]"):
         InstrumentedLinear(4, 4, bins=MAX_BINS + 2)
+
+
+@pytest.mark.parametrize("first", ["all-nan", "empty"])
+def test_calibration_waits_for_a_batch_with_finite_values(first):
+    """An all-NaN or empty first batch is counted (non-finite) but calibrates nothing: the
+    range comes from the first batch that has finite values, so later data is not pushed
+    into under/overflow and percentiles stay accurate."""
+    from fastmlp.stats import PREACTIVATION
+
+    stats = InstrumentedLinear(4, 4, "identity").stats
+    g = torch.Generator().manual_seed(0)
+    bad = torch.full((50,), float("nan")) if first == "all-nan" else torch.zeros(0)
+    update(stats, PREACTIVATION, bad)
+    assert not stats.calibrated[PREACTIVATION]
+    data = [30 * torch.randn(5000, generator=g) for _ in range(3)]
+    for x in data:
+        update(stats, PREACTIVATION, x)
+    qs = Snapshot.from_layers([(1, stats)])[1]["preactivation"]
+    v = torch.cat(data).double().numpy()
+    assert qs.count == v.size and qs.nonfinite == bad.numel()
+    assert qs.hist_edges[-1] == 128.0  # the power of two above the data, not +-1
+    width = qs.hist_edges[1] - qs.hist_edges[0]
+    for p in (2, 50, 98):
+        assert abs(qs.percentile(p) - np.percentile(v, p)) <= width, p
+
+
+def test_histograms_switched_on_mid_window_cover_what_they_say():
+    """Histograms switched on after some steps hold only the later values; the percentile
+    and the histogram's total describe those, not the whole count."""
+    from fastmlp.stats import PREACTIVATION
+
+    stats = InstrumentedLinear(4, 4, "identity").stats
+    stats.histograms = False
+    g = torch.Generator().manual_seed(1)
+    early = torch.randn(4000, generator=g) - 3
+    late = torch.randn(6000, generator=g) + 3
+    update(stats, PREACTIVATION, early)
+    stats.histograms = True
+    update(stats, PREACTIVATION, late)
+    qs = Snapshot.from_layers([(1, stats)])[1]["preactivation"]
+    assert qs.count == 10000 and qs.hist_total == 6000
+    width = qs.hist_edges[1] - qs.hist_edges[0]
+    assert abs(qs.percentile(50) - float(np.median(late.numpy()))) <= width

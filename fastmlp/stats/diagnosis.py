@@ -293,7 +293,7 @@ def _nonfinite(layers: dict[int, dict[str, QuantityStats]], order: list[int]) ->
 def _cdf(qs: QuantityStats, v: float) -> float | None:
     """Fraction of values ``< v`` read off the histogram (linear inside a bin); ``None`` without."""
     edges, counts = qs.hist_edges, qs.hist_counts
-    if not edges or counts is None or not qs.count:
+    if not edges or counts is None or not qs.hist_total:
         return None
     below = float(qs.underflow or 0)
     for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True):
@@ -303,7 +303,7 @@ def _cdf(qs: QuantityStats, v: float) -> float | None:
             below += c * (v - lo) / (hi - lo)
     if v > edges[-1]:
         below += qs.overflow or 0
-    return min(max(below / qs.count, 0.0), 1.0)
+    return min(max(below / qs.hist_total, 0.0), 1.0)
 
 
 def _bounds(a: QuantityStats) -> tuple[float, float, str]:

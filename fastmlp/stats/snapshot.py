@@ -82,22 +82,35 @@ class QuantityStats:
             return None
         return self.saturated_low + self.saturated_high
 
+    @property
+    def hist_total(self) -> int | None:
+        """Values the histogram holds (bins, underflow and overflow); ``None`` without one.
+
+        Equal to ``count`` unless histograms were switched on after the last reset: then
+        the histogram covers the values recorded since, and so do the figures read off it
+        (:meth:`percentile`).
+        """
+        if self.hist_counts is None:
+            return None
+        return int(sum(self.hist_counts) + (self.underflow or 0) + (self.overflow or 0))
+
     def percentile(self, q: float) -> float | None:
-        """The ``q``-th percentile (0..100), read off the histogram by linear interpolation.
+        """The ``q``-th percentile (0..100) of the values in the histogram, by linear
+        interpolation inside a bin.
 
         Values in the underflow (overflow) count are spread between ``min`` and
         the range's low edge (the high edge and ``max``). ``None`` without data.
         """
         if not 0 <= q <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {q}")
-        if self.count == 0 or self.hist_counts is None:
+        if self.count == 0 or self.hist_counts is None or not self.hist_total:
             return None
         edges = self.hist_edges
         counts = [self.underflow, *self.hist_counts, self.overflow]
         # Segments: [min, low edge], the bins, [high edge, max].
         lows = [self.min, *edges[:-1], edges[-1]]
         highs = [edges[0], *edges[1:], self.max]
-        target = q / 100 * self.count
+        target = q / 100 * self.hist_total
         seen = 0.0
         for lo, hi, c in zip(lows, highs, counts, strict=True):
             if c and seen + c >= target:
