@@ -28,12 +28,9 @@ needs the same number of processes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +38,7 @@ from torch.nn import functional as F
 
 from fastmlp import data as datasets
 from fastmlp import distributed
+from fastmlp.config import TrainConfig
 from fastmlp.errors import RunFailed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.mlp import MLP
@@ -54,141 +52,6 @@ __all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
 
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("config", "step", "model", "optimizer", "running", "rng", "logs")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as ``config.json``).
-
-    The defaults are the main job: Shapeset-3x2, 5 hidden layers of 1000 tanh
-    units with normalized init, SGD on minibatches of 10, sized to finish in a
-    few minutes on a 2-core CPU.
-    """
-
-    dataset: str = "shapeset"
-    depth: int = 5
-    width: int = 1000
-    activation: str = "tanh"
-    init: str = "normalized"
-    lr: float = 0.05
-    batch_size: int = 10
-    steps: int = 3000
-    eval_every: int = 500
-    probe_every: int = 250
-    probe_size: int = 300
-    jacobian_every: int = 0
-    """Steps between Jacobian measurements; 0: only at the first and the last step; -1: never."""
-    jacobian_examples: int = 4
-    """Probe examples for the Jacobian (one SVD per example and hidden layer, ~0.3 s each)."""
-    valid_size: int | None = 2000
-    test_size: int | None = 2000
-    """Validation / test set sizes (``None``: the dataset's full split)."""
-    eval_batch_size: int = 1000
-    device: str = "auto"
-    seed: int = 0
-    data_dir: str = "data"
-    download: bool = False
-    image_size: int = 37
-    out: str | None = None
-    """Run directory (``None``: ``runs/<dataset>-<activation>-<init>-<depth>x<width>-seed<N>``)."""
-    train_stats: bool = True
-    """Record the streaming statistics of every training step (snapshots with source ``train``)."""
-    train_histograms: bool | None = None
-    """Histograms in the training statistics; ``None``: on CUDA only (they are costly on CPU)."""
-    probe_histograms: bool = True
-    bins: int = 64
-    backend: str = "auto"
-    threads: int | None = None
-    """PyTorch CPU threads while training (restored afterwards). ``None``: 1 on the CPU, where
-    minibatch-10 SGD is latency-bound and extra threads mostly wait (measured 10x slower with
-    2 threads on a busy 2-core machine), PyTorch's default on CUDA."""
-    checkpoint_every: int | None = None
-    """Steps between checkpoints; ``None``: at every evaluation, probe and Jacobian step."""
-    tensorboard: bool = True
-    stop_on_nonfinite: bool = False
-    """Stop at the first host read after a NaN/Inf appeared in the training statistics
-    (:mod:`fastmlp.tripwire`), keeping the checkpoint from before it; else report and go on."""
-    figures: bool = True
-    """Draw the paper's figures into ``RUN/figures/`` at the end (:mod:`fastmlp.summary`)."""
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-    """Free-form labels carried into ``config.json`` (e.g. by ``fastmlp reproduce``)."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and what was expected."""
-        from fastmlp.activations import ACTIVATIONS
-        from fastmlp.init import INITS
-        from fastmlp.op import BACKENDS
-
-        def positive(name: str, allow_none: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in (
-            "download",
-            "train_stats",
-            "probe_histograms",
-            "tensorboard",
-            "progress",
-            "stop_on_nonfinite",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, kind in (("data_dir", str), ("device", str), ("extra", dict)):
-            if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
-        if not isinstance(self.dataset, str) or self.dataset not in datasets_names():
-            raise ValueError(
-                f"dataset must be one of {list(datasets_names())}, got {self.dataset!r}"
-            )
-        if self.activation not in ACTIVATIONS or self.activation == "identity":
-            choices = [a for a in ACTIVATIONS if a != "identity"]
-            raise ValueError(f"activation must be one of {choices}, got {self.activation!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be an integer >= 1, got {self.depth!r}")
-        for name in ("width", "batch_size", "steps", "eval_every", "probe_every", "probe_size"):
-            positive(name)
-        for name in ("jacobian_examples", "eval_batch_size", "image_size"):
-            positive(name)
-        for name in ("valid_size", "test_size", "checkpoint_every", "threads"):
-            positive(name, allow_none=True)
-        if not isinstance(self.jacobian_every, int) or self.jacobian_every < -1:
-            raise ValueError(
-                f"jacobian_every must be an integer >= -1, got {self.jacobian_every!r}"
-            )
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.bins, int) or self.bins < 2 or self.bins % 2:
-            raise ValueError(f"bins must be an even integer >= 2, got {self.bins!r}")
-        if self.test_size is not None and self.test_size < self.probe_size:
-            raise ValueError(
-                f"test_size ({self.test_size}) must be at least probe_size ({self.probe_size}): "
-                "the probe set is taken from the test set"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a dict (e.g. ``config.json``); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**d)
 
 
 def datasets_names() -> tuple[str, ...]:
@@ -333,10 +196,60 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(config.seed)
+    splits = _load_data(config, device, is_main)
+    model = _build_model(config, splits, device)
+    # Training steps go through DDP (gradients averaged over ranks); evaluation, probes and
+    # Jacobians use the bare model on rank 0 alone. Statistics stay rank-local (wrap_model).
+    ddp_model = distributed.wrap_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    run = RunDir(run_dir, enabled=is_main, tensorboard=config.tensorboard)
+    monitor = _Monitor(config, run, model, optimizer, splits, device)
+    step = monitor.restore() if resume else monitor.start()
+    start_step = step
+    batches = splits.train_batches(
+        config.batch_size, seed=config.seed, start_step=step, rank=rank, world_size=world_size
+    )
+    bar = _progress(config, step, is_main)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            if step > start_step or not monitor.restored:  # (the checkpoint's step is done)
+                monitor(step)
+            if step >= config.steps:
+                break
+            x, y = next(batches)
+            logits = ddp_model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            monitor.after_step(step, loss, logits, y)
+            if bar is not None:
+                bar.update(1)
+                if step % monitor.refresh == 0 or step == config.steps:
+                    bar.set_postfix_str(monitor.postfix(), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        run.close()
+    if is_main:  # diagnosis.json, figures and the per-layer summary (fastmlp.summary)
+        elapsed = time.perf_counter() - t0
+        x_probe, y_probe = monitor.probe_set
+        twin = twin_at_init(model, x_probe, y_probe, seed=config.seed)  # the other paper init
+        report = finish_run(run_dir, figures=config.figures, twin=twin)
+        if config.progress:
+            print(
+                f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n{report}",
+                file=sys.stderr,
+            )
+    return run_dir
 
-    # Data: fixed validation/test sets; the probe set is the first test examples (paper).
+
+def _load_data(config: TrainConfig, device: torch.device, is_main: bool) -> datasets.Splits:
+    """The dataset's splits; under ``--download`` rank 0 downloads first."""
     if config.download and not is_main:
-        distributed.barrier()  # rank 0 downloads first
+        distributed.barrier()
     splits = datasets.load(
         config.dataset,
         data_dir=config.data_dir,
@@ -349,8 +262,10 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     )
     if config.download and is_main:
         distributed.barrier()
-    x_probe, y_probe = (t[: config.probe_size] for t in splits.test)
+    return splits
 
+
+def _build_model(config: TrainConfig, splits: datasets.Splits, device: torch.device) -> MLP:
     model = MLP(
         splits.in_features,
         splits.num_classes,
@@ -364,25 +279,58 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         device=device,
     )
     train_hist = config.train_histograms
-    if train_hist is None:
-        train_hist = device.type == "cuda"
     model.stats.enabled = config.train_stats
-    model.stats.histograms = train_hist
-    # Training steps go through DDP (gradients averaged over ranks); evaluation, probes and
-    # Jacobians use the bare model on rank 0 alone. Statistics stay rank-local (wrap_model).
-    ddp_model = distributed.wrap_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    # Training loss / wrong / count since the last evaluation, kept on the device.
-    running = torch.zeros(3, dtype=torch.float64, device=device)
+    model.stats.histograms = device.type == "cuda" if train_hist is None else train_hist
+    return model
 
-    run = RunDir(run_dir, enabled=is_main, tensorboard=config.tensorboard)
-    step = 0
-    if resume and not run.checkpoint_path.exists():
-        run.check_restart()  # killed before its first checkpoint: start over; else refuse
-        resume = False
-    if resume:
+
+class _Monitor:
+    """Everything around the SGD steps: the running loss, evaluations, probes, Jacobians,
+    checkpoints (and restoring from one), the non-finite tripwire, the progress readout.
+
+    Evaluation, probe and Jacobian are the paper's monitoring (the probe set is the first
+    test examples); they run on rank 0, checkpoints merge every rank's statistics first.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run: RunDir,
+        model: MLP,
+        optimizer: torch.optim.Optimizer,
+        splits: datasets.Splits,
+        device: torch.device,
+    ) -> None:
+        self.config, self.run, self.model, self.optimizer = config, run, model, optimizer
+        self.splits, self.device = splits, device
+        self.rank, self.world_size = _dist_info()
+        self.is_main = self.rank == 0
+        self.probe_set = tuple(t[: config.probe_size] for t in splits.test)
+        # Training loss / wrong / count since the last evaluation, kept on the device.
+        self.running = torch.zeros(3, dtype=torch.float64, device=device)
+        self.last_probe: Snapshot | None = None
+        self.last_test_error: float | None = None
+        self.wire: Tripwire | None = None
+        self.reported: NonFinite | None = None
+        self.refresh = max(1, min(50, config.steps // 100))
+        self.restored = False  # continuing from a checkpoint
+
+    # ---- start or restore
+
+    def start(self) -> int:
+        self.run.write_config(self.config.to_dict())
+        self.run.open(None)
+        self._arm()
+        return 0
+
+    def restore(self) -> int:
+        """Load the run's checkpoint (or start over where that is safe); the step reached."""
+        run, config, model = self.run, self.config, self.model
+        if not run.checkpoint_path.exists():
+            run.check_restart()  # killed before its first checkpoint: start over; else refuse
+            return self.start()
         ckpt_path = run.checkpoint_path
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        ckpt = load_checkpoint(ckpt_path, map_location=self.device)
         missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
         if ckpt.get("version") != CHECKPOINT_VERSION or missing:
             raise CheckpointError(
@@ -390,166 +338,139 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
                 f"{ckpt.get('version')!r}" + (f", no {', '.join(missing)})" if missing else ")")
             )
         _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
-        if ckpt.get("world_size", 1) != world_size:
+        if ckpt.get("world_size", 1) != self.world_size:
             raise ValueError(
                 f"{ckpt_path} was written by a run on {ckpt.get('world_size', 1)} process(es); "
                 f"resume it with the same number (--nproc {ckpt.get('world_size', 1)}), "
-                f"not {world_size}"
+                f"not {self.world_size}"
             )
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        running.copy_(ckpt["running"])
-        if not is_main:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.running.copy_(ckpt["running"])
+        if not self.is_main:
             # The checkpoint's statistics and running loss are every rank's, merged into
             # rank 0's: the other ranks start again from empty ones.
             model.stats.reset()
-            running.zero_()
+            self.running.zero_()
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         step = int(ckpt["step"])
         if step > config.steps:
             raise ValueError(
-                f"{run_dir} is at step {step}, past --steps {config.steps}: give --steps "
+                f"{run.path} is at step {step}, past --steps {config.steps}: give --steps "
                 f">= {step} to extend it, or leave --steps out"
             )
         run.open(ckpt["logs"], tb_step=step + 1)  # checks every log before changing any
         run.write_config(config.to_dict())
-    else:
-        run.write_config(config.to_dict())
-        run.open(None)
-    start_step = step
+        self._arm()
+        self.restored = True
+        return step
 
-    batches = splits.train_batches(
-        config.batch_size, seed=config.seed, start_step=step, rank=rank, world_size=world_size
-    )
-    jac_every = config.jacobian_every
-    ckpt_every = config.checkpoint_every
-    last_probe: Snapshot | None = None
-    last_test_error: float | None = None
-    bar = _progress(config, step, is_main)
-    # The first NaN/Inf of the training statistics, found on the device every step and read
-    # at the monitoring points (no host synchronisation in the step).
-    wire = Tripwire(model) if config.train_stats else None
-    reported: NonFinite | None = None
-    t0 = time.perf_counter()
-    refresh = max(1, min(50, config.steps // 100))
+    def _arm(self) -> None:
+        # The first NaN/Inf of the training statistics, found on the device every step and
+        # read at the monitoring points (no host synchronisation in the step).
+        self.wire = Tripwire(self.model) if self.config.train_stats else None
 
-    def checkpoint(at: int) -> None:
+    # ---- every step, on the device
+
+    def after_step(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            self.running[0] += loss.detach().double() * y.shape[0]
+            self.running[1] += (logits.argmax(1) != y).sum()
+            self.running[2] += y.shape[0]
+        if self.wire is not None:
+            self.wire.update(step)
+
+    def postfix(self) -> str:
+        return _postfix(self.running, self.last_test_error, self.last_probe, self.config.depth)
+
+    # ---- at the monitoring steps, on the host
+
+    def __call__(self, step: int) -> None:
+        config, run, model, is_main = self.config, self.run, self.model, self.is_main
+        self._check_tripwire(step)
+        logged = False
+        if _due(step, config.eval_every, config.steps):
+            self._evaluate(step)
+            logged = True
+        if _due(step, config.probe_every, config.steps):
+            if is_main:
+                with _stats_switched(model, "histograms", config.probe_histograms):
+                    self.last_probe = probe(model, *self.probe_set)
+                run.log_stats(step, "probe", self.last_probe.rows())
+            if config.train_stats and step > 0:  # every rank: its own accumulators
+                run.log_stats(step, "train", model.stats.snapshot().rows())
+                model.stats.reset()
+                if self.wire is not None:
+                    self.wire.rebase()
+            logged = True
+        jac = config.jacobian_every
+        if jac >= 0 and (step in (0, config.steps) or (jac > 0 and step % jac == 0)):
+            if is_main:
+                n_jac = min(config.jacobian_examples, self.probe_set[0].shape[0])
+                x_probe = self.probe_set[0]
+                run.log_jacobian(step, jacobian_singular_values(model, x_probe, max_examples=n_jac))
+            logged = True
+        every = config.checkpoint_every
+        if (every is None and logged) or (
+            every is not None and (step % every == 0 or step == config.steps)
+        ):
+            self.checkpoint(step)
+
+    def _check_tripwire(self, step: int) -> None:
+        if self.wire is None or not _due_any(step, self.config):
+            return
+        hit = self.wire.read()
+        if hit is None or hit == self.reported:
+            return
+        self.reported = hit
+        if self.config.stop_on_nonfinite:
+            raise RunFailed(f"stopped by --stop-on-nonfinite: {hit}")
+        if self.is_main:
+            print(f"fastmlp train: warning: {hit}", file=sys.stderr)
+
+    def _evaluate(self, step: int) -> None:
+        running = self.running
+        distributed.all_reduce_sum_(running)  # training loss over every rank
+        if self.is_main and step > 0 and running[2] > 0:
+            loss_sum, wrong, n = running.tolist()
+            self.run.log_metrics(step, "train", loss_sum / n, 100.0 * wrong / n)
+        running.zero_()
+        if not self.is_main:
+            return
+        for split, (x, y) in (("valid", self.splits.valid), ("test", self.splits.test)):
+            loss, err = evaluate(self.model, x, y, self.config.eval_batch_size)
+            self.run.log_metrics(step, split, loss, err)
+            if split == "test":
+                self.last_test_error = err
+
+    def checkpoint(self, at: int) -> None:
         # Collectives (every rank): move all ranks' statistics and running loss into rank 0.
-        if world_size > 1:
-            distributed.consolidate_stats(model.stats)
-            distributed.all_reduce_sum_(running)
-            if not is_main:
-                running.zero_()
-        if not is_main:
+        if self.world_size > 1:
+            distributed.consolidate_stats(self.model.stats)
+            distributed.all_reduce_sum_(self.running)
+            if not self.is_main:
+                self.running.zero_()
+        if not self.is_main:
             return
         rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
             "version": CHECKPOINT_VERSION,
-            "config": config.to_dict(),
+            "config": self.config.to_dict(),
             "step": at,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "running": running.cpu(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "running": self.running.cpu(),
             "rng": rng,
-            "logs": run.positions(),
-            "world_size": world_size,
+            "logs": self.run.positions(),
+            "world_size": self.world_size,
         }
-        if run.tb is not None:
-            run.tb.flush()
-        save_checkpoint(run.checkpoint_path, state)
-
-    try:
-        while True:
-            # ---- monitoring at this step (already done for the step a resume starts from)
-            if step > start_step or not resume:
-                logged = False
-                hit = wire.read() if wire is not None and _due_any(step, config) else None
-                if hit is not None and hit != reported:
-                    reported = hit
-                    if config.stop_on_nonfinite:
-                        raise RunFailed(f"stopped by --stop-on-nonfinite: {hit}")
-                    if is_main:
-                        print(f"fastmlp train: warning: {hit}", file=sys.stderr)
-                if _due(step, config.eval_every, config.steps):
-                    distributed.all_reduce_sum_(running)  # training loss over every rank
-                    if is_main and step > 0 and running[2] > 0:
-                        loss_sum, wrong, n = running.tolist()
-                        run.log_metrics(step, "train", loss_sum / n, 100.0 * wrong / n)
-                    running.zero_()
-                    for split, (x, y) in (("valid", splits.valid), ("test", splits.test)):
-                        if not is_main:
-                            break
-                        loss, err = evaluate(model, x, y, config.eval_batch_size)
-                        run.log_metrics(step, split, loss, err)
-                        if split == "test":
-                            last_test_error = err
-                    logged = True
-                if _due(step, config.probe_every, config.steps):
-                    if is_main:
-                        with _stats_switched(model, "histograms", config.probe_histograms):
-                            last_probe = probe(model, x_probe, y_probe)
-                        run.log_stats(step, "probe", last_probe.rows())
-                    if config.train_stats and step > 0:  # every rank: its own accumulators
-                        run.log_stats(step, "train", model.stats.snapshot().rows())
-                        model.stats.reset()
-                        if wire is not None:
-                            wire.rebase()
-                    logged = True
-                if jac_every >= 0 and (
-                    step in (0, config.steps) or (jac_every > 0 and step % jac_every == 0)
-                ):
-                    if is_main:
-                        n_jac = min(config.jacobian_examples, x_probe.shape[0])
-                        run.log_jacobian(
-                            step, jacobian_singular_values(model, x_probe, max_examples=n_jac)
-                        )
-                    logged = True
-                if (ckpt_every is None and logged) or (
-                    ckpt_every is not None and (step % ckpt_every == 0 or step == config.steps)
-                ):
-                    checkpoint(step)
-            if step >= config.steps:
-                break
-
-            # ---- one SGD step
-            x, y = next(batches)
-            logits = ddp_model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                running[0] += loss.detach().double() * y.shape[0]
-                running[1] += (logits.argmax(1) != y).sum()
-                running[2] += y.shape[0]
-            step += 1
-            if wire is not None:
-                wire.update(step)
-
-            if bar is not None:
-                bar.update(1)
-                if step % refresh == 0 or step == config.steps:
-                    bar.set_postfix_str(
-                        _postfix(running, last_test_error, last_probe, config.depth), refresh=False
-                    )
-    finally:
-        if bar is not None:
-            bar.close()
-        run.close()
-    if is_main:  # diagnosis.json, figures and the per-layer summary (fastmlp.summary)
-        elapsed = time.perf_counter() - t0
-        twin = twin_at_init(model, x_probe, y_probe, seed=config.seed)  # the other paper init
-        report = finish_run(run_dir, figures=config.figures, twin=twin)
-        if config.progress:
-            print(
-                f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n{report}",
-                file=sys.stderr,
-            )
-    return run_dir
+        if self.run.tb is not None:
+            self.run.tb.flush()
+        save_checkpoint(self.run.checkpoint_path, state)
 
 
 _MODEL_FIELDS = (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fastmlp
-from fastmlp.cli import main
+from fastmlp.cli import build_parser, main
 
 
 def _script() -> str:
@@ -78,3 +78,25 @@ def test_unknown_option_fails(capsys):
 
 def test_version_string():
     assert isinstance(fastmlp.__version__, str) and fastmlp.__version__.count(".") >= 2
+
+
+def test_every_config_field_is_declared_once_and_becomes_a_flag():
+    """The flags, their help and the resume rules come from TrainConfig's declarations."""
+    import dataclasses
+
+    from fastmlp.commands.train import RESUMABLE
+    from fastmlp.config import TrainConfig, resumable_fields
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["flag"]:
+            assert f.name in dests, f.name
+            assert f.metadata["help"].split()[0] in (dests[f.name].help or ""), f.name
+    assert "steps" in RESUMABLE == resumable_fields() and "depth" not in RESUMABLE
+    args = parser.parse_args(
+        ["train", "--bins", "32", "--no-probe-histograms", "--backend", "torch"]
+    )
+    assert (args.bins, args.probe_histograms, args.backend) == (32, False, "torch")
+    assert parser.parse_args(["train", "--valid-size", "none"]).valid_size is None

@@ -17,13 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fastmlp import distributed
-from fastmlp.activations import ACTIVATIONS
+from fastmlp.config import KINDS, Kind, TrainConfig, choices, resumable_fields
 from fastmlp.errors import EXIT_INTERRUPTED, RunFailed, UsageError, describe, exit_status
-from fastmlp.init import INITS
 from fastmlp.run import CHECKPOINT, CheckpointError, hold, load_checkpoint
 from fastmlp.train import (
-    TrainConfig,
-    datasets_names,
     default_run_dir,
     load_config,
     resolve_device,
@@ -89,107 +86,52 @@ def device_arg(text: str) -> str:
 
 
 # Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = (
-    "steps",
-    "device",
-    "threads",
-    "progress",
-    "tensorboard",
-    "figures",
-    "stop_on_nonfinite",
-)
+RESUMABLE = resumable_fields()
+
+
+def _arg_type(kind: Kind):
+    """An argparse type from a field's kind (its message says what was expected)."""
+
+    def parse(text: str):
+        try:
+            return kind.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """The training flags; every default is ``None`` so explicit flags can be told apart."""
-    d = TrainConfig()
-    activations = [a for a in ACTIVATIONS if a != "identity"]
-    p.add_argument("--dataset", choices=datasets_names(), help=f"(default: {d.dataset})")
-    p.add_argument("--depth", type=positive_int, help=f"hidden layers (default: {d.depth})")
-    p.add_argument(
-        "--width", type=positive_int, help=f"units per hidden layer (default: {d.width})"
-    )
-    p.add_argument("--activation", choices=activations, help=f"(default: {d.activation})")
-    p.add_argument("--init", choices=INITS, help=f"weight init (default: {d.init})")
-    p.add_argument("--lr", type=positive_float, help=f"SGD learning rate (default: {d.lr})")
-    p.add_argument("--batch-size", type=positive_int, help=f"(default: {d.batch_size})")
-    p.add_argument("--steps", type=positive_int, help=f"SGD updates (default: {d.steps})")
-    p.add_argument(
-        "--eval-every",
-        type=positive_int,
-        help=f"steps between evaluations (default: {d.eval_every})",
-    )
-    p.add_argument(
-        "--probe-every", type=positive_int, help=f"steps between probes (default: {d.probe_every})"
-    )
-    p.add_argument(
-        "--probe-size", type=positive_int, help=f"probe examples (default: {d.probe_size})"
-    )
-    p.add_argument(
-        "--jacobian-every",
-        type=int,
-        help="steps between Jacobian singular values; 0: first and last step only, -1: never "
-        f"(default: {d.jacobian_every})",
-    )
-    p.add_argument(
-        "--jacobian-examples",
-        type=positive_int,
-        help=f"probe examples used for the Jacobian (default: {d.jacobian_examples})",
-    )
-    p.add_argument("--valid-size", type=positive_int, help=f"(default: {d.valid_size})")
-    p.add_argument("--test-size", type=positive_int, help=f"(default: {d.test_size})")
-    p.add_argument("--device", type=device_arg, help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        help="PyTorch CPU threads (default: 1 on the CPU, where minibatch-10 SGD is "
-        "latency-bound; PyTorch's choice on CUDA)",
-    )
-    p.add_argument("--seed", type=non_negative_int, help=f"(default: {d.seed})")
-    p.add_argument("--data-dir", type=path_arg, help=f"dataset directory (default: {d.data_dir})")
-    p.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="download MNIST / CIFAR-10 into --data-dir if missing",
-    )
-    p.add_argument(
-        "--train-histograms",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="histograms in the streaming training statistics (default: on CUDA only)",
-    )
-    p.add_argument(
-        "--no-train-stats",
-        dest="train_stats",
-        action="store_false",
-        default=None,
-        help="do not record statistics during training steps (probe statistics only)",
-    )
-    p.add_argument(
-        "--no-tensorboard",
-        dest="tensorboard",
-        action="store_false",
-        default=None,
-        help="do not write TensorBoard events",
-    )
-    p.add_argument(
-        "--stop-on-nonfinite",
-        action="store_true",
-        default=None,
-        help="stop at the first NaN/Inf in the training statistics (seen at the next "
-        "evaluation or probe), keeping the checkpoint from before it; default: warn and go on",
-    )
-    p.add_argument(
-        "--no-figures",
-        dest="figures",
-        action="store_false",
-        default=None,
-        help="do not draw the figures into RUN/figures/ at the end",
-    )
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
-    )
+    """One flag per :class:`TrainConfig` field, derived from its declaration; every default
+    is ``None`` so explicit flags can be told apart."""
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = meta["kind"]
+        default = f.default
+        if kind == "bool?":
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=meta["help"],
+            )  # fmt: skip
+        elif kind == "bool":
+            flag = flag if default is False else "--no-" + f.name.replace("_", "-")
+            p.add_argument(
+                flag, dest=f.name, action="store_false" if default else "store_true",
+                default=None, help=meta["help"] if not default else f"do not {meta['help']}",
+            )  # fmt: skip
+        elif kind == "choice":
+            p.add_argument(
+                flag, dest=f.name, choices=choices(f.name), help=f"{meta['help']} "
+                f"(default: {default})",
+            )  # fmt: skip
+        else:
+            p.add_argument(
+                flag, dest=f.name, type=_arg_type(KINDS[kind]),
+                help=f"{meta['help']} (default: {default})",
+            )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
@@ -218,8 +160,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         type=path_arg,
-        help="continue the run in RUN_DIR from its checkpoint (only --steps, --device, "
-        "--no-progress and --no-tensorboard may be given with it)",
+        help="continue the run in RUN_DIR from its checkpoint (only "
+        + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+        + " may be given with it)",
     )
     p.add_argument(
         "--nproc",
