@@ -123,3 +123,25 @@ def test_compile_fullgraph_triton_matches_eager():
             g = got[layer][q]
             assert g.count == r.count > 0, (layer, q)
             assert abs(g.mean - r.mean) <= 1e-3 * (abs(r.mean) + r.std), (layer, q)
+
+
+def test_tripwire_update_never_synchronises():
+    """The tripwire's per-step update on CUDA raises no synchronisation (sync debug mode)."""
+    import math
+
+    from fastmlp.tripwire import Tripwire
+
+    model = _model()
+    wire = Tripwire(model)
+    x, y = _batches(16, 1)[0]
+    x[0, 0] = math.nan
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    _step(model, opt, x, y)  # calibration pass (may read the host once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        wire.update(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    hit = wire.read()
+    assert (hit.step, hit.layer, hit.quantity) == (1, 1, "preactivation")
