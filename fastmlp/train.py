@@ -28,6 +28,7 @@ needs the same number of processes.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -94,6 +95,10 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device {device!r} is not supported: expected auto, cpu, cuda or cuda:N")
     return dev
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dist_info() -> tuple[int, int]:
@@ -166,6 +171,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """
     config.validate()
     device = resolve_device(config.device)
+    if config.backend == "triton" and device.type == "cpu" and not _triton_interpreter():
+        raise ValueError(
+            "--backend triton needs a CUDA device (on the CPU only under TRITON_INTERPRET=1); "
+            "expected --backend auto or torch here"
+        )
     if resume:
         if config.out is None:
             raise ValueError("resume=True needs config.out, the run directory to continue")

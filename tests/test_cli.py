@@ -100,3 +100,19 @@ def test_every_config_field_is_declared_once_and_becomes_a_flag():
     )
     assert (args.bins, args.probe_histograms, args.backend) == (32, False, "torch")
     assert parser.parse_args(["train", "--valid-size", "none"]).valid_size is None
+
+
+def test_triton_backend_on_a_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the Triton backend runs")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    run = tmp_path / "run"
+    assert main(["train", "--backend", "triton", "--steps", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fastmlp train: error: --backend triton needs a CUDA device (on the CPU only under "
+        "TRITON_INTERPRET=1); expected --backend auto or torch here"
+    ]
+    assert not run.exists()
