@@ -59,7 +59,7 @@ def jacobian_singular_values(
         if layer.bias is not None:
             s = s + layer.bias
         h = layer.activation.forward(s)
-        dh = layer.activation.grad_from_output(h)  # f'(s), [n, out]
+        dh = layer.activation.derivative(s, h)  # f'(s), [n, out]
         sv = torch.cat(
             [
                 # diag(f'(s)) W for a chunk of examples: [chunk, out, in]

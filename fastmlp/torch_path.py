@@ -350,23 +350,27 @@ def forward(
     bufs: Buffers,
     settings: Settings,
 ) -> torch.Tensor:
-    """``h = f(x W^T + b)`` for a 2-D ``x``, recording ``preactivation`` and ``activation``
-    when ``settings.enabled``."""
+    """``(h, z)``: ``h = f(x W^T + b)`` for a 2-D ``x``, and ``z = x W^T + b`` where the
+    activation's backward needs it (``activation.from_input``; else ``None``), recording
+    ``preactivation`` and ``activation`` when ``settings.enabled``.
+
+    Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's fused
+    activation: ``z`` must be kept for the backward anyway."""
     if not settings.enabled and activation.name in _ONEDNN_POST:
-        return _dense(x, weight, bias, activation)
+        return _dense(x, weight, bias, activation), None
     z = _dense(x, weight, bias)
     h = activation.forward(z)
     if settings.enabled:
         record(bufs, settings, PREACTIVATION, z)
         record(bufs, settings, ACTIVATION, h)
-    return h
+    return h, (z if activation.from_input else None)
 
 
 def backward(
     dh: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    h: torch.Tensor,
+    saved: torch.Tensor,
     activation: Activation,
     bufs: Buffers,
     settings: Settings,
@@ -375,8 +379,9 @@ def backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` of ``h = f(x W^T + b)`` from ``dh`` (``None`` where not needed),
-    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``."""
-    dz = activation.backward(dh, h)
+    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``.
+    ``saved`` is ``h``, or ``z`` for activations with ``from_input``."""
+    dz = activation.backward(dh, saved)
     stats = settings.enabled
     db = dz.sum(0) if need_b else None
     if stats:

@@ -35,7 +35,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
 
     out = []
     dtypes = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")]
-    acts = range(5)
+    acts = range(8)
     if quick:
         dtypes = dtypes[:3]
     cfg = dict(_FIXED_CFG)
@@ -55,6 +55,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "w_ptr": ptr,
             "b_ptr": ptr,
             "h_ptr": ptr,
+            "z_ptr": ptr,
             "acc_ptr": f64,
             "shift_ptr": f64,
             "hist_ptr": i64,
@@ -70,6 +71,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ce = dict(
             ACT=act,
             HAS_BIAS=act % 2 == 0,
+            STORE_Z=act >= 5,
             STATS=stats,
             SAT=stats and act in (1, 2, 3),
             HIST=stats,

@@ -3,11 +3,12 @@
 Kernels:
 
 - ``_fwd_kernel``: tiled GEMM ``Z = X W^T`` (float32 accumulation), bias and
-  activation in the epilogue, stores ``H`` only, and reduces the
+  activation in the epilogue, stores ``H`` (and ``Z`` too for GELU and SiLU, whose
+  derivative is not a function of ``H``: the backward reads ``Z`` instead), and reduces the
   ``preactivation`` (Z) and ``activation`` (H) statistics of its tile while it
   is in registers.
-- ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` computed in the
-  prologue of every K step (never stored).
+- ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` (``dH * f'(Z)`` for GELU and
+  SiLU) computed in the prologue of every K step (never stored).
 - ``_bwd_dw_kernel``: ``dW = dZ^T X`` with the same prologue; its programs of
   the first K column block also reduce ``db = sum(dZ)``; the ``preactivation_grad``
   statistics of each dZ tile are reduced by exactly one program of its feature
@@ -48,6 +49,7 @@ from .utils import (
     ACT_IDS,
     F_SAT_HIGH,
     F_SAT_LOW,
+    FROM_INPUT,
     INTERPRET,
     activation_backward,
     apply_activation,
@@ -150,6 +152,7 @@ def _fwd_kernel(
     w_ptr,
     b_ptr,
     h_ptr,
+    z_ptr,
     acc_ptr,
     shift_ptr,
     hist_ptr,
@@ -171,6 +174,7 @@ def _fwd_kernel(
     M_BUCKET,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_Z: tl.constexpr,
     STATS: tl.constexpr,
     SAT: tl.constexpr,
     HIST: tl.constexpr,
@@ -212,6 +216,9 @@ def _fwd_kernel(
     h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n64[None, :] * stride_hn
     valid = mask_m[:, None] & mask_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid)
+    if STORE_Z:  # the backward of this activation needs z (same strides as h)
+        z_ptrs = z_ptr + offs_m64[:, None] * stride_hm + offs_n64[None, :] * stride_hn
+        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=valid)
 
     if STATS:
         part_slot = part_ptr + 2 * pid
@@ -575,11 +582,15 @@ def forward(
     bufs: Buffers,
     settings: Settings,
 ) -> torch.Tensor:
-    """``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``; records ``preactivation`` and
-    ``activation`` into ``bufs`` (calibrated) when ``settings.enabled``. No host reads."""
+    """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
+    activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
+    ``preactivation`` and ``activation`` into ``bufs`` (calibrated) when
+    ``settings.enabled``. No host reads."""
     M, K = x.shape
     N = weight.shape[0]
     h = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    store_z = act_id in FROM_INPUT
+    z = torch.empty_like(h) if store_z else None
     stats = settings.enabled
     det = stats and is_deterministic()
     smeta = _stats_meta(bufs, settings)
@@ -599,6 +610,7 @@ def forward(
         weight,
         bias if bias is not None else x,
         h,
+        z if store_z else h,
         *_stat_args(bufs, part),
         M,
         N,
@@ -617,6 +629,7 @@ def forward(
     meta = dict(
         ACT=act_id,
         HAS_BIAS=bias is not None,
+        STORE_Z=store_z,
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=dot_precision(x.dtype),
@@ -625,7 +638,7 @@ def forward(
     _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
     if stats:
         _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
-    return h
+    return h, z
 
 
 def backward(
@@ -641,7 +654,8 @@ def backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
-    ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``."""
+    ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
+    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`."""
     M, K = x.shape
     N = weight.shape[0]
     precision = dot_precision(x.dtype)

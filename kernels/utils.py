@@ -42,6 +42,7 @@ from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, 
 __all__ = [
     "INTERPRET",
     "ACT_IDS",
+    "FROM_INPUT",
     "set_deterministic",
     "is_deterministic",
     "dot_precision",
@@ -53,7 +54,23 @@ __all__ = [
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Activation name -> constexpr id used by the kernels.
-ACT_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
+ACT_IDS = {
+    "identity": 0,
+    "sigmoid": 1,
+    "tanh": 2,
+    "softsign": 3,
+    "relu": 4,
+    "gelu": 5,
+    "gelu_tanh": 6,
+    "silu": 7,
+}
+#: Ids of the activations whose derivative needs the pre-activation ``z``: the forward
+#: kernel stores ``z`` beside ``h`` for them and the backward reads ``z`` instead of ``h``.
+FROM_INPUT = (5, 6, 7)
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_C = 0.044715
 
 _deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
 
@@ -114,29 +131,43 @@ def apply_activation(z, ACT: tl.constexpr):
     """``h = f(z)`` in float32 for the activation id ``ACT`` (see :data:`ACT_IDS`)."""
     if ACT == 1:  # sigmoid
         h = 1.0 / (1.0 + tl.exp(-z))
-    elif ACT == 2:  # tanh, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation
-        a = tl.abs(z)
-        t = tl.exp(-2.0 * a)
-        big = (1.0 - t) / (1.0 + t)
-        a2 = a * a
-        small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
-        r = tl.where(a < 0.0625, small, big)
-        h = tl.where(z < 0.0, -r, r)
-        h = tl.where(z != z, z, h)  # keep NaN
+    elif ACT == 2:  # tanh
+        h = _tanh(z)
     elif ACT == 3:  # softsign; +-inf gives NaN, exactly like z / (1 + |z|) in PyTorch
         h = z / (1.0 + tl.abs(z))
     elif ACT == 4:  # relu (propagates NaN like torch.relu)
         h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
+    elif ACT == 5:  # gelu, exact: z * Phi(z)
+        h = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 6:  # gelu, tanh approximation (PyTorch's approximate="tanh")
+        h = 0.5 * z * (1.0 + _tanh(_GELU_K * (z + _GELU_C * z * z * z)))
+    elif ACT == 7:  # silu: z * sigmoid(z)
+        h = z / (1.0 + tl.exp(-z))
     else:
         h = z
     return h
 
 
 @triton.jit
-def activation_backward(dh, h, ACT: tl.constexpr):
-    """``dL/dz`` from ``dL/dh`` and the output ``h`` (float32), as ``Activation.backward``.
+def _tanh(z):
+    """tanh in float32, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation."""
+    a = tl.abs(z)
+    t = tl.exp(-2.0 * a)
+    big = (1.0 - t) / (1.0 + t)
+    a2 = a * a
+    small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
+    r = tl.where(a < 0.0625, small, big)
+    h = tl.where(z < 0.0, -r, r)
+    return tl.where(z != z, z, h)  # keep NaN
 
-    ``dh * f'(h)``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
+
+@triton.jit
+def activation_backward(dh, h, ACT: tl.constexpr):
+    """``dL/dz`` from ``dL/dh`` and the saved tensor (float32), as ``Activation.backward``.
+
+    The saved tensor is the output ``h``, or the pre-activation ``z`` for the ids in
+    :data:`FROM_INPUT` (GELU, SiLU: their derivative is not a function of ``h``).
+    ``dh * f'``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
     an infinite ``dh`` on an inactive unit gives 0, and a NaN ``h`` passes ``dh``).
     """
     if ACT == 1:
@@ -148,6 +179,17 @@ def activation_backward(dh, h, ACT: tl.constexpr):
         dz = dh * (t * t)
     elif ACT == 4:
         dz = tl.where(h <= 0.0, 0.0, dh)
+    elif ACT == 5:  # h is z here: Phi(z) + z * phi(z)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
+        dz = dh * (cdf + h * (_INV_SQRT_2PI * tl.exp(-0.5 * h * h)))
+    elif ACT == 6:  # h is z here
+        z2 = h * h
+        t = _tanh(_GELU_K * (h + _GELU_C * z2 * h))
+        inner = _GELU_K * (1.0 + 3.0 * _GELU_C * z2)
+        dz = dh * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * inner)
+    elif ACT == 7:  # h is z here: s * (1 + z * (1 - s))
+        sg = 1.0 / (1.0 + tl.exp(-h))
+        dz = dh * (sg * (1.0 + h * (1.0 - sg)))
     else:
         dz = dh
     return dz
