@@ -35,6 +35,8 @@ class LayerStats(nn.Module):
         saturation_thresholds: ``(low, high)`` overriding the activation's default.
         histograms: record histograms.
         saturation: record saturation counts.
+        persistent: save the buffers (and calibration flags) in ``state_dict``; with
+            ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class LayerStats(nn.Module):
         histograms: bool = True,
         saturation: bool = True,
         device: torch.device | str | None = None,
+        persistent: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2 or bins % 2:
@@ -62,6 +65,7 @@ class LayerStats(nn.Module):
         self.enabled = True
         self.histograms = histograms
         self.saturation = saturation
+        self.persistent = persistent
         self.register_buffer("acc", empty_acc(device))
         self.register_buffer("shift", torch.zeros(NQ, dtype=torch.float64, device=device))
         self.register_buffer("hist", torch.zeros(NQ, bins + 2, dtype=torch.int64, device=device))
@@ -133,6 +137,7 @@ class LayerStats(nn.Module):
             histograms=self.histograms,
             saturation=self.saturation,
             device=self.acc.device,
+            persistent=self.persistent,
         )
         new.enabled = self.enabled
         return new
@@ -154,6 +159,14 @@ class LayerStats(nn.Module):
         if was_meta and not self.acc.is_meta:  # ``to_empty`` from the meta device
             self.reset()
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        if self.persistent:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        if self.persistent:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
         return {"calibrated": self.calibrated, "bins": self.bins}
