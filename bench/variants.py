@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, str | None, str]] = {
     "fastmlp-moments": ("fastmlp-moments", None, "fastmlp.MLP, histograms off"),
     "fastmlp-all": ("fastmlp-all", None, "fastmlp.MLP, every statistic"),
     "fastmlp-all-torch": ("fastmlp-all-torch", None, "fastmlp.MLP, PyTorch path forced"),
+    "fastmlp-all-zeros": ("fastmlp-all-zeros", None, "fastmlp-all + zero counts (stats.zeros)"),
     "fastmlp-off": ("fastmlp-off", None, "fastmlp.MLP, statistics disabled"),
     "plain-compiled": ("plain", "compile", "torch.compile(plain)"),
     "fastmlp-compiled": ("fastmlp-all", "compile", "torch.compile(fastmlp-all)"),
@@ -255,6 +256,7 @@ def build_variant(
         model: nn.Module = _fastmlp(case, device, seed, backend=backend)
         model.stats.histograms = base != "fastmlp-moments"
         model.stats.enabled = base != "fastmlp-off"
+        model.stats.zeros = base.endswith("-zeros")
     else:
         model = _plain(case, device, seed)
         if base in ("hooks", "hooks-all"):

@@ -28,7 +28,7 @@ class ModelStats:
     """The statistics of all instrumented layers of a model.
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
-    clears every accumulator; ``enabled``, ``histograms`` and ``saturation``
+    clears every accumulator; ``enabled``, ``histograms``, ``saturation`` and ``zeros``
     switch recording for every layer (disabled statistics cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
@@ -108,3 +108,12 @@ class ModelStats:
     @saturation.setter
     def saturation(self, value: bool) -> None:
         self._set("saturation", value)
+
+    @property
+    def zeros(self) -> bool:
+        """Count values exactly 0 (``zero_fraction`` in the rows; off by default)."""
+        return self._get("zeros")
+
+    @zeros.setter
+    def zeros(self, value: bool) -> None:
+        self._set("zeros", value)

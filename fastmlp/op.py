@@ -89,9 +89,16 @@ def route(
 
 
 def _settings(
-    activation: str, enabled: bool, histograms: bool, saturation: bool, lo: float, hi: float
+    activation: str,
+    enabled: bool,
+    histograms: bool,
+    saturation: bool,
+    lo: float,
+    hi: float,
+    zeros: bool,
 ) -> Settings:
-    return Settings(enabled, histograms, saturation, lo, hi, get_activation(activation).bounded)
+    bounded = get_activation(activation).bounded
+    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -114,12 +121,13 @@ def dense_forward(
     saturation: bool,
     sat_low: float,
     sat_high: float,
+    zeros: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, z)`` with ``h = f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and
     ``activation``. ``z = x W^T + b`` is returned only for activations whose backward needs
     it (``Activation.from_input``: GELU, SiLU); otherwise ``z`` is an empty tensor."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high, zeros)
     how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
         kernels = _kernels()
@@ -156,13 +164,14 @@ def dense_backward(
     saturation: bool,
     sat_low: float,
     sat_high: float,
+    zeros: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities.
 
     ``saved``: what the activation's derivative is computed from: the output ``h``, or the
     pre-activation ``z`` for activations with ``from_input`` (GELU, SiLU)."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high, zeros)
     how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
         kernels = _kernels()
@@ -261,8 +270,8 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
-def _flags(s: Settings) -> tuple[bool, bool, bool, float, float]:
-    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high
+def _flags(s: Settings) -> tuple[bool, bool, bool, float, float, bool]:
+    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high, s.zeros
 
 
 def dense(

@@ -38,6 +38,7 @@ from fastmlp.stats.layout import (
     SUM,
     SUMSQ,
     WEIGHT_GRAD,
+    ZEROS,
     Buffers,
     Settings,
     as_float32,
@@ -125,6 +126,8 @@ def _accumulate_finite_on_host(
         lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         row[SAT_LOW] += _count(torch.le(x, lo, out=d))
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
+    if settings.zeros:
+        row[ZEROS] += _count(torch.eq(x, 0, out=d))
     if settings.histograms:
         _histogram_on_host(bufs, q, x, mn, mx)
 
@@ -206,6 +209,8 @@ def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tenso
         lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()
         acc[SAT_HIGH] += ((x >= hi) & fin).sum()
+    if settings.zeros:
+        acc[ZEROS] += (x == 0).sum()  # NaN is never 0
     if not settings.histograms:
         return
     bins = bufs.bins

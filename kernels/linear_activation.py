@@ -49,6 +49,7 @@ from .utils import (
     ACT_IDS,
     F_SAT_HIGH,
     F_SAT_LOW,
+    F_ZEROS,
     FROM_INPUT,
     INTERPRET,
     activation_backward,
@@ -63,6 +64,7 @@ from .utils import (
     next_pow2,
     tile_histogram,
     tile_moments,
+    tile_zeros,
 )
 
 __all__ = ["backward", "forward", "supported"]
@@ -123,7 +125,7 @@ def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
             return None
         return triton.autotune(
             configs=configs,
-            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT"],
+            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT", "ZEROS"],
             restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(fn)
@@ -178,6 +180,7 @@ def _fwd_kernel(
     STATS: tl.constexpr,
     SAT: tl.constexpr,
     HIST: tl.constexpr,
+    ZEROS: tl.constexpr,
     FIXED_ACT: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -226,6 +229,8 @@ def _fwd_kernel(
         row_z = acc_ptr + 0 * _GL_NFIELDS
         fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 0))
         commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        if ZEROS:
+            tl.atomic_add(row_z + F_ZEROS, tile_zeros(acc, fin))
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 0), tl.load(range_ptr + 1), BINS, HB, False
@@ -236,6 +241,8 @@ def _fwd_kernel(
         row_h = acc_ptr + 1 * _GL_NFIELDS
         fin, n, s1, s2, nf, mn, mx = tile_moments(h, valid, tl.load(shift_ptr + 1))
         commit_moments(row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        if ZEROS:
+            tl.atomic_add(row_h + F_ZEROS, tile_zeros(h, fin))
         if SAT:
             low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
@@ -351,6 +358,7 @@ def _bwd_dw_kernel(
     STATS: tl.constexpr,
     HIST: tl.constexpr,
     SAT: tl.constexpr,
+    ZEROS: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -397,6 +405,7 @@ def _bwd_dw_kernel(
     g_s1 = tl.zeros((), tl.float64)
     g_s2 = tl.zeros((), tl.float64)
     g_nf = tl.zeros((), tl.float64)
+    g_zeros = tl.zeros((), tl.float64)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
     g_hist = tl.zeros((HB,), dtype=tl.int64)
@@ -424,6 +433,8 @@ def _bwd_dw_kernel(
                 g_s1 += s1
                 g_s2 += s2
                 g_nf += nf
+                if ZEROS:
+                    g_zeros += tile_zeros(dzt, fin)
                 g_mn = tl.minimum(g_mn, mn)
                 g_mx = tl.maximum(g_mx, mx)
                 if HIST:
@@ -447,6 +458,8 @@ def _bwd_dw_kernel(
             commit_moments(
                 row_g, part_ptr + 2 * pid, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
             )
+            if ZEROS:
+                tl.atomic_add(row_g + F_ZEROS, g_zeros)
             if HIST:
                 commit_histogram(hist_ptr + 2 * (BINS + 2), g_hist, BINS, HB)
                 commit_extents(ext_ptr + 4, g_mn, g_mx)
@@ -456,6 +469,8 @@ def _bwd_dw_kernel(
         commit_moments(
             row_w, part_ptr + part_stride + 2 * pid, n, s1, s2, nf, mn, mx, DETERMINISTIC
         )
+        if ZEROS:
+            tl.atomic_add(row_w + F_ZEROS, tile_zeros(acc, fin))
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 6), tl.load(range_ptr + 7), BINS, HB, False
@@ -531,12 +546,13 @@ def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.
 
 def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     if not settings.enabled:
-        return {"STATS": False, "HIST": False, "SAT": False, "BINS": 2, "HB": 4}
+        return {"STATS": False, "HIST": False, "SAT": False, "ZEROS": False, "BINS": 2, "HB": 4}
     bins = bufs.bins
     return {
         "STATS": True,
         "HIST": settings.histograms,
         "SAT": settings.saturation,
+        "ZEROS": settings.zeros,
         "BINS": bins,
         "HB": next_pow2(bins + 2),
     }

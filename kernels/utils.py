@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ
+from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ, ZEROS
 
 __all__ = [
     "INTERPRET",
@@ -83,6 +83,7 @@ F_MAX = tl.constexpr(MAX)
 F_NONFINITE = tl.constexpr(NONFINITE)
 F_SAT_LOW = tl.constexpr(SAT_LOW)
 F_SAT_HIGH = tl.constexpr(SAT_HIGH)
+F_ZEROS = tl.constexpr(ZEROS)
 
 
 def set_deterministic(flag: bool = True) -> None:
@@ -260,6 +261,12 @@ def commit_moments(acc_row, part_slot, n, s1, s2, nonfinite, mn, mx, DETERMINIST
         tl.atomic_add(acc_row + F_SUMSQ, s2)
     tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64))
     tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64))
+
+
+@triton.jit
+def tile_zeros(v, fin):
+    """Count (float64) of the finite, valid elements of the tile ``v`` that are exactly 0."""
+    return tl.sum((fin & (v == 0.0)).to(tl.int32)).to(tl.float64)
 
 
 @triton.jit

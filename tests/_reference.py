@@ -42,6 +42,8 @@ ROW_KEYS = (
     "std",
     "min",
     "max",
+    "absmax",
+    "zero_fraction",
     "nonfinite",
     "saturated_low",
     "saturated_high",

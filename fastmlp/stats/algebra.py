@@ -27,6 +27,7 @@ from fastmlp.stats.layout import (
     SAT_LOW,
     SUM,
     SUMSQ,
+    ZEROS,
     Buffers,
     pow2_above,
 )
@@ -141,7 +142,7 @@ def merge_buffers(
 
     Counts and moments: each part's shifted sums become ``(count, mean, M2)`` in float64 and
     are combined with Chan et al.'s parallel formula (never an average of means); ``min`` and
-    ``max`` are the extremes; non-finite and saturation counts are summed. Histograms: every
+    ``max`` are the extremes; non-finite, saturation and zero counts are summed. Histograms: every
     automatic range ``+-R_p`` (a power of two) is brought to the largest one by merging
     ``R / R_p`` adjacent bins (:func:`regroup_bins`), then bins and under/overflow are summed.
 
@@ -183,6 +184,7 @@ def merge_buffers(
             acc[q, NONFINITE] += p.acc[q, NONFINITE]
             acc[q, SAT_LOW] += p.acc[q, SAT_LOW]
             acc[q, SAT_HIGH] += p.acc[q, SAT_HIGH]
+            acc[q, ZEROS] += p.acc[q, ZEROS]
             acc[q, MIN] = min(acc[q, MIN], p.acc[q, MIN])
             acc[q, MAX] = max(acc[q, MAX], p.acc[q, MAX])
         acc[q, COUNT] = n

@@ -12,6 +12,7 @@ from fastmlp.stats.layout import (
     ACTIVATION,
     CALIBRATED,
     CENTER,
+    NFIELDS,
     NQ,
     Buffers,
     Settings,
@@ -35,6 +36,7 @@ class LayerStats(nn.Module):
         saturation_thresholds: ``(low, high)`` overriding the activation's default.
         histograms: record histograms.
         saturation: record saturation counts.
+        zeros: count values exactly 0 (off by default: an extra comparison per element).
         persistent: save the buffers (and calibration flags) in ``state_dict``; with
             ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
@@ -47,6 +49,7 @@ class LayerStats(nn.Module):
         saturation_thresholds: tuple[float, float] | None = None,
         histograms: bool = True,
         saturation: bool = True,
+        zeros: bool = False,
         device: torch.device | str | None = None,
         persistent: bool = True,
     ) -> None:
@@ -66,6 +69,7 @@ class LayerStats(nn.Module):
         self.histograms = histograms
         self.saturation = saturation
         self.persistent = persistent
+        self.zeros = zeros
         self.register_buffer("acc", empty_acc(device))
         self.register_buffer("shift", torch.zeros(NQ, dtype=torch.float64, device=device))
         self.register_buffer("hist", torch.zeros(NQ, bins + 2, dtype=torch.int64, device=device))
@@ -113,6 +117,7 @@ class LayerStats(nn.Module):
             lo,
             hi,
             self.activation.bounded,
+            bool(self.zeros),
         )
 
     def hint_centers_from_shift(self) -> None:
@@ -136,6 +141,7 @@ class LayerStats(nn.Module):
             saturation_thresholds=self.thresholds,
             histograms=self.histograms,
             saturation=self.saturation,
+            zeros=self.zeros,
             device=self.acc.device,
             persistent=self.persistent,
         )
@@ -165,8 +171,14 @@ class LayerStats(nn.Module):
             super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        if self.persistent:
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.persistent:
+            return
+        acc = state_dict.get(prefix + "acc")
+        if acc is not None and acc.dim() == 2 and acc.shape[1] < NFIELDS:
+            # an older layout (fewer fields, e.g. 0.1.0's 8): the new counts start at 0
+            pad = acc.new_zeros(acc.shape[0], NFIELDS - acc.shape[1])
+            state_dict[prefix + "acc"] = torch.cat([acc, pad], dim=1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
         return {"calibrated": self.calibrated, "bins": self.bins}
@@ -182,5 +194,5 @@ class LayerStats(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
-            f"saturation={self.saturation_active}"
+            f"saturation={self.saturation_active}, zeros={self.zeros}"
         )

@@ -4,7 +4,9 @@ For each of the four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
 buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 
 - ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
-  nonfinite, sat_low, sat_high``, where ``sum`` and ``sumsq`` are
+  nonfinite, sat_low, sat_high, zeros`` (``zeros``: finite values exactly 0, recorded when
+  ``Settings.zeros``; layouts before it had 8 fields and are padded on load), where
+  ``sum`` and ``sumsq`` are
   ``sum(x - shift[q])`` and ``sum((x - shift[q])**2)`` over finite values;
 - ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
   the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
@@ -55,8 +57,8 @@ __all__ = [
 
 QUANTITIES = ("preactivation", "activation", "preactivation_grad", "weight_grad")
 PREACTIVATION, ACTIVATION, PREACTIVATION_GRAD, WEIGHT_GRAD = range(4)
-FIELDS = ("count", "sum", "sumsq", "min", "max", "nonfinite", "sat_low", "sat_high")
-COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH = range(len(FIELDS))
+FIELDS = ("count", "sum", "sumsq", "min", "max", "nonfinite", "sat_low", "sat_high", "zeros")
+COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS = range(len(FIELDS))
 NFIELDS = len(FIELDS)
 NQ = len(QUANTITIES)
 #: Rows of ``state``.
@@ -83,6 +85,7 @@ class Settings(NamedTuple):
     ``saturation``: count saturation (the thresholds ``sat_low``/``sat_high`` are the real
     numbers; :func:`saturation_bounds` rounds them for a dtype). ``fixed_activation``: the
     activation quantity is histogrammed on a fixed range (a bounded activation).
+    ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
     """
 
     enabled: bool
@@ -91,6 +94,7 @@ class Settings(NamedTuple):
     sat_low: float
     sat_high: float
     fixed_activation: bool
+    zeros: bool = False
 
     def fixed_range(self, q: int) -> bool:
         """Whether quantity ``q`` has a fixed histogram range."""

@@ -23,6 +23,7 @@ from fastmlp.stats.layout import (
     SAT_LOW,
     SUM,
     SUMSQ,
+    ZEROS,
 )
 
 __all__ = ["QuantityStats", "Snapshot", "ROW_FIELDS"]
@@ -37,6 +38,8 @@ ROW_FIELDS = (
     "std",
     "min",
     "max",
+    "absmax",
+    "zero_fraction",
     "nonfinite",
     "saturated_low",
     "saturated_high",
@@ -74,6 +77,15 @@ class QuantityStats:
     overflow: int | None = None
     name: str | None = None
     """The layer's module path (e.g. ``layers.2``), where known."""
+    zero_fraction: float | None = None
+    """Fraction of the finite values that are exactly 0 (when ``stats.zeros`` is on)."""
+
+    @property
+    def absmax(self) -> float | None:
+        """Largest finite ``|x|``: ``max(-min, max)``, exact across merges like min and max."""
+        if self.min is None or self.max is None:
+            return None
+        return max(-self.min, self.max)
 
     @property
     def saturated(self) -> float | None:
@@ -126,6 +138,7 @@ def quantity_stats(
     hist_range: np.ndarray,
     saturation: bool,
     name: str | None = None,
+    zeros: bool = False,
 ) -> QuantityStats:
     """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
     n = int(acc[COUNT])
@@ -141,6 +154,8 @@ def quantity_stats(
         "min": _finite_or_none(acc[MIN]),
         "max": _finite_or_none(acc[MAX]),
     }
+    if zeros:
+        kw["zero_fraction"] = float(acc[ZEROS] / n)
     if saturation and q == ACTIVATION:
         kw["saturated_low"] = float(acc[SAT_LOW] / n)
         kw["saturated_high"] = float(acc[SAT_HIGH] / n)
@@ -206,6 +221,7 @@ class Snapshot:
                     rng[q],
                     s.saturation_active,
                     name,
+                    s.zeros,
                 )
                 for q, qname in enumerate(QUANTITIES)
             }
