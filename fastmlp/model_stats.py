@@ -28,8 +28,8 @@ class ModelStats:
     """The statistics of all instrumented layers of a model.
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
-    clears every accumulator; ``enabled``, ``histograms``, ``saturation`` and ``zeros``
-    switch recording for every layer (disabled statistics cost nothing).
+    clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros`` and
+    ``moments4`` switch recording for every layer (disabled statistics cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
     built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
@@ -117,3 +117,12 @@ class ModelStats:
     @zeros.setter
     def zeros(self, value: bool) -> None:
         self._set("zeros", value)
+
+    @property
+    def moments4(self) -> bool:
+        """Record third and fourth moments (``skewness``, ``kurtosis``; off by default)."""
+        return self._get("moments4")
+
+    @moments4.setter
+    def moments4(self, value: bool) -> None:
+        self._set("moments4", value)

@@ -96,9 +96,10 @@ def _settings(
     lo: float,
     hi: float,
     zeros: bool,
+    moments4: bool,
 ) -> Settings:
     bounded = get_activation(activation).bounded
-    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros)
+    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros, moments4)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -122,12 +123,15 @@ def dense_forward(
     sat_low: float,
     sat_high: float,
     zeros: bool,
+    moments4: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, z)`` with ``h = f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and
     ``activation``. ``z = x W^T + b`` is returned only for activations whose backward needs
     it (``Activation.from_input``: GELU, SiLU); otherwise ``z`` is an empty tensor."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high, zeros)
+    settings = _settings(
+        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4
+    )
     how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
         kernels = _kernels()
@@ -165,13 +169,16 @@ def dense_backward(
     sat_low: float,
     sat_high: float,
     zeros: bool,
+    moments4: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities.
 
     ``saved``: what the activation's derivative is computed from: the output ``h``, or the
     pre-activation ``z`` for activations with ``from_input`` (GELU, SiLU)."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high, zeros)
+    settings = _settings(
+        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4
+    )
     how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
         kernels = _kernels()
@@ -270,8 +277,8 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
-def _flags(s: Settings) -> tuple[bool, bool, bool, float, float, bool]:
-    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high, s.zeros
+def _flags(s: Settings) -> tuple[bool, bool, bool, float, float, bool, bool]:
+    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high, s.zeros, s.moments4
 
 
 def dense(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastmlp.activations import Activation
-from fastmlp.stats.algebra import grow_range_, merge_block_
+from fastmlp.stats.algebra import grow_range_, merge_block_, reshift
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.layout import (
     ACTIVATION,
@@ -36,6 +36,8 @@ from fastmlp.stats.layout import (
     SAT_HIGH,
     SAT_LOW,
     SUM,
+    SUM3,
+    SUM4,
     SUMSQ,
     WEIGHT_GRAD,
     ZEROS,
@@ -100,15 +102,24 @@ def _accumulate_finite_on_host(
     if c == 0:
         s1 = float(x.sum() if total is None else total())
         s2 = float(torch.dot(x, x))
+        dev = x
     else:
         s1 = float(torch.sub(x, c, out=d).sum())
         s2 = float(torch.dot(d, d))
+        dev = d
     offset = s1 / n
     if offset * offset > s2 / n - offset * offset:
         c = as_float32(c + offset)
         s1 = float(torch.sub(x, c, out=d).sum())
         s2 = float(torch.dot(d, d))
-    if not (math.isfinite(s1) and math.isfinite(s2)):
+        dev = d
+    s3 = s4 = 0.0
+    if settings.moments4:
+        # (x - c)**3 and **4 summed in the input precision around the same centre as s2
+        sq = torch.mul(dev, dev, out=scratch(n, x.dtype, x.device, slot=2))
+        s3 = float(torch.dot(sq, dev))
+        s4 = float(torch.dot(sq, sq))
+    if not all(math.isfinite(s) for s in (s1, s2, s3, s4)):
         # Huge finite values overflowed float32 sums: take the float64 path instead.
         _accumulate_masked(bufs, settings, q, x)
         return
@@ -120,6 +131,10 @@ def _accumulate_finite_on_host(
     row[COUNT] += n
     row[SUM] += s1 + n * delta
     row[SUMSQ] += s2 + delta * (2 * s1 + n * delta)
+    if settings.moments4:
+        _, _, r3, r4 = reshift(n, s1, s2, s3, s4, delta)
+        row[SUM3] += r3
+        row[SUM4] += r4
     row[MIN] = min(row[MIN], mn)
     row[MAX] = max(row[MAX], mx)
     if q == ACTIVATION and settings.saturation:
@@ -204,7 +219,11 @@ def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tenso
     d = torch.where(fin, xd - center, 0)
     mn = torch.where(fin, x, float("inf")).amin()
     mx = torch.where(fin, x, float("-inf")).amax()
-    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
+    d3 = d4 = None
+    if settings.moments4:
+        sq = d * d
+        d3, d4 = torch.dot(sq, d), torch.dot(sq, sq)
+    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx, d3, d4)
     if q == ACTIVATION and settings.saturation:
         lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()

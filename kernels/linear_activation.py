@@ -52,6 +52,7 @@ from .utils import (
     F_ZEROS,
     FROM_INPUT,
     INTERPRET,
+    NPART,
     activation_backward,
     apply_activation,
     commit_extents,
@@ -125,7 +126,7 @@ def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
             return None
         return triton.autotune(
             configs=configs,
-            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT", "ZEROS"],
+            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT", "ZEROS", "MOM4"],
             restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(fn)
@@ -181,6 +182,7 @@ def _fwd_kernel(
     SAT: tl.constexpr,
     HIST: tl.constexpr,
     ZEROS: tl.constexpr,
+    MOM4: tl.constexpr,
     FIXED_ACT: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -224,11 +226,11 @@ def _fwd_kernel(
         tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=valid)
 
     if STATS:
-        part_slot = part_ptr + 2 * pid
+        part_slot = part_ptr + NPART * pid
         # preactivation (automatic histogram range)
         row_z = acc_ptr + 0 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 0))
-        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 0), MOM4)
+        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4)
         if ZEROS:
             tl.atomic_add(row_z + F_ZEROS, tile_zeros(acc, fin))
         if HIST:
@@ -239,8 +241,10 @@ def _fwd_kernel(
             commit_extents(ext_ptr, mn, mx)
         # activation
         row_h = acc_ptr + 1 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(h, valid, tl.load(shift_ptr + 1))
-        commit_moments(row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(h, valid, tl.load(shift_ptr + 1), MOM4)
+        commit_moments(
+            row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4
+        )
         if ZEROS:
             tl.atomic_add(row_h + F_ZEROS, tile_zeros(h, fin))
         if SAT:
@@ -359,6 +363,7 @@ def _bwd_dw_kernel(
     HIST: tl.constexpr,
     SAT: tl.constexpr,
     ZEROS: tl.constexpr,
+    MOM4: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -406,6 +411,8 @@ def _bwd_dw_kernel(
     g_s2 = tl.zeros((), tl.float64)
     g_nf = tl.zeros((), tl.float64)
     g_zeros = tl.zeros((), tl.float64)
+    g_s3 = tl.zeros((), tl.float64)
+    g_s4 = tl.zeros((), tl.float64)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
     g_hist = tl.zeros((HB,), dtype=tl.int64)
@@ -428,10 +435,12 @@ def _bwd_dw_kernel(
             # n block: the one whose pid_k is the m block's index modulo num_k. This spreads
             # the statistics evenly over the K-column programs.
             if (m0 // BLOCK_K) % num_k == pid_k:
-                fin, n, s1, s2, nf, mn, mx = tile_moments(dzt, mk, g_shift)
+                fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(dzt, mk, g_shift, MOM4)
                 g_n += n
                 g_s1 += s1
                 g_s2 += s2
+                g_s3 += s3
+                g_s4 += s4
                 g_nf += nf
                 if ZEROS:
                     g_zeros += tile_zeros(dzt, fin)
@@ -456,7 +465,18 @@ def _bwd_dw_kernel(
         if active:
             row_g = acc_ptr + 2 * _GL_NFIELDS
             commit_moments(
-                row_g, part_ptr + 2 * pid, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
+                row_g,
+                part_ptr + NPART * pid,
+                g_n,
+                g_s1,
+                g_s2,
+                g_nf,
+                g_mn,
+                g_mx,
+                g_s3,
+                g_s4,
+                DETERMINISTIC,
+                MOM4,
             )
             if ZEROS:
                 tl.atomic_add(row_g + F_ZEROS, g_zeros)
@@ -465,9 +485,20 @@ def _bwd_dw_kernel(
                 commit_extents(ext_ptr + 4, g_mn, g_mx)
     if STATS:
         row_w = acc_ptr + 3 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 3))
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 3), MOM4)
         commit_moments(
-            row_w, part_ptr + part_stride + 2 * pid, n, s1, s2, nf, mn, mx, DETERMINISTIC
+            row_w,
+            part_ptr + part_stride + NPART * pid,
+            n,
+            s1,
+            s2,
+            nf,
+            mn,
+            mx,
+            s3,
+            s4,
+            DETERMINISTIC,
+            MOM4,
         )
         if ZEROS:
             tl.atomic_add(row_w + F_ZEROS, tile_zeros(acc, fin))
@@ -533,26 +564,28 @@ def _extents(device: torch.device) -> torch.Tensor:
 
 
 def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.Tensor:
-    """``[2, n_parts, 2]`` float64 partial sums (a view of a grow-only buffer) in
+    """``[2, n_parts, NPART]`` float64 partial sums (a view of a grow-only buffer) in
     deterministic mode; otherwise a stand-in that the kernels never write."""
     if not deterministic:
         return _extents(device)
     n = max(n_parts, 1)
     buf = _PARTIALS.get(device)
     if buf is None or buf.shape[1] < n:
-        buf = _PARTIALS[device] = torch.empty(2, n, 2, dtype=torch.float64, device=device)
+        buf = _PARTIALS[device] = torch.empty(2, n, NPART.value, dtype=torch.float64, device=device)
     return buf[:, :n]
 
 
 def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     if not settings.enabled:
-        return {"STATS": False, "HIST": False, "SAT": False, "ZEROS": False, "BINS": 2, "HB": 4}
+        off = {"STATS": False, "HIST": False, "SAT": False, "ZEROS": False, "MOM4": False}
+        return {**off, "BINS": 2, "HB": 4}
     bins = bufs.bins
     return {
         "STATS": True,
         "HIST": settings.histograms,
         "SAT": settings.saturation,
         "ZEROS": settings.zeros,
+        "MOM4": settings.moments4,
         "BINS": bins,
         "HB": next_pow2(bins + 2),
     }
@@ -578,6 +611,7 @@ def _finalize(
         Q0=q0,
         NFIELDS=NFIELDS,
         DETERMINISTIC=det,
+        MOM4=settings.moments4,
         GROW0=grow0,
         GROW1=grow1,
         BINS=bins,

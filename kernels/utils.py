@@ -37,7 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ, ZEROS
+from fastmlp.stats.layout import (
+    COUNT,
+    MAX,
+    MIN,
+    NONFINITE,
+    SAT_HIGH,
+    SAT_LOW,
+    SUM,
+    SUM3,
+    SUM4,
+    SUMSQ,
+    ZEROS,
+)
 
 __all__ = [
     "INTERPRET",
@@ -84,6 +96,10 @@ F_NONFINITE = tl.constexpr(NONFINITE)
 F_SAT_LOW = tl.constexpr(SAT_LOW)
 F_SAT_HIGH = tl.constexpr(SAT_HIGH)
 F_ZEROS = tl.constexpr(ZEROS)
+F_SUM3 = tl.constexpr(SUM3)
+F_SUM4 = tl.constexpr(SUM4)
+#: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4.
+NPART = tl.constexpr(4)
 
 
 def set_deterministic(flag: bool = True) -> None:
@@ -197,13 +213,15 @@ def activation_backward(dh, h, ACT: tl.constexpr):
 
 
 @triton.jit
-def tile_moments(v, valid, shift):
+def tile_moments(v, valid, shift, MOM4: tl.constexpr):
     """Moments of the finite, valid elements of the float32 tile ``v``.
 
-    Returns ``(fin, n, s1, s2, nonfinite, mn, mx)``: the finite mask, the finite
+    Returns ``(fin, n, s1, s2, nonfinite, mn, mx, s3, s4)``: the finite mask, the finite
     count (float64), ``sum(x - shift)`` and ``sum((x - shift)**2)`` (float64,
     from float32 sums centred on the tile mean), the count of valid non-finite
-    elements (float64) and the finite min/max (float32; +inf/-inf if none).
+    elements (float64), the finite min/max (float32; +inf/-inf if none) and, when
+    ``MOM4``, ``sum((x - shift)**3)`` and ``**4`` (float64, from float32 sums centred on the
+    tile mean, re-expressed around ``shift`` by the binomial expansion; else 0).
     """
     fin = valid & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
     n32 = tl.sum(fin.to(tl.int32))
@@ -219,7 +237,16 @@ def tile_moments(v, valid, shift):
     s2 = d2 + delta * (2.0 * d1 + n * delta)
     mn = tl.min(tl.where(fin, v, float("inf")))
     mx = tl.max(tl.where(fin, v, float("-inf")))
-    return fin, n, s1, s2, nonfinite, mn, mx
+    s3 = tl.zeros((), tl.float64)
+    s4 = tl.zeros((), tl.float64)
+    if MOM4:
+        dd = d * d
+        d3 = tl.sum(dd * d).to(tl.float64)
+        d4 = tl.sum(dd * dd).to(tl.float64)
+        e2 = delta * delta
+        s3 = d3 + 3.0 * delta * d2 + 3.0 * e2 * d1 + n * e2 * delta
+        s4 = d4 + 4.0 * delta * d3 + 6.0 * e2 * d2 + 4.0 * e2 * delta * d1 + n * e2 * e2
+    return fin, n, s1, s2, nonfinite, mn, mx, s3, s4
 
 
 @triton.jit
@@ -249,16 +276,35 @@ def tile_histogram(v, fin, lo, hi, BINS: tl.constexpr, HB: tl.constexpr, FIXED: 
 
 
 @triton.jit
-def commit_moments(acc_row, part_slot, n, s1, s2, nonfinite, mn, mx, DETERMINISTIC: tl.constexpr):
-    """Add one program's moments to the float64 row ``acc_row`` (or its partial slot)."""
+def commit_moments(
+    acc_row,
+    part_slot,
+    n,
+    s1,
+    s2,
+    nonfinite,
+    mn,
+    mx,
+    s3,
+    s4,
+    DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
+):
+    """Add one program's moments to the float64 row ``acc_row`` (or its partial slots)."""
     tl.atomic_add(acc_row + F_COUNT, n)
     tl.atomic_add(acc_row + F_NONFINITE, nonfinite)
     if DETERMINISTIC:
         tl.store(part_slot, s1)
         tl.store(part_slot + 1, s2)
+        if MOM4:
+            tl.store(part_slot + 2, s3)
+            tl.store(part_slot + 3, s4)
     else:
         tl.atomic_add(acc_row + F_SUM, s1)
         tl.atomic_add(acc_row + F_SUMSQ, s2)
+        if MOM4:
+            tl.atomic_add(acc_row + F_SUM3, s3)
+            tl.atomic_add(acc_row + F_SUM4, s4)
     tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64))
     tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64))
 
@@ -306,6 +352,7 @@ def _finalize_one(
     part_ptr,
     n_parts,
     DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
     GROW: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -314,14 +361,22 @@ def _finalize_one(
     if DETERMINISTIC:
         s1 = tl.zeros((), tl.float64)
         s2 = tl.zeros((), tl.float64)
+        s3 = tl.zeros((), tl.float64)
+        s4 = tl.zeros((), tl.float64)
         offs = tl.arange(0, BLOCK_P)
         for start in range(0, n_parts, BLOCK_P):
             p = start + offs
             msk = p < n_parts
-            s1 += tl.sum(tl.load(part_ptr + 2 * p, mask=msk, other=0.0))
-            s2 += tl.sum(tl.load(part_ptr + 2 * p + 1, mask=msk, other=0.0))
+            s1 += tl.sum(tl.load(part_ptr + NPART * p, mask=msk, other=0.0))
+            s2 += tl.sum(tl.load(part_ptr + NPART * p + 1, mask=msk, other=0.0))
+            if MOM4:
+                s3 += tl.sum(tl.load(part_ptr + NPART * p + 2, mask=msk, other=0.0))
+                s4 += tl.sum(tl.load(part_ptr + NPART * p + 3, mask=msk, other=0.0))
         tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM) + s1)
         tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ) + s2)
+        if MOM4:
+            tl.store(acc_row + F_SUM3, tl.load(acc_row + F_SUM3) + s3)
+            tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4) + s4)
     if GROW:
         # Widen +-r to cover this pass's extremes, merging bins exactly
         # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
@@ -359,6 +414,7 @@ def finalize_kernel(
     Q0: tl.constexpr,
     NFIELDS: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
     GROW0: tl.constexpr,
     GROW1: tl.constexpr,
     BINS: tl.constexpr,
@@ -378,6 +434,7 @@ def finalize_kernel(
         part_ptr,
         n_parts0,
         DETERMINISTIC,
+        MOM4,
         GROW0,
         BINS,
         HB,
@@ -391,6 +448,7 @@ def finalize_kernel(
         part_ptr + part_stride,
         n_parts1,
         DETERMINISTIC,
+        MOM4,
         GROW1,
         BINS,
         HB,

@@ -43,6 +43,8 @@ ROW_KEYS = (
     "min",
     "max",
     "absmax",
+    "skewness",
+    "kurtosis",
     "zero_fraction",
     "nonfinite",
     "saturated_low",

@@ -10,6 +10,7 @@ import torch
 from fastmlp import InstrumentedLinear, ModelStats
 from fastmlp.stats import QUANTITIES
 from fastmlp.stats.algebra import LayerBuffers, merge_buffers
+from fastmlp.stats.layout import ZEROS
 from fastmlp.stats.snapshot import Snapshot
 
 
@@ -107,4 +108,118 @@ def test_zero_counts_merge_across_ranks():
     for q in QUANTITIES:
         assert a[q].zero_fraction == b[q].zero_fraction, q
         assert a[q].absmax == b[q].absmax, q
-    np.testing.assert_array_equal(merged.acc[:, -1], one.acc[:, -1])
+    np.testing.assert_array_equal(merged.acc[:, ZEROS], one.acc[:, ZEROS])
+
+
+# ----------------------------------------------------------------------------- moments4
+
+
+def _central(v: np.ndarray) -> tuple[float, float]:
+    d = v - v.mean()
+    m2 = float(np.mean(d * d))
+    return float(np.mean(d**3)) / m2**1.5, float(np.mean(d**4)) / m2**2
+
+
+def _pinned_sigmoid(backend, seed=0, deterministic=False):
+    """A sigmoid layer whose outputs sit at 0.999 +- 1e-4 (as the variance tests do)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = InstrumentedLinear(11, 7, "sigmoid", zero_bias=False, init="pytorch", generator=g)
+    layer.backend = backend
+    layer.stats.moments4 = True
+    with torch.no_grad():
+        layer.weight.mul_(0.02 / layer.weight.std())
+        layer.bias.fill_(float(np.log(0.999 / 0.001)))
+    return layer
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("backend", _backends())
+def test_skewness_kurtosis_near_saturation_match_float64(backend, deterministic):
+    if deterministic and backend != "triton":
+        pytest.skip("deterministic mode is a kernel mode")
+    if deterministic:
+        import fastmlp.kernels as K
+
+        K.set_deterministic(True)
+    try:
+        layer = _pinned_sigmoid(backend)
+        g = torch.Generator().manual_seed(4)
+        seen = {q: [] for q in QUANTITIES}
+        for step in range(3):  # first step calibrates; later batches are shifted and wider
+            x = (1 + step) * torch.randn(37, 11, generator=g) + 0.5 * step
+            up = torch.randn(37, 7, generator=g)
+            h = layer(x)
+            w, b = layer.weight.detach().double(), layer.bias.detach().double()
+            z64 = x.double() @ w.T + b
+            # the layer's own float32 outputs (their rounding, not the statistics, differs
+            # from float64 at 0.999); f'(h) = h (1 - h) through them, as the kernels do
+            h32 = h.detach().double()
+            dz = up.double() * h32 * (1 - h32)
+            ref = {
+                "preactivation": z64,
+                "activation": h32,
+                "preactivation_grad": dz,
+                "weight_grad": dz.T @ x.double(),
+            }
+            for q, v in ref.items():
+                seen[q].append(v.numpy().ravel())
+            h.backward(up)
+    finally:
+        if deterministic:
+            K.set_deterministic(False)
+    snap = ModelStats(layer).snapshot()[1]
+    a = np.concatenate(seen["activation"])
+    assert abs(a.mean() - 0.999) < 1e-4 and a.std() < 5e-4  # the setup pins the outputs
+    for q in QUANTITIES:
+        skew, kurt = _central(np.concatenate(seen[q]))
+        qs = snap[q]
+        # as exact as the variance: relative 1e-4 of the figure (plus a hair for skew ~ 0)
+        assert abs(qs.kurtosis - kurt) <= 1e-4 * kurt, (q, qs.kurtosis, kurt)
+        assert abs(qs.skewness - skew) <= 1e-4 * (abs(skew) + 1e-2), (q, qs.skewness, skew)
+
+
+def test_moments4_merge_across_ranks_exact():
+    """Pebay's merge of (n, mean, M2, M3, M4) across ranks equals one process."""
+    parts, whole = [], _pinned_sigmoid("torch", seed=2)
+    g = torch.Generator().manual_seed(8)
+    for r in range(3):
+        rank = _pinned_sigmoid("torch", seed=2)
+        for _ in range(2):
+            x = (1 + r) * torch.randn(19, 11, generator=g) + r  # ranks see different data
+            up = torch.randn(19, 7, generator=g)
+            rank(x).backward(up)
+            whole(x).backward(up)
+        parts.append(LayerBuffers.from_stats(rank.stats))
+    merged = merge_buffers(parts, whole.stats.fixed_range)
+    target = _pinned_sigmoid("torch", seed=2)
+    merged.load_into(target.stats)
+    a = Snapshot.from_layers([(1, target.stats)])[1]
+    b = Snapshot.from_layers([(1, whole.stats)])[1]
+    for q in QUANTITIES:
+        for f in ("mean", "var", "skewness", "kurtosis"):
+            va, vb = getattr(a[q], f), getattr(b[q], f)
+            # float32 partial sums, summed in another order: 1e-6 of the figure
+            assert va == pytest.approx(vb, rel=1e-6, abs=1e-9 * (abs(b[q].mean) + 1)), (q, f)
+    # merged buffers keep accumulating: one more batch on top of the merge
+    x, up = torch.randn(5, 11, generator=g), torch.randn(5, 7, generator=g)
+    target(x).backward(up)
+    whole(x).backward(up)
+    a = Snapshot.from_layers([(1, target.stats)])[1]
+    b = Snapshot.from_layers([(1, whole.stats)])[1]
+    for q in QUANTITIES:
+        assert a[q].kurtosis == pytest.approx(b[q].kurtosis, rel=1e-6), q
+
+
+def test_group_switched_mid_window_reads_as_not_recorded():
+    layer = InstrumentedLinear(3, 2, "tanh")
+    x = torch.randn(4, 3)
+    layer(x).sum().backward()
+    layer.stats.moments4 = True
+    layer.stats.zeros = True
+    layer(x).sum().backward()
+    snap = ModelStats(layer).snapshot()[1]["activation"]
+    assert snap.kurtosis is None and snap.zero_fraction is None  # half a window: not shown
+    layer.stats.reset()
+    layer(x).sum().backward()
+    snap = ModelStats(layer).snapshot()[1]["activation"]
+    assert snap.kurtosis is not None and snap.zero_fraction is not None

@@ -12,6 +12,7 @@ from fastmlp.stats.layout import (
     ACTIVATION,
     CALIBRATED,
     CENTER,
+    GROUPS,
     NFIELDS,
     NQ,
     Buffers,
@@ -37,6 +38,9 @@ class LayerStats(nn.Module):
         histograms: record histograms.
         saturation: record saturation counts.
         zeros: count values exactly 0 (off by default: an extra comparison per element).
+        moments4: record third and fourth moment sums, for skewness and kurtosis (off by
+            default). A group switched on or off while a window is being accumulated
+            reads as not recorded (``None``) until the next :meth:`reset`.
         persistent: save the buffers (and calibration flags) in ``state_dict``; with
             ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
@@ -50,6 +54,7 @@ class LayerStats(nn.Module):
         histograms: bool = True,
         saturation: bool = True,
         zeros: bool = False,
+        moments4: bool = False,
         device: torch.device | str | None = None,
         persistent: bool = True,
     ) -> None:
@@ -69,7 +74,9 @@ class LayerStats(nn.Module):
         self.histograms = histograms
         self.saturation = saturation
         self.persistent = persistent
-        self.zeros = zeros
+        # opt-in groups; those switched during a window are incomplete until reset
+        self._groups = {g: False for g in GROUPS}
+        self._partial: set[str] = set()
         self.register_buffer("acc", empty_acc(device))
         self.register_buffer("shift", torch.zeros(NQ, dtype=torch.float64, device=device))
         self.register_buffer("hist", torch.zeros(NQ, bins + 2, dtype=torch.int64, device=device))
@@ -77,6 +84,36 @@ class LayerStats(nn.Module):
         # Host-side: calibrated flags and centring hints (saved through get_extra_state).
         self.register_buffer("state", torch.zeros(2, NQ, dtype=torch.float64), persistent=False)
         self._set_fixed_ranges()
+        self.zeros = zeros
+        self.moments4 = moments4
+
+    def _switch(self, group: str, value: bool) -> None:
+        value = bool(value)
+        if value != self._groups[group] and bool(self.state[CALIBRATED].any()):
+            self._partial.add(group)  # the window so far lacks (or has) this group
+        self._groups[group] = value
+
+    @property
+    def zeros(self) -> bool:
+        """Count values exactly 0."""
+        return self._groups["zeros"]
+
+    @zeros.setter
+    def zeros(self, value: bool) -> None:
+        self._switch("zeros", value)
+
+    @property
+    def moments4(self) -> bool:
+        """Record third and fourth moment sums (skewness, kurtosis)."""
+        return self._groups["moments4"]
+
+    @moments4.setter
+    def moments4(self, value: bool) -> None:
+        self._switch("moments4", value)
+
+    def recorded(self, group: str) -> bool:
+        """Whether ``group`` (one of ``GROUPS``) was on for the whole window since reset."""
+        return self._groups[group] and group not in self._partial
 
     def _set_fixed_ranges(self) -> None:
         if self.activation.bounded:
@@ -117,7 +154,8 @@ class LayerStats(nn.Module):
             lo,
             hi,
             self.activation.bounded,
-            bool(self.zeros),
+            self.zeros,
+            self.moments4,
         )
 
     def hint_centers_from_shift(self) -> None:
@@ -131,6 +169,7 @@ class LayerStats(nn.Module):
         self.hist.zero_()
         self.hist_range.zero_()
         self.state.zero_()
+        self._partial.clear()
         self._set_fixed_ranges()
 
     def fresh(self) -> LayerStats:
@@ -142,6 +181,7 @@ class LayerStats(nn.Module):
             histograms=self.histograms,
             saturation=self.saturation,
             zeros=self.zeros,
+            moments4=self.moments4,
             device=self.acc.device,
             persistent=self.persistent,
         )
@@ -175,13 +215,15 @@ class LayerStats(nn.Module):
             return
         acc = state_dict.get(prefix + "acc")
         if acc is not None and acc.dim() == 2 and acc.shape[1] < NFIELDS:
-            # an older layout (fewer fields, e.g. 0.1.0's 8): the new counts start at 0
+            # an older layout (fewer fields, e.g. 0.1.0's 8): the new sums start at 0 and
+            # their groups read as not recorded until the next reset
             pad = acc.new_zeros(acc.shape[0], NFIELDS - acc.shape[1])
             state_dict[prefix + "acc"] = torch.cat([acc, pad], dim=1)
+            self._partial.update(GROUPS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
-        return {"calibrated": self.calibrated, "bins": self.bins}
+        return {"calibrated": self.calibrated, "bins": self.bins, "partial": sorted(self._partial)}
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("bins", self.bins) != self.bins:
@@ -189,10 +231,11 @@ class LayerStats(nn.Module):
                 f"checkpoint has {state['bins']} histogram bins, this layer has {self.bins}"
             )
         self.calibrated = list(state["calibrated"])
+        self._partial.update(state.get("partial", ()))
         self.hint_centers_from_shift()
 
     def extra_repr(self) -> str:
         return (
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
-            f"saturation={self.saturation_active}, zeros={self.zeros}"
+            f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}"
         )

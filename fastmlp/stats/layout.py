@@ -4,10 +4,11 @@ For each of the four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
 buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 
 - ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
-  nonfinite, sat_low, sat_high, zeros`` (``zeros``: finite values exactly 0, recorded when
-  ``Settings.zeros``; layouts before it had 8 fields and are padded on load), where
-  ``sum`` and ``sumsq`` are
-  ``sum(x - shift[q])`` and ``sum((x - shift[q])**2)`` over finite values;
+  nonfinite, sat_low, sat_high, zeros, sum3, sum4``, where ``sum``, ``sumsq``, ``sum3``
+  and ``sum4`` are ``sum((x - shift[q])**p)`` for p = 1..4 over finite values (``sum3`` and
+  ``sum4`` recorded when ``Settings.moments4``: skewness and kurtosis) and ``zeros`` counts
+  the finite values exactly 0 (when ``Settings.zeros``). Layouts before these had 8 fields
+  and are padded on load (the padded groups then read as not recorded);
 - ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
   the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
 - ``hist[q]``: int64 ``[bins + 2]`` = ``underflow, bins..., overflow``;
@@ -45,6 +46,7 @@ __all__ = [
     "WEIGHT_GRAD",
     "FIELDS",
     "NFIELDS",
+    "GROUPS",
     "CALIBRATED",
     "CENTER",
     "Buffers",
@@ -57,8 +59,22 @@ __all__ = [
 
 QUANTITIES = ("preactivation", "activation", "preactivation_grad", "weight_grad")
 PREACTIVATION, ACTIVATION, PREACTIVATION_GRAD, WEIGHT_GRAD = range(4)
-FIELDS = ("count", "sum", "sumsq", "min", "max", "nonfinite", "sat_low", "sat_high", "zeros")
-COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS = range(len(FIELDS))
+FIELDS = (
+    "count",
+    "sum",
+    "sumsq",
+    "min",
+    "max",
+    "nonfinite",
+    "sat_low",
+    "sat_high",
+    "zeros",
+    "sum3",
+    "sum4",
+)
+COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
+#: Opt-in statistic groups (``Settings`` flags, ``LayerStats`` switches).
+GROUPS = ("zeros", "moments4")
 NFIELDS = len(FIELDS)
 NQ = len(QUANTITIES)
 #: Rows of ``state``.
@@ -86,6 +102,7 @@ class Settings(NamedTuple):
     numbers; :func:`saturation_bounds` rounds them for a dtype). ``fixed_activation``: the
     activation quantity is histogrammed on a fixed range (a bounded activation).
     ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
+    ``moments4``: third and fourth shifted moment sums (skewness, kurtosis; opt-in).
     """
 
     enabled: bool
@@ -95,6 +112,7 @@ class Settings(NamedTuple):
     sat_high: float
     fixed_activation: bool
     zeros: bool = False
+    moments4: bool = False
 
     def fixed_range(self, q: int) -> bool:
         """Whether quantity ``q`` has a fixed histogram range."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastmlp.stats.algebra import central_moments
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.diagnosis import Finding, diagnose
 from fastmlp.stats.layout import (
@@ -22,6 +23,8 @@ from fastmlp.stats.layout import (
     SAT_HIGH,
     SAT_LOW,
     SUM,
+    SUM3,
+    SUM4,
     SUMSQ,
     ZEROS,
 )
@@ -39,6 +42,8 @@ ROW_FIELDS = (
     "min",
     "max",
     "absmax",
+    "skewness",
+    "kurtosis",
     "zero_fraction",
     "nonfinite",
     "saturated_low",
@@ -79,6 +84,10 @@ class QuantityStats:
     """The layer's module path (e.g. ``layers.2``), where known."""
     zero_fraction: float | None = None
     """Fraction of the finite values that are exactly 0 (when ``stats.zeros`` is on)."""
+    skewness: float | None = None
+    """``m3 / m2**1.5`` of the population central moments (when ``stats.moments4`` is on)."""
+    kurtosis: float | None = None
+    """``m4 / m2**2`` (Pearson's, 3 for a normal distribution; when ``stats.moments4``)."""
 
     @property
     def absmax(self) -> float | None:
@@ -139,6 +148,7 @@ def quantity_stats(
     saturation: bool,
     name: str | None = None,
     zeros: bool = False,
+    moments4: bool = False,
 ) -> QuantityStats:
     """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
     n = int(acc[COUNT])
@@ -156,6 +166,11 @@ def quantity_stats(
     }
     if zeros:
         kw["zero_fraction"] = float(acc[ZEROS] / n)
+    if moments4:
+        _, m2, m3, m4 = central_moments(n, acc[SUM], acc[SUMSQ], acc[SUM3], acc[SUM4])
+        if m2 > 0:
+            kw["skewness"] = float(m3 / n / (m2 / n) ** 1.5)
+            kw["kurtosis"] = float(m4 / n / (m2 / n) ** 2)
     if saturation and q == ACTIVATION:
         kw["saturated_low"] = float(acc[SAT_LOW] / n)
         kw["saturated_high"] = float(acc[SAT_HIGH] / n)
@@ -221,7 +236,8 @@ class Snapshot:
                     rng[q],
                     s.saturation_active,
                     name,
-                    s.zeros,
+                    s.recorded("zeros"),
+                    s.recorded("moments4"),
                 )
                 for q, qname in enumerate(QUANTITIES)
             }
