@@ -11,6 +11,7 @@ from fastmlp import InstrumentedLinear, ModelStats
 from fastmlp.stats import QUANTITIES
 from fastmlp.stats.algebra import LayerBuffers, merge_buffers
 from fastmlp.stats.layout import ZEROS
+from fastmlp.stats.ranks import snapshot_from_buffers
 from fastmlp.stats.snapshot import Snapshot
 
 
@@ -105,9 +106,10 @@ def test_zero_counts_merge_across_ranks():
     merged.load_into(target.stats)
     a = Snapshot.from_layers([(1, target.stats)])[1]
     b = Snapshot.from_layers([(1, whole.stats)])[1]
+    c = snapshot_from_buffers([(1, whole.stats)], [merged])[1]
     for q in QUANTITIES:
-        assert a[q].zero_fraction == b[q].zero_fraction, q
-        assert a[q].absmax == b[q].absmax, q
+        assert a[q].zero_fraction == b[q].zero_fraction == c[q].zero_fraction, q
+        assert a[q].absmax == b[q].absmax == c[q].absmax, q
     np.testing.assert_array_equal(merged.acc[:, ZEROS], one.acc[:, ZEROS])
 
 
@@ -200,6 +202,10 @@ def test_moments4_merge_across_ranks_exact():
             va, vb = getattr(a[q], f), getattr(b[q], f)
             # float32 partial sums, summed in another order: 1e-6 of the figure
             assert va == pytest.approx(vb, rel=1e-6, abs=1e-9 * (abs(b[q].mean) + 1)), (q, f)
+    # the cross-rank snapshot (fastmlp.stats.ranks) reads the merged buffers the same way
+    c = snapshot_from_buffers([(1, whole.stats)], [merged])[1]
+    for q in QUANTITIES:
+        assert c[q].kurtosis == a[q].kurtosis and c[q].skewness == a[q].skewness, q
     # merged buffers keep accumulating: one more batch on top of the merge
     x, up = torch.randn(5, 11, generator=g), torch.randn(5, 7, generator=g)
     target(x).backward(up)

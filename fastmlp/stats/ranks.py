@@ -160,6 +160,8 @@ def snapshot_from_buffers(
                 b.hist_range[q],
                 s.saturation_active,
                 name,
+                s.recorded("zeros"),
+                s.recorded("moments4"),
             )
             for q, qname in enumerate(QUANTITIES)
         }
