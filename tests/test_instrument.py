@@ -274,3 +274,11 @@ def test_lone_linear_shared_and_checkpoint_with_stats():
     assert "0.stats.acc" in m2.state_dict()
     with pytest.raises(TypeError, match="unknown instrument"):
         instrument(_sequential(), bogus=1)
+
+
+def test_tensorboard_tags_use_module_paths_except_for_the_paper_mlp():
+    from fastmlp.run import _layer_tag
+
+    assert _layer_tag({"layer": 3, "name": "layers.2"}) == "layer3"  # the paper's MLP
+    assert _layer_tag({"layer": 1, "name": None}) == "layer1"
+    assert _layer_tag({"layer": 1, "name": "mlp.c_fc"}) == "mlp.c_fc"
