@@ -97,6 +97,7 @@ class InstrumentedLinear(nn.Module):
             saturation_thresholds=saturation_thresholds,
             device=device if stats_device is None else stats_device,
             persistent=stats_in_state_dict,
+            units=out_features,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

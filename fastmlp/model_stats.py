@@ -28,8 +28,9 @@ class ModelStats:
     """The statistics of all instrumented layers of a model.
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
-    clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros`` and
-    ``moments4`` switch recording for every layer (disabled statistics cost nothing).
+    clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros``,
+    ``moments4`` and ``per_unit`` switch recording for every layer (disabled statistics
+    cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
     built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
@@ -126,3 +127,13 @@ class ModelStats:
     @moments4.setter
     def moments4(self, value: bool) -> None:
         self._set("moments4", value)
+
+    @property
+    def per_unit(self) -> bool:
+        """Record per-unit counts of activations (``dead_fraction``, ``unit_active``,
+        ``unit_saturated``; off by default)."""
+        return self._get("per_unit")
+
+    @per_unit.setter
+    def per_unit(self, value: bool) -> None:
+        self._set("per_unit", value)

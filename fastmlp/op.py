@@ -45,7 +45,7 @@ __all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MUTATED = ("acc", "shift", "hist", "hist_range", "state")
+_MUTATED = ("acc", "shift", "hist", "hist_range", "state", "units")
 
 
 @functools.cache
@@ -97,9 +97,10 @@ def _settings(
     hi: float,
     zeros: bool,
     moments4: bool,
+    per_unit: bool,
 ) -> Settings:
     bounded = get_activation(activation).bounded
-    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros, moments4)
+    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros, moments4, per_unit)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -115,6 +116,7 @@ def dense_forward(
     hist: torch.Tensor,
     hist_range: torch.Tensor,
     state: torch.Tensor,
+    units: torch.Tensor,
     activation: str,
     backend: str,
     enabled: bool,
@@ -124,13 +126,14 @@ def dense_forward(
     sat_high: float,
     zeros: bool,
     moments4: bool,
+    per_unit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, z)`` with ``h = f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and
     ``activation``. ``z = x W^T + b`` is returned only for activations whose backward needs
     it (``Activation.from_input``: GELU, SiLU); otherwise ``z`` is an empty tensor."""
-    bufs = Buffers(acc, shift, hist, hist_range, state)
+    bufs = Buffers(acc, shift, hist, hist_range, state, units)
     settings = _settings(
-        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4
+        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4, per_unit
     )
     how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
@@ -142,7 +145,7 @@ def dense_forward(
 
 
 @dense_forward.register_fake
-def _(x, weight, bias, acc, shift, hist, hist_range, state, activation, backend, *flags):
+def _(x, weight, bias, acc, shift, hist, hist_range, state, units, activation, backend, *flags):
     h = x.new_empty(x.shape[0], weight.shape[0])
     return h, (x.new_empty(h.shape) if get_activation(activation).from_input else x.new_empty(0))
 
@@ -158,6 +161,7 @@ def dense_backward(
     hist: torch.Tensor,
     hist_range: torch.Tensor,
     state: torch.Tensor,
+    units: torch.Tensor,
     activation: str,
     backend: str,
     need_x: bool,
@@ -170,14 +174,15 @@ def dense_backward(
     sat_high: float,
     zeros: bool,
     moments4: bool,
+    per_unit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities.
 
     ``saved``: what the activation's derivative is computed from: the output ``h``, or the
     pre-activation ``z`` for activations with ``from_input`` (GELU, SiLU)."""
-    bufs = Buffers(acc, shift, hist, hist_range, state)
+    bufs = Buffers(acc, shift, hist, hist_range, state, units)
     settings = _settings(
-        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4
+        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4, per_unit
     )
     how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
@@ -197,7 +202,7 @@ def dense_backward(
 
 @dense_backward.register_fake
 def _(
-    dh, x, weight, saved, acc, shift, hist, hist_range, state, activation, backend, nx, nw, nb, *f
+    dh, x, weight, saved, acc, shift, hist, hist_range, state, units, act, backend, nx, nw, nb, *f
 ):
     n = weight.shape[0]
     return (
@@ -277,8 +282,17 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
-def _flags(s: Settings) -> tuple[bool, bool, bool, float, float, bool, bool]:
-    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high, s.zeros, s.moments4
+def _flags(s: Settings) -> tuple:
+    return (
+        s.enabled,
+        s.histograms,
+        s.saturation,
+        s.sat_low,
+        s.sat_high,
+        s.zeros,
+        s.moments4,
+        s.per_unit,
+    )
 
 
 def dense(

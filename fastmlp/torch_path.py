@@ -387,7 +387,23 @@ def forward(
     if settings.enabled:
         record(bufs, settings, PREACTIVATION, z)
         record(bufs, settings, ACTIVATION, h)
+        if settings.per_unit:
+            record_units(bufs, settings, h)
     return h, (z if activation.from_input else None)
+
+
+def record_units(bufs: Buffers, settings: Settings, h: torch.Tensor) -> None:
+    """Per-unit counts of the activation ``h [M, N]`` into ``bufs.units`` (device ops only)."""
+    h = h.detach()
+    if h.dtype in (torch.float16, torch.bfloat16):
+        h = h.float()
+    fin = torch.isfinite(h)
+    units = bufs.units
+    rows = [fin.sum(0), (h > 0).sum(0)]
+    if settings.saturation:
+        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, h.dtype)
+        rows += [((h <= lo) & fin).sum(0), (h >= hi).sum(0)]  # h >= hi excludes NaN
+    units[: len(rows)] += torch.stack(rows).to(units.dtype)
 
 
 def backward(

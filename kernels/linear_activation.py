@@ -126,7 +126,19 @@ def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
             return None
         return triton.autotune(
             configs=configs,
-            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT", "ZEROS", "MOM4"],
+            key=[
+                "M_BUCKET",
+                "N",
+                "K",
+                "ACT",
+                "PRECISION",
+                "STATS",
+                "HIST",
+                "SAT",
+                "ZEROS",
+                "MOM4",
+                "UNITS",
+            ],
             restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(fn)
@@ -162,6 +174,7 @@ def _fwd_kernel(
     range_ptr,
     ext_ptr,
     part_ptr,
+    units_ptr,
     M,
     N,
     K,
@@ -183,6 +196,7 @@ def _fwd_kernel(
     HIST: tl.constexpr,
     ZEROS: tl.constexpr,
     MOM4: tl.constexpr,
+    UNITS: tl.constexpr,
     FIXED_ACT: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -252,6 +266,18 @@ def _fwd_kernel(
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
             tl.atomic_add(row_h + F_SAT_LOW, low)
             tl.atomic_add(row_h + F_SAT_HIGH, high)
+        if UNITS:
+            # per-unit counts (fastmlp.stats.layout: rows count, active, sat_low, sat_high
+            # of N columns): this tile's column sums
+            u_fin = tl.sum(fin.to(tl.int32), axis=0).to(tl.float64)
+            u_act = tl.sum((fin & (h > 0.0)).to(tl.int32), axis=0).to(tl.float64)
+            tl.atomic_add(units_ptr + offs_n, u_fin, mask=mask_n)
+            tl.atomic_add(units_ptr + N + offs_n, u_act, mask=mask_n)
+            if SAT:
+                u_lo = tl.sum((fin & (h <= sat_lo)).to(tl.int32), axis=0).to(tl.float64)
+                u_hi = tl.sum((fin & (h >= sat_hi)).to(tl.int32), axis=0).to(tl.float64)
+                tl.atomic_add(units_ptr + 2 * N + offs_n, u_lo, mask=mask_n)
+                tl.atomic_add(units_ptr + 3 * N + offs_n, u_hi, mask=mask_n)
         if HIST:
             cnt = tile_histogram(
                 h, fin, tl.load(range_ptr + 2), tl.load(range_ptr + 3), BINS, HB, FIXED_ACT
@@ -511,7 +537,9 @@ def _bwd_dw_kernel(
 
 
 _STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
-_fwd_tuned = _maybe_autotune(_STATS_BUFFERS, _ALL_CONFIGS, _prune_by_batch)(_fwd_kernel)
+_fwd_tuned = _maybe_autotune([*_STATS_BUFFERS, "units_ptr"], _ALL_CONFIGS, _prune_by_batch)(
+    _fwd_kernel
+)
 _dx_tuned = _maybe_autotune([], _ALL_CONFIGS, _prune_by_batch)(_bwd_dx_kernel)
 _dw_tuned = _maybe_autotune(_STATS_BUFFERS, _DW_CONFIGS, None)(_bwd_dw_kernel)
 
@@ -662,6 +690,7 @@ def forward(
         h,
         z if store_z else h,
         *_stat_args(bufs, part),
+        bufs.units if stats and settings.per_unit else h,
         M,
         N,
         K,
@@ -680,6 +709,7 @@ def forward(
         ACT=act_id,
         HAS_BIAS=bias is not None,
         STORE_Z=store_z,
+        UNITS=stats and settings.per_unit,
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=dot_precision(x.dtype),

@@ -46,6 +46,7 @@ ROW_KEYS = (
     "skewness",
     "kurtosis",
     "zero_fraction",
+    "dead_fraction",
     "nonfinite",
     "saturated_low",
     "saturated_high",

@@ -229,3 +229,63 @@ def test_group_switched_mid_window_reads_as_not_recorded():
     layer(x).sum().backward()
     snap = ModelStats(layer).snapshot()[1]["activation"]
     assert snap.kurtosis is not None and snap.zero_fraction is not None
+
+
+# ----------------------------------------------------------------------------- per unit
+
+
+def _unit_layer(backend, act="relu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = InstrumentedLinear(6, 10, act, zero_bias=False, init="pytorch", generator=g)
+    layer.backend = backend
+    layer.stats.per_unit = True
+    with torch.no_grad():
+        layer.bias[:3] = -50.0  # units 0..2 are dead (relu) / saturated low (tanh)
+        layer.bias[3] = 50.0  # unit 3 saturated high (tanh)
+    return layer
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("backend", _backends())
+def test_per_unit_counts_match_reference(backend, act):
+    layer = _unit_layer(backend, act)
+    hs = []
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second step runs the kernels on the triton backend
+        x = torch.randn(23, 6, generator=g)
+        x[0, 0] = float("nan")  # a non-finite row: excluded from every unit's counts
+        h = layer(x)
+        hs.append(h.detach().double())
+        h.sum().backward()
+    h = torch.cat(hs).numpy()
+    fin = np.isfinite(h)
+    a = ModelStats(layer).snapshot()[1]["activation"]
+    seen = fin.sum(0)
+    active = ((h > 0) & fin).sum(0) / seen
+    assert a.unit_active == pytest.approx(active.tolist())
+    assert a.dead_fraction == np.mean(((h > 0) & fin).sum(0) == 0)
+    if act == "relu":
+        assert a.dead_fraction >= 0.3 and a.unit_saturated is None
+    else:
+        sat = (((h <= -0.99) | (h >= 0.99)) & fin).sum(0) / seen
+        assert a.unit_saturated == pytest.approx(sat.tolist())
+        assert a.unit_saturated[0] == 1.0 and a.unit_saturated[3] == 1.0
+    assert a.row()["dead_fraction"] == a.dead_fraction
+    assert ModelStats(layer).snapshot()[1]["preactivation"].dead_fraction is None
+
+
+def test_per_unit_counts_merge_across_ranks():
+    parts, whole = [], _unit_layer("torch", "tanh", seed=4)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        rank = _unit_layer("torch", "tanh", seed=4)
+        x = torch.randn(17, 6, generator=g)
+        rank(x).sum().backward()
+        whole(x).sum().backward()
+        parts.append(LayerBuffers.from_stats(rank.stats))
+    merged = merge_buffers(parts, whole.stats.fixed_range)
+    np.testing.assert_array_equal(merged.units, LayerBuffers.from_stats(whole.stats).units)
+    a = snapshot_from_buffers([(1, whole.stats)], [merged])[1]["activation"]
+    b = ModelStats(whole).snapshot()[1]["activation"]
+    assert a.unit_active == b.unit_active and a.unit_saturated == b.unit_saturated
+    assert a.dead_fraction == b.dead_fraction

@@ -247,7 +247,8 @@ def test_checkpoint_written_before_the_op_still_loads():
     for old, new in zip(meta["rows"], rows, strict=True):
         # the figures of 0.1.0 read as then (rows have gained name, absmax, zero_fraction)
         assert {k: v for k, v in new.items() if k in old} == old
-        assert set(new) - set(old) == {"name", "absmax", "skewness", "kurtosis", "zero_fraction"}
+        added = {"name", "absmax", "skewness", "kurtosis", "zero_fraction", "dead_fraction"}
+        assert set(new) - set(old) == added
         assert new["zero_fraction"] is None  # not recorded then (and off by default)
     # and training continues from the loaded calibration
     assert all(model.layers[0].stats.calibrated)

@@ -156,16 +156,19 @@ class LayerBuffers:
     hist: np.ndarray
     hist_range: np.ndarray
     calibrated: np.ndarray
+    units: np.ndarray | None = None
+    """Per-unit counts ``[4, units]`` (``fastmlp.stats.layout``), or ``None``."""
 
     @classmethod
-    def from_stats(cls, s: Buffers | object) -> LayerBuffers:
-        """Copy the buffers of ``s`` (a :class:`LayerStats` or :class:`Buffers`) to the host."""
+    def from_stats(cls, s: object) -> LayerBuffers:
+        """Copy the buffers of ``s`` (a :class:`LayerStats`) to the host."""
         return cls(
             s.acc.detach().cpu().numpy().astype(np.float64),
             s.shift.detach().cpu().numpy().astype(np.float64),
             s.hist.detach().cpu().numpy().astype(np.int64),
             s.hist_range.detach().cpu().numpy().astype(np.float64),
             s.state[CALIBRATED].numpy() != 0,
+            s.unit_counts.detach().cpu().numpy().astype(np.float64),
         )
 
     def load_into(self, s: object) -> None:
@@ -175,6 +178,8 @@ class LayerBuffers:
             s.shift.copy_(torch.from_numpy(self.shift))
             s.hist.copy_(torch.from_numpy(self.hist))
             s.hist_range.copy_(torch.from_numpy(self.hist_range))
+            if self.units is not None:
+                s.unit_counts.copy_(torch.from_numpy(self.units))
         s.calibrated = [bool(c) for c in self.calibrated]
         s.hint_centers_from_shift()
 
@@ -273,4 +278,9 @@ def merge_buffers(
             hist[q, -1] += p.hist[q, -1]
             hist[q, 1:-1] += regroup_bins_host(p.hist[q, 1:-1], r / hi)
         rng[q] = (-r, r)
-    return LayerBuffers(acc, shift, hist, rng, calibrated)
+    units = None
+    if all(p.units is not None for p in parts):
+        if len({p.units.shape for p in parts}) != 1:
+            raise ValueError("per-unit counts differ in shape between ranks")
+        units = np.sum([p.units for p in parts], axis=0)  # counts: summed
+    return LayerBuffers(acc, shift, hist, rng, calibrated, units)

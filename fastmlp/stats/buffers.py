@@ -15,6 +15,7 @@ from fastmlp.stats.layout import (
     GROUPS,
     NFIELDS,
     NQ,
+    NUNIT_ROWS,
     Buffers,
     Settings,
     empty_acc,
@@ -41,6 +42,9 @@ class LayerStats(nn.Module):
         moments4: record third and fourth moment sums, for skewness and kurtosis (off by
             default). A group switched on or off while a window is being accumulated
             reads as not recorded (``None``) until the next :meth:`reset`.
+        units: number of output units (features) of the layer, for the per-unit counts.
+        per_unit: record per-unit counts of the activation (dead units, per-unit
+            saturated fractions; off by default, needs ``units``).
         persistent: save the buffers (and calibration flags) in ``state_dict``; with
             ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
@@ -55,6 +59,8 @@ class LayerStats(nn.Module):
         saturation: bool = True,
         zeros: bool = False,
         moments4: bool = False,
+        units: int = 0,
+        per_unit: bool = False,
         device: torch.device | str | None = None,
         persistent: bool = True,
     ) -> None:
@@ -83,9 +89,14 @@ class LayerStats(nn.Module):
         self.register_buffer("hist_range", torch.zeros(NQ, 2, dtype=torch.float64, device=device))
         # Host-side: calibrated flags and centring hints (saved through get_extra_state).
         self.register_buffer("state", torch.zeros(2, NQ, dtype=torch.float64), persistent=False)
+        self.units = int(units)
+        self.register_buffer(
+            "unit_counts", torch.zeros(NUNIT_ROWS, self.units, dtype=torch.float64, device=device)
+        )
         self._set_fixed_ranges()
         self.zeros = zeros
         self.moments4 = moments4
+        self.per_unit = per_unit
 
     def _switch(self, group: str, value: bool) -> None:
         value = bool(value)
@@ -110,6 +121,17 @@ class LayerStats(nn.Module):
     @moments4.setter
     def moments4(self, value: bool) -> None:
         self._switch("moments4", value)
+
+    @property
+    def per_unit(self) -> bool:
+        """Record per-unit counts of the activation (dead units, per-unit saturation)."""
+        return self._groups["per_unit"]
+
+    @per_unit.setter
+    def per_unit(self, value: bool) -> None:
+        if value and not self.units:
+            raise ValueError("per-unit statistics need the layer's number of units")
+        self._switch("per_unit", value)
 
     def recorded(self, group: str) -> bool:
         """Whether ``group`` (one of ``GROUPS``) was on for the whole window since reset."""
@@ -142,7 +164,9 @@ class LayerStats(nn.Module):
 
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
-        return Buffers(self.acc, self.shift, self.hist, self.hist_range, self.state)
+        return Buffers(
+            self.acc, self.shift, self.hist, self.hist_range, self.state, self.unit_counts
+        )
 
     def settings(self) -> Settings:
         """What a pass records now (switches and thresholds)."""
@@ -156,6 +180,7 @@ class LayerStats(nn.Module):
             self.activation.bounded,
             self.zeros,
             self.moments4,
+            self.per_unit,
         )
 
     def hint_centers_from_shift(self) -> None:
@@ -168,6 +193,7 @@ class LayerStats(nn.Module):
         self.shift.zero_()
         self.hist.zero_()
         self.hist_range.zero_()
+        self.unit_counts.zero_()
         self.state.zero_()
         self._partial.clear()
         self._set_fixed_ranges()
@@ -182,6 +208,8 @@ class LayerStats(nn.Module):
             saturation=self.saturation,
             zeros=self.zeros,
             moments4=self.moments4,
+            units=self.units,
+            per_unit=self.per_unit,
             device=self.acc.device,
             persistent=self.persistent,
         )
@@ -220,6 +248,10 @@ class LayerStats(nn.Module):
             pad = acc.new_zeros(acc.shape[0], NFIELDS - acc.shape[1])
             state_dict[prefix + "acc"] = torch.cat([acc, pad], dim=1)
             self._partial.update(GROUPS)
+        if prefix + "acc" in state_dict and prefix + "unit_counts" not in state_dict:
+            # written before per-unit counts existed: they start at 0, not recorded
+            state_dict[prefix + "unit_counts"] = torch.zeros_like(self.unit_counts)
+            self._partial.add("per_unit")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
@@ -237,5 +269,6 @@ class LayerStats(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
-            f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}"
+            f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}, "
+            f"per_unit={self.per_unit}"
         )

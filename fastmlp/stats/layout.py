@@ -14,6 +14,12 @@ buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 - ``hist[q]``: int64 ``[bins + 2]`` = ``underflow, bins..., overflow``;
 - ``hist_range[q]``: float64 ``(low, high)``. Bins are ``[e_i, e_i+1)``, the
   last one closed; underflow is ``x < low``, overflow ``x > high``;
+- ``units``: float64 ``[4, units]`` per-unit counts of the ``activation`` quantity (each
+  output feature of the layer; recorded when ``Settings.per_unit``): rows
+  :data:`UNIT_COUNT` (finite values), :data:`UNIT_ACTIVE` (values ``> 0``; a unit with none
+  is dead), :data:`UNIT_SAT_LOW` and :data:`UNIT_SAT_HIGH` (saturated values, when
+  saturation is recorded). Counts are summed across ranks. ``[4, 0]`` for layers built
+  without a unit count;
 - ``state``: float64 ``[2, 4]`` kept on the host (CPU) whatever the device of
   the others: row :data:`CALIBRATED` holds 1 for each calibrated quantity, row
   :data:`CENTER` the PyTorch path's centring hint (a float32 number). Host
@@ -74,7 +80,10 @@ FIELDS = (
 )
 COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
 #: Opt-in statistic groups (``Settings`` flags, ``LayerStats`` switches).
-GROUPS = ("zeros", "moments4")
+GROUPS = ("zeros", "moments4", "per_unit")
+#: Rows of ``units``.
+UNIT_COUNT, UNIT_ACTIVE, UNIT_SAT_LOW, UNIT_SAT_HIGH = range(4)
+NUNIT_ROWS = 4
 NFIELDS = len(FIELDS)
 NQ = len(QUANTITIES)
 #: Rows of ``state``.
@@ -89,6 +98,7 @@ class Buffers(NamedTuple):
     hist: torch.Tensor
     hist_range: torch.Tensor
     state: torch.Tensor
+    units: torch.Tensor
 
     @property
     def bins(self) -> int:
@@ -103,6 +113,7 @@ class Settings(NamedTuple):
     activation quantity is histogrammed on a fixed range (a bounded activation).
     ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
     ``moments4``: third and fourth shifted moment sums (skewness, kurtosis; opt-in).
+    ``per_unit``: per-unit counts of the activation (dead units, per-unit saturation; opt-in).
     """
 
     enabled: bool
@@ -113,6 +124,7 @@ class Settings(NamedTuple):
     fixed_activation: bool
     zeros: bool = False
     moments4: bool = False
+    per_unit: bool = False
 
     def fixed_range(self, q: int) -> bool:
         """Whether quantity ``q`` has a fixed histogram range."""

@@ -26,6 +26,10 @@ from fastmlp.stats.layout import (
     SUM3,
     SUM4,
     SUMSQ,
+    UNIT_ACTIVE,
+    UNIT_COUNT,
+    UNIT_SAT_HIGH,
+    UNIT_SAT_LOW,
     ZEROS,
 )
 
@@ -45,6 +49,7 @@ ROW_FIELDS = (
     "skewness",
     "kurtosis",
     "zero_fraction",
+    "dead_fraction",
     "nonfinite",
     "saturated_low",
     "saturated_high",
@@ -88,6 +93,14 @@ class QuantityStats:
     """``m3 / m2**1.5`` of the population central moments (when ``stats.moments4`` is on)."""
     kurtosis: float | None = None
     """``m4 / m2**2`` (Pearson's, 3 for a normal distribution; when ``stats.moments4``)."""
+    dead_fraction: float | None = None
+    """Activation rows, when ``stats.per_unit``: fraction of the units that were never
+    above 0 (over the units that saw a finite value)."""
+    unit_active: list[float] | None = field(default=None, repr=False)
+    """Activation, ``stats.per_unit``: per unit, the fraction of its finite values ``> 0``."""
+    unit_saturated: list[float] | None = field(default=None, repr=False)
+    """Activation, ``stats.per_unit`` and a saturating activation: per unit, the fraction of
+    its finite values saturated at either end."""
 
     @property
     def absmax(self) -> float | None:
@@ -149,7 +162,10 @@ def quantity_stats(
     name: str | None = None,
     zeros: bool = False,
     moments4: bool = False,
+    units: np.ndarray | None = None,
 ) -> QuantityStats:
+    """``units``: the layer's per-unit counts (``[4, units]``) when recorded; used for the
+    activation quantity."""
     """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
     n = int(acc[COUNT])
     nonfinite = int(acc[NONFINITE])
@@ -166,6 +182,17 @@ def quantity_stats(
     }
     if zeros:
         kw["zero_fraction"] = float(acc[ZEROS] / n)
+    if units is not None and q == ACTIVATION and units.shape[1]:
+        seen = units[UNIT_COUNT]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            active = units[UNIT_ACTIVE] / seen
+            sat = (units[UNIT_SAT_LOW] + units[UNIT_SAT_HIGH]) / seen
+        some = seen > 0
+        if some.any():
+            kw["dead_fraction"] = float(np.mean(units[UNIT_ACTIVE][some] == 0))
+        kw["unit_active"] = [float(v) if s else None for v, s in zip(active, some, strict=True)]
+        if saturation:
+            kw["unit_saturated"] = [float(v) if s else None for v, s in zip(sat, some, strict=True)]
     if moments4:
         _, m2, m3, m4 = central_moments(n, acc[SUM], acc[SUMSQ], acc[SUM3], acc[SUM4])
         if m2 > 0:
@@ -212,6 +239,7 @@ class Snapshot:
         for _, s in indexed:
             parts += [s.acc.reshape(-1), s.shift, s.hist_range.reshape(-1)]
             parts.append(s.hist.reshape(-1).to(torch.float64))
+            parts.append(s.unit_counts.reshape(-1))
         flat = torch.cat([p.to(indexed[0][1].acc.device) for p in parts]).cpu().numpy()
         layers: dict[int, dict[str, QuantityStats]] = {}
         pos = 0
@@ -226,6 +254,8 @@ class Snapshot:
             pos += 2 * nq
             hist = flat[pos : pos + s.hist.numel()].reshape(s.hist.shape)
             pos += s.hist.numel()
+            units = flat[pos : pos + s.unit_counts.numel()].reshape(s.unit_counts.shape)
+            pos += s.unit_counts.numel()
             layers[index] = {
                 qname: quantity_stats(
                     index,
@@ -238,6 +268,7 @@ class Snapshot:
                     name,
                     s.recorded("zeros"),
                     s.recorded("moments4"),
+                    units if s.recorded("per_unit") else None,
                 )
                 for q, qname in enumerate(QUANTITIES)
             }
