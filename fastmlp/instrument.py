@@ -152,14 +152,14 @@ def _make(lin: nn.Linear, activation: str, index: int, options: dict) -> Instrum
     new.bias = lin.bias
     new.train(lin.training)
     stats = new.stats
-    for flag in ("histograms", "saturation", "moments4", "zeros", "per_unit"):
+    for flag in ("histograms", "saturation", "moments4", "zeros", "per_unit", "exponents"):
         if flag in options and hasattr(stats, flag):
             setattr(stats, flag, bool(options[flag]))
     return new
 
 
 _OPTIONS = ("backend", "bins", "saturation_thresholds", "stats_in_state_dict", "histograms")
-_OPTIONS += ("saturation", "moments4", "zeros", "per_unit", "fuse", "fx", "warn")
+_OPTIONS += ("saturation", "moments4", "zeros", "per_unit", "exponents", "fuse", "fx", "warn")
 
 
 def instrument(model: nn.Module, **options) -> nn.Module:
@@ -167,7 +167,8 @@ def instrument(model: nn.Module, **options) -> nn.Module:
 
     Options: ``backend``, ``bins``, ``saturation_thresholds`` (as for
     :class:`~fastmlp.InstrumentedLinear`), ``histograms``, ``saturation``, ``zeros``,
-    ``moments4``, ``per_unit`` (statistics switches, see :class:`~fastmlp.ModelStats`),
+    ``moments4``, ``per_unit``, ``exponents`` (statistics switches, see
+    :class:`~fastmlp.ModelStats`),
     ``stats_in_state_dict`` (default ``False``: the statistics buffers stay out of
     ``state_dict``, whose keys are then unchanged; ``True`` saves them, and checkpoints
     of the untouched model then need ``strict=False``), ``fuse`` (default ``True``: fuse

@@ -29,8 +29,8 @@ class ModelStats:
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
     clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros``,
-    ``moments4`` and ``per_unit`` switch recording for every layer (disabled statistics
-    cost nothing).
+    ``moments4``, ``per_unit`` and ``exponents`` switch recording for every layer
+    (disabled statistics cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
     built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
@@ -137,3 +137,12 @@ class ModelStats:
     @per_unit.setter
     def per_unit(self, value: bool) -> None:
         self._set("per_unit", value)
+
+    @property
+    def exponents(self) -> bool:
+        """Record exponent histograms (``formats``, ``exponent_counts``; off by default)."""
+        return self._get("exponents")
+
+    @exponents.setter
+    def exponents(self, value: bool) -> None:
+        self._set("exponents", value)

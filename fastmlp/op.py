@@ -45,7 +45,7 @@ __all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MUTATED = ("acc", "shift", "hist", "hist_range", "state", "units")
+_MUTATED = ("acc", "shift", "hist", "hist_range", "state", "units", "exp_hist")
 
 
 @functools.cache
@@ -98,9 +98,12 @@ def _settings(
     zeros: bool,
     moments4: bool,
     per_unit: bool,
+    exponents: bool,
 ) -> Settings:
     bounded = get_activation(activation).bounded
-    return Settings(enabled, histograms, saturation, lo, hi, bounded, zeros, moments4, per_unit)
+    return Settings(
+        enabled, histograms, saturation, lo, hi, bounded, zeros, moments4, per_unit, exponents
+    )
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -117,6 +120,7 @@ def dense_forward(
     hist_range: torch.Tensor,
     state: torch.Tensor,
     units: torch.Tensor,
+    exp_hist: torch.Tensor,
     activation: str,
     backend: str,
     enabled: bool,
@@ -127,13 +131,23 @@ def dense_forward(
     zeros: bool,
     moments4: bool,
     per_unit: bool,
+    exponents: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, z)`` with ``h = f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and
     ``activation``. ``z = x W^T + b`` is returned only for activations whose backward needs
     it (``Activation.from_input``: GELU, SiLU); otherwise ``z`` is an empty tensor."""
-    bufs = Buffers(acc, shift, hist, hist_range, state, units)
+    bufs = Buffers(acc, shift, hist, hist_range, state, units, exp_hist)
     settings = _settings(
-        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4, per_unit
+        activation,
+        enabled,
+        histograms,
+        saturation,
+        sat_low,
+        sat_high,
+        zeros,
+        moments4,
+        per_unit,
+        exponents,
     )
     how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
@@ -145,7 +159,7 @@ def dense_forward(
 
 
 @dense_forward.register_fake
-def _(x, weight, bias, acc, shift, hist, hist_range, state, units, activation, backend, *flags):
+def _(x, weight, bias, acc, shift, hist, hist_range, state, units, exp_h, activation, bk, *flags):
     h = x.new_empty(x.shape[0], weight.shape[0])
     return h, (x.new_empty(h.shape) if get_activation(activation).from_input else x.new_empty(0))
 
@@ -162,6 +176,7 @@ def dense_backward(
     hist_range: torch.Tensor,
     state: torch.Tensor,
     units: torch.Tensor,
+    exp_hist: torch.Tensor,
     activation: str,
     backend: str,
     need_x: bool,
@@ -175,14 +190,24 @@ def dense_backward(
     zeros: bool,
     moments4: bool,
     per_unit: bool,
+    exponents: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities.
 
     ``saved``: what the activation's derivative is computed from: the output ``h``, or the
     pre-activation ``z`` for activations with ``from_input`` (GELU, SiLU)."""
-    bufs = Buffers(acc, shift, hist, hist_range, state, units)
+    bufs = Buffers(acc, shift, hist, hist_range, state, units, exp_hist)
     settings = _settings(
-        activation, enabled, histograms, saturation, sat_low, sat_high, zeros, moments4, per_unit
+        activation,
+        enabled,
+        histograms,
+        saturation,
+        sat_low,
+        sat_high,
+        zeros,
+        moments4,
+        per_unit,
+        exponents,
     )
     how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
@@ -202,7 +227,7 @@ def dense_backward(
 
 @dense_backward.register_fake
 def _(
-    dh, x, weight, saved, acc, shift, hist, hist_range, state, units, act, backend, nx, nw, nb, *f
+    dh, x, weight, saved, acc, shift, hist, hist_range, state, units, exp_h, act, bk, nx, nw, nb, *f
 ):
     n = weight.shape[0]
     return (
@@ -292,6 +317,7 @@ def _flags(s: Settings) -> tuple:
         s.zeros,
         s.moments4,
         s.per_unit,
+        s.exponents,
     )
 
 

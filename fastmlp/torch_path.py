@@ -28,8 +28,11 @@ from fastmlp.stats.layout import (
     CALIBRATED,
     CENTER,
     COUNT,
+    EXP_MAX,
+    EXP_MIN,
     MAX,
     MIN,
+    NEXP,
     NONFINITE,
     PREACTIVATION,
     PREACTIVATION_GRAD,
@@ -70,6 +73,8 @@ def accumulate(
         return
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    if settings.exponents:
+        record_exponents(bufs, q, x)
     if x.device.type == "cpu":
         mn, mx = (float(v) for v in torch.aminmax(x))
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
@@ -78,6 +83,16 @@ def accumulate(
             _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total)
             return
     _accumulate_masked(bufs, settings, q, x)
+
+
+def record_exponents(bufs: Buffers, q: int, x: torch.Tensor) -> None:
+    """Exponent histogram of the finite values of the 1-D ``x`` into ``bufs.exp_hist[q]``
+    (slot 0: zeros; slot ``e - EXP_MIN + 1``: frexp exponent ``e``); device ops only."""
+    _, e = torch.frexp(x)
+    slot = e.clamp_(EXP_MIN, EXP_MAX).sub_(EXP_MIN - 1)
+    slot = torch.where(x == 0, 0, slot)
+    slot = torch.where(torch.isfinite(x), slot, NEXP)  # non-finite: a dropped extra slot
+    bufs.exp_hist[q] += torch.bincount(slot.reshape(-1), minlength=NEXP + 1)[:NEXP]
 
 
 def _accumulate_finite_on_host(

@@ -31,6 +31,8 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 
 def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature types, constexprs, options) for every variant to compile."""
+    from fastmlp.stats.layout import NEXP
+
     from .linear_activation import _FIXED_CFG, _bwd_dw_kernel, _bwd_dx_kernel, _fwd_kernel
 
     out = []
@@ -63,6 +65,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "ext_ptr": f64,
             "part_ptr": f64,
             "units_ptr": f64,
+            "exph_ptr": i64,
             "sat_lo": "fp32",
             "sat_hi": "fp32",
             **common,
@@ -79,6 +82,9 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             ZEROS=stats and act == 4,
             MOM4=stats and act == 2,
             UNITS=stats and act == 4,
+            EXPS=stats and act == 0,
+            NEXP=NEXP,
+            HE=512 if stats and act == 0 else 2,
             FIXED_ACT=act in (1, 2, 3),
             BINS=64,
             HB=128,
@@ -99,6 +105,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "range_ptr": f64,
             "ext_ptr": f64,
             "part_ptr": f64,
+            "exph_ptr": i64,
             **common,
         }
         for s in ("dhm", "dhn", "hm", "hn", "xm", "xk", "dwn", "dwk"):
@@ -112,6 +119,9 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             SAT=False,
             ZEROS=stats and act == 4,
             MOM4=stats and act == 2,
+            EXPS=stats and act == 0,
+            NEXP=NEXP,
+            HE=512 if stats and act == 0 else 2,
             BINS=64,
             HB=128,
             DETERMINISTIC=det,

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastmlp.stats.layout import (
+    NEXP,
     NFIELDS,
     PREACTIVATION,
     PREACTIVATION_GRAD,
@@ -55,6 +56,7 @@ from .utils import (
     NPART,
     activation_backward,
     apply_activation,
+    commit_exponents,
     commit_extents,
     commit_histogram,
     commit_moments,
@@ -63,6 +65,7 @@ from .utils import (
     is_deterministic,
     m_bucket,
     next_pow2,
+    tile_exponents,
     tile_histogram,
     tile_moments,
     tile_zeros,
@@ -138,6 +141,7 @@ def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
                 "ZEROS",
                 "MOM4",
                 "UNITS",
+                "EXPS",
             ],
             restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune else None,
@@ -175,6 +179,7 @@ def _fwd_kernel(
     ext_ptr,
     part_ptr,
     units_ptr,
+    exph_ptr,
     M,
     N,
     K,
@@ -197,6 +202,9 @@ def _fwd_kernel(
     ZEROS: tl.constexpr,
     MOM4: tl.constexpr,
     UNITS: tl.constexpr,
+    EXPS: tl.constexpr,
+    NEXP: tl.constexpr,
+    HE: tl.constexpr,
     FIXED_ACT: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -247,6 +255,8 @@ def _fwd_kernel(
         commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4)
         if ZEROS:
             tl.atomic_add(row_z + F_ZEROS, tile_zeros(acc, fin))
+        if EXPS:
+            commit_exponents(exph_ptr, tile_exponents(acc, fin, HE), NEXP, HE)
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 0), tl.load(range_ptr + 1), BINS, HB, False
@@ -261,6 +271,8 @@ def _fwd_kernel(
         )
         if ZEROS:
             tl.atomic_add(row_h + F_ZEROS, tile_zeros(h, fin))
+        if EXPS:
+            commit_exponents(exph_ptr + NEXP, tile_exponents(h, fin, HE), NEXP, HE)
         if SAT:
             low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
@@ -369,6 +381,7 @@ def _bwd_dw_kernel(
     range_ptr,
     ext_ptr,
     part_ptr,
+    exph_ptr,
     M,
     N,
     K,
@@ -390,6 +403,9 @@ def _bwd_dw_kernel(
     SAT: tl.constexpr,
     ZEROS: tl.constexpr,
     MOM4: tl.constexpr,
+    EXPS: tl.constexpr,
+    NEXP: tl.constexpr,
+    HE: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -439,6 +455,7 @@ def _bwd_dw_kernel(
     g_zeros = tl.zeros((), tl.float64)
     g_s3 = tl.zeros((), tl.float64)
     g_s4 = tl.zeros((), tl.float64)
+    g_exp = tl.zeros((HE,), dtype=tl.int32)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
     g_hist = tl.zeros((HB,), dtype=tl.int64)
@@ -470,6 +487,8 @@ def _bwd_dw_kernel(
                 g_nf += nf
                 if ZEROS:
                     g_zeros += tile_zeros(dzt, fin)
+                if EXPS:
+                    g_exp += tile_exponents(dzt, fin, HE)
                 g_mn = tl.minimum(g_mn, mn)
                 g_mx = tl.maximum(g_mx, mx)
                 if HIST:
@@ -506,6 +525,8 @@ def _bwd_dw_kernel(
             )
             if ZEROS:
                 tl.atomic_add(row_g + F_ZEROS, g_zeros)
+            if EXPS:
+                commit_exponents(exph_ptr + 2 * NEXP, g_exp, NEXP, HE)
             if HIST:
                 commit_histogram(hist_ptr + 2 * (BINS + 2), g_hist, BINS, HB)
                 commit_extents(ext_ptr + 4, g_mn, g_mx)
@@ -528,6 +549,8 @@ def _bwd_dw_kernel(
         )
         if ZEROS:
             tl.atomic_add(row_w + F_ZEROS, tile_zeros(acc, fin))
+        if EXPS:
+            commit_exponents(exph_ptr + 3 * NEXP, tile_exponents(acc, fin, HE), NEXP, HE)
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 6), tl.load(range_ptr + 7), BINS, HB, False
@@ -536,7 +559,7 @@ def _bwd_dw_kernel(
             commit_extents(ext_ptr + 6, mn, mx)
 
 
-_STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
+_STATS_BUFFERS = ["acc_ptr", "hist_ptr", "exph_ptr"]
 _fwd_tuned = _maybe_autotune([*_STATS_BUFFERS, "units_ptr"], _ALL_CONFIGS, _prune_by_batch)(
     _fwd_kernel
 )
@@ -606,7 +629,7 @@ def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.
 def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     if not settings.enabled:
         off = {"STATS": False, "HIST": False, "SAT": False, "ZEROS": False, "MOM4": False}
-        return {**off, "BINS": 2, "HB": 4}
+        return {**off, "EXPS": False, "NEXP": NEXP, "HE": 2, "BINS": 2, "HB": 4}
     bins = bufs.bins
     return {
         "STATS": True,
@@ -614,6 +637,9 @@ def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
         "SAT": settings.saturation,
         "ZEROS": settings.zeros,
         "MOM4": settings.moments4,
+        "EXPS": settings.exponents,
+        "NEXP": NEXP,
+        "HE": next_pow2(NEXP) if settings.exponents else 2,
         "BINS": bins,
         "HB": next_pow2(bins + 2),
     }
@@ -691,6 +717,7 @@ def forward(
         z if store_z else h,
         *_stat_args(bufs, part),
         bufs.units if stats and settings.per_unit else h,
+        bufs.exp_hist,
         M,
         N,
         K,
@@ -787,6 +814,7 @@ def backward(
         dw if dw is not None else x,
         db if db is not None else x,
         *_stat_args(bufs, part),
+        bufs.exp_hist,
         M,
         N,
         K,

@@ -39,6 +39,8 @@ import triton.language as tl
 
 from fastmlp.stats.layout import (
     COUNT,
+    EXP_MAX,
+    EXP_MIN,
     MAX,
     MIN,
     NONFINITE,
@@ -98,6 +100,8 @@ F_SAT_HIGH = tl.constexpr(SAT_HIGH)
 F_ZEROS = tl.constexpr(ZEROS)
 F_SUM3 = tl.constexpr(SUM3)
 F_SUM4 = tl.constexpr(SUM4)
+F_EXP_MIN = tl.constexpr(EXP_MIN)
+F_EXP_MAX = tl.constexpr(EXP_MAX)
 #: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4.
 NPART = tl.constexpr(4)
 
@@ -313,6 +317,31 @@ def commit_moments(
 def tile_zeros(v, fin):
     """Count (float64) of the finite, valid elements of the tile ``v`` that are exactly 0."""
     return tl.sum((fin & (v == 0.0)).to(tl.int32)).to(tl.float64)
+
+
+@triton.jit
+def tile_exponents(v, fin, HE: tl.constexpr):
+    """Exponent histogram (``HE`` int32 counts) of the finite elements of the float32 tile
+    ``v``: slot 0 for zeros, ``e - EXP_MIN + 1`` for frexp exponent ``e``, from the bits
+    (subnormals: ``e = -149 + bit length of the mantissa``), as ``torch.frexp``."""
+    bits = v.to(tl.int32, bitcast=True)
+    bexp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    # bit length of a subnormal's mantissa: the exponent of the (exact) float of it
+    mexp = (mant.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.where(bexp == 0, mexp - 275, bexp - 126)
+    slot = tl.minimum(tl.maximum(e, F_EXP_MIN), F_EXP_MAX) - (F_EXP_MIN - 1)
+    slot = tl.where(v == 0.0, 0, slot)
+    flat = tl.reshape(slot, (slot.numel,))
+    flat_fin = tl.reshape(fin, (fin.numel,))
+    return tl.histogram(flat, HE, mask=flat_fin)
+
+
+@triton.jit
+def commit_exponents(row, counts, NEXP: tl.constexpr, HE: tl.constexpr):
+    """Add a tile's exponent histogram (``HE`` entries) to the int64 row ``row``."""
+    offs = tl.arange(0, HE)
+    tl.atomic_add(row + offs, counts.to(tl.int64), mask=offs < NEXP)
 
 
 @triton.jit

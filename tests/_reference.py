@@ -47,6 +47,7 @@ ROW_KEYS = (
     "kurtosis",
     "zero_fraction",
     "dead_fraction",
+    "formats",
     "nonfinite",
     "saturated_low",
     "saturated_high",

@@ -289,3 +289,115 @@ def test_per_unit_counts_merge_across_ranks():
     b = ModelStats(whole).snapshot()[1]["activation"]
     assert a.unit_active == b.unit_active and a.unit_saturated == b.unit_saturated
     assert a.dead_fraction == b.dead_fraction
+
+
+# ----------------------------------------------------------------------------- exponents
+
+from fastmlp.stats.layout import EXP_MAX, EXP_MIN, FORMATS  # noqa: E402
+
+# exact powers of two and each format's limits (float32 values)
+_SPECIAL = [
+    2.0**-149,  # smallest float32 subnormal
+    2.0**-134,
+    2.0**-133,  # bf16's smallest subnormal
+    2.0**-127,
+    2.0**-126,  # float32/bf16 smallest normal
+    2.0**-25,
+    2.0**-24,  # fp16 smallest subnormal
+    2.0**-17,
+    2.0**-16,  # e5m2 smallest subnormal
+    2.0**-15,
+    2.0**-14,  # fp16/e5m2 smallest normal
+    2.0**-10,
+    2.0**-9,  # e4m3 smallest subnormal
+    2.0**-6,  # e4m3 smallest normal
+    0.75,
+    1.0,
+    448.0,  # e4m3 max
+    511.0,
+    512.0,
+    57344.0,  # e5m2 max
+    65504.0,  # fp16 max
+    65536.0,
+    3.0e38,
+    0.0,
+    -0.0,
+    -(2.0**-140),
+    -65536.0,
+]
+
+
+def _frexp_counts(v: np.ndarray) -> dict:
+    v = v[np.isfinite(v)]
+    _, e = np.frexp(v)
+    e = np.clip(e[v != 0], EXP_MIN, EXP_MAX)
+    out: dict = {int(k): int(c) for k, c in zip(*np.unique(e, return_counts=True), strict=True)}
+    out["zero"] = int(np.count_nonzero(v == 0))
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_exponent_bins_at_powers_of_two_and_format_limits(backend):
+    n = len(_SPECIAL)
+    layer = InstrumentedLinear(n, n, "identity", bias=False)
+    layer.backend = backend
+    layer.stats.exponents = True
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(n))  # z = x exactly
+    x = torch.tensor(_SPECIAL, dtype=torch.float32)
+    rows = torch.stack([x, x.flip(0), x * 0.5, x.roll(3)])
+    up = rows.clone()
+    seen = {q: [] for q in ("preactivation", "activation", "preactivation_grad")}
+    for step in range(2):  # calibration step, then the backend's own pass
+        xb = rows.clone()
+        if step:
+            xb[1, 2] = float("nan")  # a NaN row of z (NaN * 0): excluded
+        z64 = (xb.double() @ layer.weight.detach().double().T).numpy()
+        seen["preactivation"].append(z64.ravel())
+        seen["activation"].append(z64.ravel())
+        seen["preactivation_grad"].append(up.double().numpy().ravel())
+        layer(xb).backward(up)
+    snap = ModelStats(layer).snapshot()[1]
+    for q, vals in seen.items():
+        v = np.concatenate(vals)
+        qs = snap[q]
+        assert qs.exponent_counts == _frexp_counts(v), q
+        fin = v[np.isfinite(v)]
+        _, e = np.frexp(fin)
+        nz = fin != 0
+        for fmt, lim in FORMATS.items():
+            f = qs.formats[fmt]
+            assert f["overflow"] == np.count_nonzero(nz & (e > lim["overflow_e"])) / fin.size
+            assert f["underflow"] == np.count_nonzero(nz & (e <= lim["underflow_e"])) / fin.size
+            assert f["subnormal"] == np.count_nonzero(nz & (e <= lim["subnormal_e"])) / fin.size
+    g = snap["weight_grad"]
+    assert sum(g.exponent_counts.values()) == g.count
+    # the figures the issue names: 65536 and -65536 overflow fp16, 512 and up e4m3
+    a = snap["activation"]
+    assert a.formats["fp16"]["overflow"] > 0 and a.formats["bf16"]["overflow"] == 0
+    assert a.formats["fp8_e4m3"]["overflow"] > a.formats["fp16"]["overflow"]
+    assert a.row()["formats"] == a.formats
+
+
+def test_exponent_counts_merge_across_ranks():
+    parts, whole = [], None
+    g = torch.Generator().manual_seed(12)
+
+    def make():
+        layer = InstrumentedLinear(5, 4, "tanh", init="pytorch", generator=torch.Generator())
+        layer.stats.exponents = True
+        return layer
+
+    whole = make()
+    for r in range(2):
+        rank = make()
+        x = torch.randn(9, 5, generator=g) * 10.0 ** (3 * r)
+        rank(x).sum().backward()
+        whole(x).sum().backward()
+        parts.append(LayerBuffers.from_stats(rank.stats))
+    merged = merge_buffers(parts, whole.stats.fixed_range)
+    np.testing.assert_array_equal(merged.exp_hist, LayerBuffers.from_stats(whole.stats).exp_hist)
+    a = snapshot_from_buffers([(1, whole.stats)], [merged])[1]
+    b = ModelStats(whole).snapshot()[1]
+    for q in QUANTITIES:
+        assert a[q].exponent_counts == b[q].exponent_counts and a[q].formats == b[q].formats

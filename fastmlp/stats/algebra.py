@@ -158,6 +158,8 @@ class LayerBuffers:
     calibrated: np.ndarray
     units: np.ndarray | None = None
     """Per-unit counts ``[4, units]`` (``fastmlp.stats.layout``), or ``None``."""
+    exp_hist: np.ndarray | None = None
+    """Exponent histograms ``[4, NEXP]``, or ``None``."""
 
     @classmethod
     def from_stats(cls, s: object) -> LayerBuffers:
@@ -169,6 +171,7 @@ class LayerBuffers:
             s.hist_range.detach().cpu().numpy().astype(np.float64),
             s.state[CALIBRATED].numpy() != 0,
             s.unit_counts.detach().cpu().numpy().astype(np.float64),
+            s.exp_hist.detach().cpu().numpy().astype(np.int64),
         )
 
     def load_into(self, s: object) -> None:
@@ -180,6 +183,8 @@ class LayerBuffers:
             s.hist_range.copy_(torch.from_numpy(self.hist_range))
             if self.units is not None:
                 s.unit_counts.copy_(torch.from_numpy(self.units))
+            if self.exp_hist is not None:
+                s.exp_hist.copy_(torch.from_numpy(self.exp_hist))
         s.calibrated = [bool(c) for c in self.calibrated]
         s.hint_centers_from_shift()
 
@@ -283,4 +288,7 @@ def merge_buffers(
         if len({p.units.shape for p in parts}) != 1:
             raise ValueError("per-unit counts differ in shape between ranks")
         units = np.sum([p.units for p in parts], axis=0)  # counts: summed
-    return LayerBuffers(acc, shift, hist, rng, calibrated, units)
+    exp_hist = None
+    if all(p.exp_hist is not None for p in parts):
+        exp_hist = np.sum([p.exp_hist for p in parts], axis=0)  # counts: summed
+    return LayerBuffers(acc, shift, hist, rng, calibrated, units, exp_hist)

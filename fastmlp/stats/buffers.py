@@ -13,6 +13,7 @@ from fastmlp.stats.layout import (
     CALIBRATED,
     CENTER,
     GROUPS,
+    NEXP,
     NFIELDS,
     NQ,
     NUNIT_ROWS,
@@ -45,6 +46,8 @@ class LayerStats(nn.Module):
         units: number of output units (features) of the layer, for the per-unit counts.
         per_unit: record per-unit counts of the activation (dead units, per-unit
             saturated fractions; off by default, needs ``units``).
+        exponents: record exponent histograms (fractions outside bf16/fp16/fp8 ranges;
+            off by default).
         persistent: save the buffers (and calibration flags) in ``state_dict``; with
             ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
@@ -61,6 +64,7 @@ class LayerStats(nn.Module):
         moments4: bool = False,
         units: int = 0,
         per_unit: bool = False,
+        exponents: bool = False,
         device: torch.device | str | None = None,
         persistent: bool = True,
     ) -> None:
@@ -93,10 +97,12 @@ class LayerStats(nn.Module):
         self.register_buffer(
             "unit_counts", torch.zeros(NUNIT_ROWS, self.units, dtype=torch.float64, device=device)
         )
+        self.register_buffer("exp_hist", torch.zeros(NQ, NEXP, dtype=torch.int64, device=device))
         self._set_fixed_ranges()
         self.zeros = zeros
         self.moments4 = moments4
         self.per_unit = per_unit
+        self.exponents = exponents
 
     def _switch(self, group: str, value: bool) -> None:
         value = bool(value)
@@ -133,6 +139,15 @@ class LayerStats(nn.Module):
             raise ValueError("per-unit statistics need the layer's number of units")
         self._switch("per_unit", value)
 
+    @property
+    def exponents(self) -> bool:
+        """Record exponent histograms (low-precision range)."""
+        return self._groups["exponents"]
+
+    @exponents.setter
+    def exponents(self, value: bool) -> None:
+        self._switch("exponents", value)
+
     def recorded(self, group: str) -> bool:
         """Whether ``group`` (one of ``GROUPS``) was on for the whole window since reset."""
         return self._groups[group] and group not in self._partial
@@ -165,7 +180,13 @@ class LayerStats(nn.Module):
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
         return Buffers(
-            self.acc, self.shift, self.hist, self.hist_range, self.state, self.unit_counts
+            self.acc,
+            self.shift,
+            self.hist,
+            self.hist_range,
+            self.state,
+            self.unit_counts,
+            self.exp_hist,
         )
 
     def settings(self) -> Settings:
@@ -181,6 +202,7 @@ class LayerStats(nn.Module):
             self.zeros,
             self.moments4,
             self.per_unit,
+            self.exponents,
         )
 
     def hint_centers_from_shift(self) -> None:
@@ -194,6 +216,7 @@ class LayerStats(nn.Module):
         self.hist.zero_()
         self.hist_range.zero_()
         self.unit_counts.zero_()
+        self.exp_hist.zero_()
         self.state.zero_()
         self._partial.clear()
         self._set_fixed_ranges()
@@ -210,6 +233,7 @@ class LayerStats(nn.Module):
             moments4=self.moments4,
             units=self.units,
             per_unit=self.per_unit,
+            exponents=self.exponents,
             device=self.acc.device,
             persistent=self.persistent,
         )
@@ -252,6 +276,9 @@ class LayerStats(nn.Module):
             # written before per-unit counts existed: they start at 0, not recorded
             state_dict[prefix + "unit_counts"] = torch.zeros_like(self.unit_counts)
             self._partial.add("per_unit")
+        if prefix + "acc" in state_dict and prefix + "exp_hist" not in state_dict:
+            state_dict[prefix + "exp_hist"] = torch.zeros_like(self.exp_hist)
+            self._partial.add("exponents")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
@@ -270,5 +297,5 @@ class LayerStats(nn.Module):
         return (
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
             f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}, "
-            f"per_unit={self.per_unit}"
+            f"per_unit={self.per_unit}, exponents={self.exponents}"
         )

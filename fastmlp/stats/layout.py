@@ -20,6 +20,11 @@ buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
   is dead), :data:`UNIT_SAT_LOW` and :data:`UNIT_SAT_HIGH` (saturated values, when
   saturation is recorded). Counts are summed across ranks. ``[4, 0]`` for layers built
   without a unit count;
+- ``exp_hist[q]``: int64 ``[NEXP]`` exponent histogram (recorded when
+  ``Settings.exponents``): slot 0 counts exact zeros, slot ``e - EXP_MIN + 1`` the finite
+  nonzero values with ``frexp`` exponent ``e`` (``|x|`` in ``[2**(e-1), 2**e)``), ``e``
+  clamped to ``[EXP_MIN, EXP_MAX]`` (float32 values lie within). Summed across ranks.
+  :data:`FORMATS` gives, per low-precision format, the binades it cannot represent;
 - ``state``: float64 ``[2, 4]`` kept on the host (CPU) whatever the device of
   the others: row :data:`CALIBRATED` holds 1 for each calibrated quantity, row
   :data:`CENTER` the PyTorch path's centring hint (a float32 number). Host
@@ -80,7 +85,21 @@ FIELDS = (
 )
 COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
 #: Opt-in statistic groups (``Settings`` flags, ``LayerStats`` switches).
-GROUPS = ("zeros", "moments4", "per_unit")
+GROUPS = ("zeros", "moments4", "per_unit", "exponents")
+#: frexp exponents of the exponent histogram (float32: -148 .. 128), and its size.
+EXP_MIN, EXP_MAX = -150, 129
+NEXP = EXP_MAX - EXP_MIN + 2
+#: Per format, in frexp exponents ``e`` (``|x|`` in ``[2**(e-1), 2**e)``): values with
+#: ``e > overflow_e`` lie in binades above the format's largest (they overflow), ``e <=
+#: underflow_e`` below its smallest subnormal (they flush to 0), ``e <= subnormal_e``
+#: below its smallest normal (precision lost). Binade-exact: the top binade of e4m3
+#: ([256, 512), max 448) and bf16/fp16's values that round up to infinity count as in range.
+FORMATS = {
+    "bf16": {"overflow_e": 128, "subnormal_e": -126, "underflow_e": -133},
+    "fp16": {"overflow_e": 16, "subnormal_e": -14, "underflow_e": -24},
+    "fp8_e4m3": {"overflow_e": 9, "subnormal_e": -6, "underflow_e": -9},
+    "fp8_e5m2": {"overflow_e": 16, "subnormal_e": -14, "underflow_e": -16},
+}
 #: Rows of ``units``.
 UNIT_COUNT, UNIT_ACTIVE, UNIT_SAT_LOW, UNIT_SAT_HIGH = range(4)
 NUNIT_ROWS = 4
@@ -99,6 +118,7 @@ class Buffers(NamedTuple):
     hist_range: torch.Tensor
     state: torch.Tensor
     units: torch.Tensor
+    exp_hist: torch.Tensor
 
     @property
     def bins(self) -> int:
@@ -114,6 +134,7 @@ class Settings(NamedTuple):
     ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
     ``moments4``: third and fourth shifted moment sums (skewness, kurtosis; opt-in).
     ``per_unit``: per-unit counts of the activation (dead units, per-unit saturation; opt-in).
+    ``exponents``: exponent histograms (low-precision range; opt-in).
     """
 
     enabled: bool
@@ -125,6 +146,7 @@ class Settings(NamedTuple):
     zeros: bool = False
     moments4: bool = False
     per_unit: bool = False
+    exponents: bool = False
 
     def fixed_range(self, q: int) -> bool:
         """Whether quantity ``q`` has a fixed histogram range."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from fastmlp.stats.algebra import LayerBuffers, merge_buffers
 from fastmlp.stats.buffers import LayerStats
-from fastmlp.stats.layout import CALIBRATED, NFIELDS, NQ, NUNIT_ROWS, QUANTITIES
+from fastmlp.stats.layout import CALIBRATED, NEXP, NFIELDS, NQ, NUNIT_ROWS, QUANTITIES
 from fastmlp.stats.snapshot import Snapshot, quantity_stats
 
 __all__ = [
@@ -74,6 +74,7 @@ def _pack(indexed: Indexed) -> torch.Tensor:
             s.state[CALIBRATED],
             s.hist.reshape(-1).to(torch.float64),
             s.unit_counts.reshape(-1),
+            s.exp_hist.reshape(-1).to(torch.float64),
         ]
     return torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
 
@@ -105,7 +106,8 @@ def _unpack(flat: np.ndarray, rank: int, expect_header: np.ndarray) -> list[Laye
         calibrated = take(NQ) != 0
         hist = take(NQ * (bins + 2)).reshape(NQ, bins + 2).astype(np.int64)
         units = take(NUNIT_ROWS * n_units).reshape(NUNIT_ROWS, n_units).copy()
-        out.append(LayerBuffers(acc, shift, hist, rng, calibrated, units))
+        exp_hist = take(NQ * NEXP).reshape(NQ, NEXP).astype(np.int64)
+        out.append(LayerBuffers(acc, shift, hist, rng, calibrated, units, exp_hist))
     return out
 
 
@@ -166,6 +168,7 @@ def snapshot_from_buffers(
                 s.recorded("zeros"),
                 s.recorded("moments4"),
                 b.units if s.recorded("per_unit") else None,
+                b.exp_hist[q] if s.recorded("exponents") else None,
             )
             for q, qname in enumerate(QUANTITIES)
         }

@@ -16,6 +16,9 @@ from fastmlp.stats.diagnosis import Finding, diagnose
 from fastmlp.stats.layout import (
     ACTIVATION,
     COUNT,
+    EXP_MAX,
+    EXP_MIN,
+    FORMATS,
     MAX,
     MIN,
     NONFINITE,
@@ -50,6 +53,7 @@ ROW_FIELDS = (
     "kurtosis",
     "zero_fraction",
     "dead_fraction",
+    "formats",
     "nonfinite",
     "saturated_low",
     "saturated_high",
@@ -98,6 +102,14 @@ class QuantityStats:
     above 0 (over the units that saw a finite value)."""
     unit_active: list[float] | None = field(default=None, repr=False)
     """Activation, ``stats.per_unit``: per unit, the fraction of its finite values ``> 0``."""
+    formats: dict | None = field(default=None, repr=False)
+    """When ``stats.exponents``: per low-precision format (``fastmlp.stats.layout.FORMATS``)
+    the fractions of the finite values in binades that ``overflow``, ``underflow`` (below the
+    smallest subnormal; zeros excluded) and ``subnormal`` (below the smallest normal,
+    including underflow; zeros excluded)."""
+    exponent_counts: dict[int, int] | None = field(default=None, repr=False)
+    """When ``stats.exponents``: frexp exponent -> count (``|x|`` in ``[2**(e-1), 2**e)``),
+    and ``"zero"`` -> count of exact zeros."""
     unit_saturated: list[float] | None = field(default=None, repr=False)
     """Activation, ``stats.per_unit`` and a saturating activation: per unit, the fraction of
     its finite values saturated at either end."""
@@ -147,6 +159,23 @@ class QuantityStats:
         return out
 
 
+def _exponent_figures(exp_hist: np.ndarray, n: int) -> dict:
+    """``formats`` and ``exponent_counts`` from one quantity's exponent histogram."""
+    counts = np.asarray(exp_hist, dtype=np.int64)
+    exps = np.arange(EXP_MIN, EXP_MAX + 1)
+    nonzero = counts[1:]
+    formats = {}
+    for fmt, lim in FORMATS.items():
+        formats[fmt] = {
+            "overflow": float(nonzero[exps > lim["overflow_e"]].sum() / n),
+            "underflow": float(nonzero[exps <= lim["underflow_e"]].sum() / n),
+            "subnormal": float(nonzero[exps <= lim["subnormal_e"]].sum() / n),
+        }
+    ec: dict = {int(e): int(c) for e, c in zip(exps, nonzero, strict=True) if c}
+    ec["zero"] = int(counts[0])
+    return {"formats": formats, "exponent_counts": ec}
+
+
 def _finite_or_none(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -163,6 +192,7 @@ def quantity_stats(
     zeros: bool = False,
     moments4: bool = False,
     units: np.ndarray | None = None,
+    exp_hist: np.ndarray | None = None,
 ) -> QuantityStats:
     """``units``: the layer's per-unit counts (``[4, units]``) when recorded; used for the
     activation quantity."""
@@ -182,6 +212,8 @@ def quantity_stats(
     }
     if zeros:
         kw["zero_fraction"] = float(acc[ZEROS] / n)
+    if exp_hist is not None:
+        kw.update(_exponent_figures(exp_hist, n))
     if units is not None and q == ACTIVATION and units.shape[1]:
         seen = units[UNIT_COUNT]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -240,6 +272,7 @@ class Snapshot:
             parts += [s.acc.reshape(-1), s.shift, s.hist_range.reshape(-1)]
             parts.append(s.hist.reshape(-1).to(torch.float64))
             parts.append(s.unit_counts.reshape(-1))
+            parts.append(s.exp_hist.reshape(-1).to(torch.float64))
         flat = torch.cat([p.to(indexed[0][1].acc.device) for p in parts]).cpu().numpy()
         layers: dict[int, dict[str, QuantityStats]] = {}
         pos = 0
@@ -256,6 +289,8 @@ class Snapshot:
             pos += s.hist.numel()
             units = flat[pos : pos + s.unit_counts.numel()].reshape(s.unit_counts.shape)
             pos += s.unit_counts.numel()
+            exp_hist = flat[pos : pos + s.exp_hist.numel()].reshape(s.exp_hist.shape)
+            pos += s.exp_hist.numel()
             layers[index] = {
                 qname: quantity_stats(
                     index,
@@ -269,6 +304,7 @@ class Snapshot:
                     s.recorded("zeros"),
                     s.recorded("moments4"),
                     units if s.recorded("per_unit") else None,
+                    exp_hist[q] if s.recorded("exponents") else None,
                 )
                 for q, qname in enumerate(QUANTITIES)
             }
