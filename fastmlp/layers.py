@@ -37,7 +37,8 @@ class InstrumentedLinear(nn.Module):
     :class:`~fastmlp.ModelStats`.
 
     Args:
-        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu`` or ``identity``.
+        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu``, ``identity``, ``gelu``,
+            ``gelu_tanh`` or ``silu``.
         init: ``standard``, ``normalized`` or ``pytorch`` (see :mod:`fastmlp.init`).
         bias: learn an additive bias.
         zero_bias: start biases at zero (default: yes, except for ``init="pytorch"``).
