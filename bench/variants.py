@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, str | None, str]] = {
     "fastmlp-moments": ("fastmlp-moments", None, "fastmlp.MLP, histograms off"),
     "fastmlp-all": ("fastmlp-all", None, "fastmlp.MLP, every statistic"),
     "fastmlp-all-torch": ("fastmlp-all-torch", None, "fastmlp.MLP, PyTorch path forced"),
+    "fastmlp-all-zeros": ("fastmlp-all-zeros", None, "fastmlp-all + zero counts (stats.zeros)"),
+    "fastmlp-all-moments4": ("fastmlp-all-moments4", None, "fastmlp-all + skewness/kurtosis"),
+    "fastmlp-all-per_unit": ("fastmlp-all-per_unit", None, "fastmlp-all + per-unit counts"),
+    "fastmlp-all-exponents": ("fastmlp-all-exponents", None, "fastmlp-all + exponent hists"),
+    "fastmlp-all-groups": ("fastmlp-all-groups", None, "fastmlp-all + every opt-in group"),
     "fastmlp-off": ("fastmlp-off", None, "fastmlp.MLP, statistics disabled"),
     "plain-compiled": ("plain", "compile", "torch.compile(plain)"),
     "fastmlp-compiled": ("fastmlp-all", "compile", "torch.compile(fastmlp-all)"),
@@ -253,8 +258,10 @@ def build_variant(
     if base.startswith("fastmlp"):
         backend = "torch" if base.endswith("-torch") else "auto"
         model: nn.Module = _fastmlp(case, device, seed, backend=backend)
-        model.stats.histograms = base != "fastmlp-moments"
+        model.stats.histograms = base != "fastmlp-moments"  # on for every fastmlp-all-*
         model.stats.enabled = base != "fastmlp-off"
+        for group in ("zeros", "moments4", "per_unit", "exponents"):
+            setattr(model.stats, group, base.endswith((f"-{group}", "-groups")))
     else:
         model = _plain(case, device, seed)
         if base in ("hooks", "hooks-all"):

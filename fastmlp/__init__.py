@@ -2,6 +2,7 @@
 
 from fastmlp.activations import ACTIVATIONS, Activation, get_activation
 from fastmlp.init import INITS, initialize_
+from fastmlp.instrument import InstrumentReport, instrument, stats_of
 from fastmlp.layers import InstrumentedLinear
 from fastmlp.mlp import MLP
 from fastmlp.model_stats import ModelStats, instrumented_layers
@@ -18,6 +19,7 @@ __all__ = [
     "QUANTITIES",
     "Activation",
     "Finding",
+    "InstrumentReport",
     "InstrumentedLinear",
     "LayerStats",
     "ModelStats",
@@ -28,6 +30,8 @@ __all__ = [
     "diagnose",
     "get_activation",
     "initialize_",
+    "instrument",
     "instrumented_layers",
     "probe",
+    "stats_of",
 ]

@@ -61,7 +61,7 @@ def jacobian_singular_values(
         if layer.bias is not None:
             s = s + layer.bias
         h = layer.activation.forward(s)
-        dh = layer.activation.grad_from_output(h)  # f'(s), [n, out]
+        dh = layer.activation.derivative(s, h)  # f'(s), [n, out]
         sv, nonfinite = _singular_values(dh.float(), w.float())
         row = {"layer": layer.layer_index, "examples": int(x.shape[0]), "nonfinite": nonfinite}
         if sv.numel():

@@ -37,7 +37,8 @@ class InstrumentedLinear(nn.Module):
     :class:`~fastmlp.ModelStats`.
 
     Args:
-        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu`` or ``identity``.
+        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu``, ``identity``, ``gelu``,
+            ``gelu_tanh`` or ``silu``.
         init: ``standard``, ``normalized`` or ``pytorch`` (see :mod:`fastmlp.init`).
         bias: learn an additive bias.
         zero_bias: start biases at zero (default: yes, except for ``init="pytorch"``).
@@ -48,6 +49,12 @@ class InstrumentedLinear(nn.Module):
             or ``torch`` (always the PyTorch path).
         generator: ``torch.Generator`` for a reproducible initialization.
         layer_index: 1-based position reported in statistics rows.
+        stats_in_state_dict: save the statistics buffers in ``state_dict`` (default); with
+            ``False`` the ``state_dict`` holds only ``weight`` and ``bias``, like
+            ``nn.Linear``'s (what :func:`fastmlp.instrument` uses).
+        stats_device: device of the statistics buffers (default: ``device``).
+
+    Inputs of any leading shape ``[*, in_features]`` are flattened to 2-D for the op.
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class InstrumentedLinear(nn.Module):
         layer_index: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        stats_in_state_dict: bool = True,
+        stats_device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -87,7 +96,9 @@ class InstrumentedLinear(nn.Module):
             self.activation,
             bins=bins,
             saturation_thresholds=saturation_thresholds,
-            device=device,
+            device=device if stats_device is None else stats_device,
+            persistent=stats_in_state_dict,
+            units=out_features,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

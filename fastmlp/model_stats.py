@@ -28,8 +28,9 @@ class ModelStats:
     """The statistics of all instrumented layers of a model.
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
-    clears every accumulator; ``enabled``, ``histograms`` and ``saturation``
-    switch recording for every layer (disabled statistics cost nothing).
+    clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros``,
+    ``moments4``, ``per_unit`` and ``exponents`` switch recording for every layer
+    (disabled statistics cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
     built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
@@ -108,3 +109,40 @@ class ModelStats:
     @saturation.setter
     def saturation(self, value: bool) -> None:
         self._set("saturation", value)
+
+    @property
+    def zeros(self) -> bool:
+        """Count values exactly 0 (``zero_fraction`` in the rows; off by default)."""
+        return self._get("zeros")
+
+    @zeros.setter
+    def zeros(self, value: bool) -> None:
+        self._set("zeros", value)
+
+    @property
+    def moments4(self) -> bool:
+        """Record third and fourth moments (``skewness``, ``kurtosis``; off by default)."""
+        return self._get("moments4")
+
+    @moments4.setter
+    def moments4(self, value: bool) -> None:
+        self._set("moments4", value)
+
+    @property
+    def per_unit(self) -> bool:
+        """Record per-unit counts of activations (``dead_fraction``, ``unit_active``,
+        ``unit_saturated``; off by default)."""
+        return self._get("per_unit")
+
+    @per_unit.setter
+    def per_unit(self, value: bool) -> None:
+        self._set("per_unit", value)
+
+    @property
+    def exponents(self) -> bool:
+        """Record exponent histograms (``formats``, ``exponent_counts``; off by default)."""
+        return self._get("exponents")
+
+    @exponents.setter
+    def exponents(self, value: bool) -> None:
+        self._set("exponents", value)

@@ -46,7 +46,7 @@ __all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MUTATED = ("acc", "shift", "hist", "hist_range", "state")
+_MUTATED = ("acc", "shift", "hist", "hist_range", "state", "units", "exp_hist")
 
 
 @functools.cache
@@ -91,9 +91,21 @@ def route(
 
 
 def _settings(
-    activation: str, enabled: bool, histograms: bool, saturation: bool, lo: float, hi: float
+    activation: str,
+    enabled: bool,
+    histograms: bool,
+    saturation: bool,
+    lo: float,
+    hi: float,
+    zeros: bool,
+    moments4: bool,
+    per_unit: bool,
+    exponents: bool,
 ) -> Settings:
-    return Settings(enabled, histograms, saturation, lo, hi, get_activation(activation).bounded)
+    bounded = get_activation(activation).bounded
+    return Settings(
+        enabled, histograms, saturation, lo, hi, bounded, zeros, moments4, per_unit, exponents
+    )
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -109,6 +121,8 @@ def dense_forward(
     hist: torch.Tensor,
     hist_range: torch.Tensor,
     state: torch.Tensor,
+    units: torch.Tensor,
+    exp_hist: torch.Tensor,
     activation: str,
     backend: str,
     enabled: bool,
@@ -116,20 +130,40 @@ def dense_forward(
     saturation: bool,
     sat_low: float,
     sat_high: float,
-) -> torch.Tensor:
-    """``f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and ``activation``."""
-    bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    zeros: bool,
+    moments4: bool,
+    per_unit: bool,
+    exponents: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, z)`` with ``h = f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and
+    ``activation``. ``z = x W^T + b`` is returned only for activations whose backward needs
+    it (``Activation.from_input``: GELU, SiLU); otherwise ``z`` is an empty tensor."""
+    bufs = Buffers(acc, shift, hist, hist_range, state, units, exp_hist)
+    settings = _settings(
+        activation,
+        enabled,
+        histograms,
+        saturation,
+        sat_low,
+        sat_high,
+        zeros,
+        moments4,
+        per_unit,
+        exponents,
+    )
     how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled)
     if how == "triton":
         kernels = _kernels()
-        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
-    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+        h, z = kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
+    else:
+        h, z = torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+    return h, x.new_empty(0) if z is None else z
 
 
 @dense_forward.register_fake
-def _(x, weight, bias, acc, shift, hist, hist_range, state, activation, backend, *flags):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, acc, shift, hist, hist_range, state, units, exp_h, activation, bk, *flags):
+    h = x.new_empty(x.shape[0], weight.shape[0])
+    return h, (x.new_empty(h.shape) if get_activation(activation).from_input else x.new_empty(0))
 
 
 @torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)
@@ -137,12 +171,14 @@ def dense_backward(
     dh: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    h: torch.Tensor,
+    saved: torch.Tensor,
     acc: torch.Tensor,
     shift: torch.Tensor,
     hist: torch.Tensor,
     hist_range: torch.Tensor,
     state: torch.Tensor,
+    units: torch.Tensor,
+    exp_hist: torch.Tensor,
     activation: str,
     backend: str,
     need_x: bool,
@@ -153,24 +189,48 @@ def dense_backward(
     saturation: bool,
     sat_low: float,
     sat_high: float,
+    zeros: bool,
+    moments4: bool,
+    per_unit: bool,
+    exponents: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities."""
-    bufs = Buffers(acc, shift, hist, hist_range, state)
-    settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
+    """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities.
+
+    ``saved``: what the activation's derivative is computed from: the output ``h``, or the
+    pre-activation ``z`` for activations with ``from_input`` (GELU, SiLU)."""
+    bufs = Buffers(acc, shift, hist, hist_range, state, units, exp_hist)
+    settings = _settings(
+        activation,
+        enabled,
+        histograms,
+        saturation,
+        sat_low,
+        sat_high,
+        zeros,
+        moments4,
+        per_unit,
+        exponents,
+    )
     how = route(backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
     if how == "triton":
         kernels = _kernels()
         act_id = kernels.ACT_IDS[activation]
-        grads = kernels.backward(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
+        grads = kernels.backward(
+            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b
+        )
     else:
         act = get_activation(activation)
-        grads = torch_path.backward(dh, x, weight, h, act, bufs, settings, need_x, need_w, need_b)
+        grads = torch_path.backward(
+            dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b
+        )
     # Outputs must not alias each other: a fresh empty tensor for each one not needed.
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
 @dense_backward.register_fake
-def _(dh, x, weight, h, acc, shift, hist, hist_range, state, activation, backend, nx, nw, nb, *f):
+def _(
+    dh, x, weight, saved, acc, shift, hist, hist_range, state, units, exp_h, act, bk, nx, nw, nb, *f
+):
     n = weight.shape[0]
     return (
         x.new_empty(x.shape) if nx else x.new_empty(0),
@@ -189,8 +249,10 @@ BACKWARD_OP = torch.ops.fastmlp.dense_backward.default
 class DenseFunction(torch.autograd.Function):
     """Autograd of the instrumented dense op: forward and backward are the two custom ops.
 
-    Arguments as :func:`dense`. Double backward is not supported (the backward runs
-    without recording a graph).
+    Arguments as :func:`dense`; returns ``(h, z)`` (``z`` as :func:`dense_forward`, not
+    differentiable). Double backward is not supported (the backward runs without recording
+    a graph). It saves ``x``, ``weight`` and ``h``, or ``z`` instead of ``h`` for
+    activations whose derivative needs the input (GELU, SiLU: the same memory).
     """
 
     @staticmethod
@@ -200,7 +262,9 @@ class DenseFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, weight, bias, bufs, activation, backend, settings = inputs
-        ctx.save_for_backward(x, weight, output)
+        h, z = output
+        ctx.mark_non_differentiable(z)
+        ctx.save_for_backward(x, weight, z if get_activation(activation).from_input else h)
         # The buffers are mutated by every pass: kept as attributes, not saved tensors
         # (whose version check would fail when a later pass has updated them).
         ctx.bufs = bufs
@@ -210,8 +274,8 @@ class DenseFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def backward(ctx, dh):  # type: ignore[override]
-        x, weight, h = ctx.saved_tensors
+    def backward(ctx, dh, dz_unused):  # type: ignore[override]
+        x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         with torch.no_grad():
@@ -219,7 +283,7 @@ class DenseFunction(torch.autograd.Function):
                 dh,
                 x,
                 weight,
-                h,
+                saved,
                 *ctx.bufs,
                 ctx.activation,
                 ctx.backend,
@@ -247,8 +311,18 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
-def _flags(s: Settings) -> tuple[bool, bool, bool, float, float]:
-    return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high
+def _flags(s: Settings) -> tuple:
+    return (
+        s.enabled,
+        s.histograms,
+        s.saturation,
+        s.sat_low,
+        s.sat_high,
+        s.zeros,
+        s.moments4,
+        s.per_unit,
+        s.exponents,
+    )
 
 
 def dense(
@@ -262,4 +336,4 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
-    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
+    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]

@@ -466,11 +466,12 @@ class RunDir:
         for r in rows:
             if not r["count"]:
                 continue
-            tag = f"{source}/layer{r['layer']}/{r['quantity']}"
+            tag = f"{source}/{_layer_tag(r)}/{r['quantity']}"
             self.tb.add_scalar(f"{tag}/mean", r["mean"], step)
             self.tb.add_scalar(f"{tag}/std", r["std"], step)
-            if r.get("saturated") is not None:
-                self.tb.add_scalar(f"{tag}/saturated", r["saturated"], step)
+            for extra in ("saturated", "absmax", "kurtosis", "zero_fraction"):
+                if r.get(extra) is not None:
+                    self.tb.add_scalar(f"{tag}/{extra}", r[extra], step)
             _add_histogram(self.tb, tag, r, step)
 
     def log_jacobian(self, step: int, rows: list[dict]) -> None:
@@ -526,6 +527,15 @@ def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
         )
         return None
     return SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+
+
+def _layer_tag(row: dict) -> str:
+    """TensorBoard tag of a row's layer: ``layerN`` for the paper's MLP (paths ``layers.i``)
+    and rows without a path, else the module path (``mlp.c_fc``)."""
+    name = row.get("name")
+    if not name or name.startswith("layers."):
+        return f"layer{row['layer']}"
+    return str(name)
 
 
 def _add_histogram(tb: Any, tag: str, r: dict, step: int) -> None:

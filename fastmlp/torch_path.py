@@ -26,23 +26,29 @@ import numpy as np
 import torch
 
 from fastmlp.activations import Activation
-from fastmlp.stats.algebra import grow_range_, merge_block_
+from fastmlp.stats.algebra import grow_range_, merge_block_, reshift
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.layout import (
     ACTIVATION,
     CALIBRATED,
     CENTER,
     COUNT,
+    EXP_MAX,
+    EXP_MIN,
     MAX,
     MIN,
+    NEXP,
     NONFINITE,
     PREACTIVATION,
     PREACTIVATION_GRAD,
     SAT_HIGH,
     SAT_LOW,
     SUM,
+    SUM3,
+    SUM4,
     SUMSQ,
     WEIGHT_GRAD,
+    ZEROS,
     Buffers,
     Settings,
     as_float32,
@@ -73,6 +79,8 @@ def accumulate(
         return
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    if settings.exponents:
+        record_exponents(bufs, q, x)
     if x.device.type == "cpu":
         mn, mx = (float(v) for v in torch.aminmax(x))
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
@@ -81,6 +89,16 @@ def accumulate(
             _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total, factors)
             return
     _accumulate_masked(bufs, settings, q, x)
+
+
+def record_exponents(bufs: Buffers, q: int, x: torch.Tensor) -> None:
+    """Exponent histogram of the finite values of the 1-D ``x`` into ``bufs.exp_hist[q]``
+    (slot 0: zeros; slot ``e - EXP_MIN + 1``: frexp exponent ``e``); device ops only."""
+    _, e = torch.frexp(x)
+    slot = e.clamp_(EXP_MIN, EXP_MAX).sub_(EXP_MIN - 1)
+    slot = torch.where(x == 0, 0, slot)
+    slot = torch.where(torch.isfinite(x), slot, NEXP)  # non-finite: a dropped extra slot
+    bufs.exp_hist[q] += torch.bincount(slot.reshape(-1), minlength=NEXP + 1)[:NEXP]
 
 
 def _accumulate_finite_on_host(
@@ -97,11 +115,20 @@ def _accumulate_finite_on_host(
     n = x.numel()
     d = scratch(n, x.dtype, x.device)
     acc, shift, state = bufs.acc.numpy(), bufs.shift.numpy(), bufs.state.numpy()
-    if factors is not None and _factored_is_cheaper(*factors):
+    if factors is not None and not settings.moments4 and _factored_is_cheaper(*factors):
         c, (s1, s2) = 0.0, _factored_moments(*factors)
+        dev = sq = None
     else:
-        c, s1, s2 = _centred_sums(x, d, float(state[CENTER, q]), total)
-    if not (math.isfinite(s1) and math.isfinite(s2)):
+        c, s1, s2, dev, sq = _centred_sums(
+            x, d, float(state[CENTER, q]), total, keep=settings.moments4
+        )
+    s3 = s4 = 0.0
+    if settings.moments4:
+        # (x - c)**3 and **4 around the same centre as s2, by ATen's cascade sum
+        work = scratch(n, x.dtype, x.device, slot=1)
+        s3 = float(torch.mul(sq, dev, out=work).sum())
+        s4 = float(torch.mul(sq, sq, out=work).sum())
+    if not all(math.isfinite(s) for s in (s1, s2, s3, s4)):
         # Huge finite values overflowed float32 sums: take the float64 path instead.
         _accumulate_masked(bufs, settings, q, x)
         return
@@ -113,20 +140,33 @@ def _accumulate_finite_on_host(
     row[COUNT] += n
     row[SUM] += s1 + n * delta
     row[SUMSQ] += s2 + delta * (2 * s1 + n * delta)
+    if settings.moments4:
+        _, _, r3, r4 = reshift(n, s1, s2, s3, s4, delta)
+        row[SUM3] += r3
+        row[SUM4] += r4
     row[MIN] = min(row[MIN], mn)
     row[MAX] = max(row[MAX], mx)
     if q == ACTIVATION and settings.saturation:
         lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         row[SAT_LOW] += _count(torch.le(x, lo, out=d))
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
+    if settings.zeros:
+        row[ZEROS] += _count(torch.eq(x, 0, out=d))
     if settings.histograms:
         _histogram_on_host(bufs, q, x, mn, mx)
 
 
 def _centred_sums(
-    x: torch.Tensor, d: torch.Tensor, c: float, total: Callable[[], torch.Tensor] | None
-) -> tuple[float, float, float]:
-    """``(c, sum(x - c), sum((x - c)**2))`` in ``x``'s precision, ``d`` a work buffer.
+    x: torch.Tensor,
+    d: torch.Tensor,
+    c: float,
+    total: Callable[[], torch.Tensor] | None,
+    *,
+    keep: bool,
+) -> tuple[float, float, float, torch.Tensor, torch.Tensor]:
+    """``(c, sum(x - c), sum((x - c)**2), x - c, (x - c)**2)`` in ``x``'s precision, ``d`` a
+    work buffer. The last two are work buffers, both valid only with ``keep`` (else the
+    squares overwrite ``d``, which stays in cache).
 
     Sums of x - c and (x - c)**2 in the input precision are accurate when the offset of the
     batch mean from c is at most the batch's spread (the error is relative to var +
@@ -134,19 +174,22 @@ def _centred_sums(
     against exactly c): 0 when that batch was centred enough (no subtraction pass at all),
     else its mean. If this batch is off, recentre.
     """
+    sq = scratch(x.numel(), x.dtype, x.device, slot=2) if keep else d
     if c == 0:
         s1 = float(x.sum() if total is None else total())
-        s2 = _sum_of_squares(x, d)
+        dev = x
     else:
         s1 = float(torch.sub(x, c, out=d).sum())
-        s2 = _sum_of_squares(d, d)
+        dev = d
+    s2 = _sum_of_squares(dev, sq)
     n = x.numel()
     offset = s1 / n
     if offset * offset > s2 / n - offset * offset:
         c = as_float32(c + offset)
         s1 = float(torch.sub(x, c, out=d).sum())
-        s2 = _sum_of_squares(d, d)
-    return c, s1, s2
+        dev = d
+        s2 = _sum_of_squares(dev, sq)
+    return c, s1, s2, dev, sq
 
 
 def _factored_is_cheaper(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -261,11 +304,17 @@ def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tenso
     d = torch.where(fin, xd - center, 0)
     mn = torch.where(fin, x, float("inf")).amin()
     mx = torch.where(fin, x, float("-inf")).amax()
-    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx)
+    d3 = d4 = None
+    if settings.moments4:
+        sq = d * d
+        d3, d4 = torch.dot(sq, d), torch.dot(sq, sq)
+    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx, d3, d4)
     if q == ACTIVATION and settings.saturation:
         lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()
         acc[SAT_HIGH] += ((x >= hi) & fin).sum()
+    if settings.zeros:
+        acc[ZEROS] += (x == 0).sum()  # NaN is never 0
     if not settings.histograms:
         return
     bins = bufs.bins
@@ -474,23 +523,43 @@ def forward(
     bufs: Buffers,
     settings: Settings,
 ) -> torch.Tensor:
-    """``h = f(x W^T + b)`` for a 2-D ``x``, recording ``preactivation`` and ``activation``
-    when ``settings.enabled``."""
+    """``(h, z)``: ``h = f(x W^T + b)`` for a 2-D ``x``, and ``z = x W^T + b`` where the
+    activation's backward needs it (``activation.from_input``; else ``None``), recording
+    ``preactivation`` and ``activation`` when ``settings.enabled``.
+
+    Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's fused
+    activation: ``z`` must be kept for the backward anyway."""
     if not settings.enabled and activation.name in _ONEDNN_POST:
-        return _dense(x, weight, bias, activation)
+        return _dense(x, weight, bias, activation), None
     z = _dense(x, weight, bias)
     h = activation.forward(z)
     if settings.enabled:
         record(bufs, settings, PREACTIVATION, z)
         record(bufs, settings, ACTIVATION, h)
-    return h
+        if settings.per_unit:
+            record_units(bufs, settings, h)
+    return h, (z if activation.from_input else None)
+
+
+def record_units(bufs: Buffers, settings: Settings, h: torch.Tensor) -> None:
+    """Per-unit counts of the activation ``h [M, N]`` into ``bufs.units`` (device ops only)."""
+    h = h.detach()
+    if h.dtype in (torch.float16, torch.bfloat16):
+        h = h.float()
+    fin = torch.isfinite(h)
+    units = bufs.units
+    rows = [fin.sum(0), (h > 0).sum(0)]
+    if settings.saturation:
+        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, h.dtype)
+        rows += [((h <= lo) & fin).sum(0), (h >= hi).sum(0)]  # h >= hi excludes NaN
+    units[: len(rows)] += torch.stack(rows).to(units.dtype)
 
 
 def backward(
     dh: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    h: torch.Tensor,
+    saved: torch.Tensor,
     activation: Activation,
     bufs: Buffers,
     settings: Settings,
@@ -499,8 +568,9 @@ def backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` of ``h = f(x W^T + b)`` from ``dh`` (``None`` where not needed),
-    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``."""
-    dz = activation.backward(dh, h)
+    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``.
+    ``saved`` is ``h``, or ``z`` for activations with ``from_input``."""
+    dz = activation.backward(dh, saved)
     stats = settings.enabled
     db = dz.sum(0) if need_b else None
     if stats:

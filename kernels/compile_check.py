@@ -31,11 +31,13 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 
 def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature types, constexprs, options) for every variant to compile."""
+    from fastmlp.stats.layout import NEXP
+
     from .linear_activation import _FIXED_CFG, _bwd_dw_kernel, _bwd_dx_kernel, _fwd_kernel
 
     out = []
     dtypes = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")]
-    acts = range(5)
+    acts = range(8)
     if quick:
         dtypes = dtypes[:3]
     cfg = dict(_FIXED_CFG)
@@ -55,12 +57,15 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "w_ptr": ptr,
             "b_ptr": ptr,
             "h_ptr": ptr,
+            "z_ptr": ptr,
             "acc_ptr": f64,
             "shift_ptr": f64,
             "hist_ptr": i64,
             "range_ptr": f64,
             "ext_ptr": f64,
             "part_ptr": f64,
+            "units_ptr": f64,
+            "exph_ptr": i64,
             "sat_lo": "fp32",
             "sat_hi": "fp32",
             **common,
@@ -70,9 +75,16 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
         ce = dict(
             ACT=act,
             HAS_BIAS=act % 2 == 0,
+            STORE_Z=act >= 5,
             STATS=stats,
             SAT=stats and act in (1, 2, 3),
             HIST=stats,
+            ZEROS=stats and act == 4,
+            MOM4=stats and act == 2,
+            UNITS=stats and act == 4,
+            EXPS=stats and act == 0,
+            NEXP=NEXP,
+            HE=512 if stats and act == 0 else 2,
             FIXED_ACT=act in (1, 2, 3),
             BINS=64,
             HB=128,
@@ -93,6 +105,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "range_ptr": f64,
             "ext_ptr": f64,
             "part_ptr": f64,
+            "exph_ptr": i64,
             **common,
         }
         for s in ("dhm", "dhn", "hm", "hn", "xm", "xk", "dwn", "dwk"):
@@ -104,6 +117,11 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             STATS=stats,
             HIST=stats,
             SAT=False,
+            ZEROS=stats and act == 4,
+            MOM4=stats and act == 2,
+            EXPS=stats and act == 0,
+            NEXP=NEXP,
+            HE=512 if stats and act == 0 else 2,
             BINS=64,
             HB=128,
             DETERMINISTIC=det,
@@ -145,6 +163,7 @@ def finalize_variants() -> list[tuple[str, object, dict, dict, dict]]:
             Q0=0,
             NFIELDS=NFIELDS,
             DETERMINISTIC=det,
+            MOM4=det,
             GROW0=g0,
             GROW1=g1,
             BINS=64,

@@ -3,11 +3,12 @@
 Kernels:
 
 - ``_fwd_kernel``: tiled GEMM ``Z = X W^T`` (float32 accumulation), bias and
-  activation in the epilogue, stores ``H`` only, and reduces the
+  activation in the epilogue, stores ``H`` (and ``Z`` too for GELU and SiLU, whose
+  derivative is not a function of ``H``: the backward reads ``Z`` instead), and reduces the
   ``preactivation`` (Z) and ``activation`` (H) statistics of its tile while it
   is in registers.
-- ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` computed in the
-  prologue of every K step (never stored).
+- ``_bwd_dx_kernel``: ``dX = dZ W`` with ``dZ = dH * f'(H)`` (``dH * f'(Z)`` for GELU and
+  SiLU) computed in the prologue of every K step (never stored).
 - ``_bwd_dw_kernel``: ``dW = dZ^T X`` with the same prologue; its programs of
   the first K column block also reduce ``db = sum(dZ)``; the ``preactivation_grad``
   statistics of each dZ tile are reduced by exactly one program of its feature
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastmlp.stats.layout import (
+    NEXP,
     NFIELDS,
     PREACTIVATION,
     PREACTIVATION_GRAD,
@@ -48,9 +50,13 @@ from .utils import (
     ACT_IDS,
     F_SAT_HIGH,
     F_SAT_LOW,
+    F_ZEROS,
+    FROM_INPUT,
     INTERPRET,
+    NPART,
     activation_backward,
     apply_activation,
+    commit_exponents,
     commit_extents,
     commit_histogram,
     commit_moments,
@@ -59,8 +65,10 @@ from .utils import (
     is_deterministic,
     m_bucket,
     next_pow2,
+    tile_exponents,
     tile_histogram,
     tile_moments,
+    tile_zeros,
 )
 
 __all__ = ["MAX_BINS", "backward", "forward", "supported"]
@@ -125,7 +133,20 @@ def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
             return None
         return triton.autotune(
             configs=configs,
-            key=["M_BUCKET", "N", "K", "ACT", "PRECISION", "STATS", "HIST", "SAT"],
+            key=[
+                "M_BUCKET",
+                "N",
+                "K",
+                "ACT",
+                "PRECISION",
+                "STATS",
+                "HIST",
+                "SAT",
+                "ZEROS",
+                "MOM4",
+                "UNITS",
+                "EXPS",
+            ],
             restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(fn)
@@ -154,12 +175,15 @@ def _fwd_kernel(
     w_ptr,
     b_ptr,
     h_ptr,
+    z_ptr,
     acc_ptr,
     shift_ptr,
     hist_ptr,
     range_ptr,
     ext_ptr,
     part_ptr,
+    units_ptr,
+    exph_ptr,
     M,
     N,
     K,
@@ -175,9 +199,16 @@ def _fwd_kernel(
     M_BUCKET,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_Z: tl.constexpr,
     STATS: tl.constexpr,
     SAT: tl.constexpr,
     HIST: tl.constexpr,
+    ZEROS: tl.constexpr,
+    MOM4: tl.constexpr,
+    UNITS: tl.constexpr,
+    EXPS: tl.constexpr,
+    NEXP: tl.constexpr,
+    HE: tl.constexpr,
     FIXED_ACT: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -216,13 +247,20 @@ def _fwd_kernel(
     h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n64[None, :] * stride_hn
     valid = mask_m[:, None] & mask_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid)
+    if STORE_Z:  # the backward of this activation needs z (same strides as h)
+        z_ptrs = z_ptr + offs_m64[:, None] * stride_hm + offs_n64[None, :] * stride_hn
+        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=valid)
 
     if STATS:
-        part_slot = part_ptr + 2 * pid
+        part_slot = part_ptr + NPART * pid
         # preactivation (automatic histogram range)
         row_z = acc_ptr + 0 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 0))
-        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 0), MOM4)
+        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4)
+        if ZEROS:
+            tl.atomic_add(row_z + F_ZEROS, tile_zeros(acc, fin))
+        if EXPS:
+            commit_exponents(exph_ptr, tile_exponents(acc, fin, HE), NEXP, HE)
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 0), tl.load(range_ptr + 1), BINS, HB, False
@@ -231,13 +269,31 @@ def _fwd_kernel(
             commit_extents(ext_ptr, mn, mx)
         # activation
         row_h = acc_ptr + 1 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(h, valid, tl.load(shift_ptr + 1))
-        commit_moments(row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, DETERMINISTIC)
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(h, valid, tl.load(shift_ptr + 1), MOM4)
+        commit_moments(
+            row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4
+        )
+        if ZEROS:
+            tl.atomic_add(row_h + F_ZEROS, tile_zeros(h, fin))
+        if EXPS:
+            commit_exponents(exph_ptr + NEXP, tile_exponents(h, fin, HE), NEXP, HE)
         if SAT:
             low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
             tl.atomic_add(row_h + F_SAT_LOW, low)
             tl.atomic_add(row_h + F_SAT_HIGH, high)
+        if UNITS:
+            # per-unit counts (fastmlp.stats.layout: rows count, active, sat_low, sat_high
+            # of N columns): this tile's column sums
+            u_fin = tl.sum(fin.to(tl.int32), axis=0).to(tl.float64)
+            u_act = tl.sum((fin & (h > 0.0)).to(tl.int32), axis=0).to(tl.float64)
+            tl.atomic_add(units_ptr + offs_n, u_fin, mask=mask_n)
+            tl.atomic_add(units_ptr + N + offs_n, u_act, mask=mask_n)
+            if SAT:
+                u_lo = tl.sum((fin & (h <= sat_lo)).to(tl.int32), axis=0).to(tl.float64)
+                u_hi = tl.sum((fin & (h >= sat_hi)).to(tl.int32), axis=0).to(tl.float64)
+                tl.atomic_add(units_ptr + 2 * N + offs_n, u_lo, mask=mask_n)
+                tl.atomic_add(units_ptr + 3 * N + offs_n, u_hi, mask=mask_n)
         if HIST:
             cnt = tile_histogram(
                 h, fin, tl.load(range_ptr + 2), tl.load(range_ptr + 3), BINS, HB, FIXED_ACT
@@ -329,6 +385,7 @@ def _bwd_dw_kernel(
     range_ptr,
     ext_ptr,
     part_ptr,
+    exph_ptr,
     M,
     N,
     K,
@@ -348,6 +405,11 @@ def _bwd_dw_kernel(
     STATS: tl.constexpr,
     HIST: tl.constexpr,
     SAT: tl.constexpr,
+    ZEROS: tl.constexpr,
+    MOM4: tl.constexpr,
+    EXPS: tl.constexpr,
+    NEXP: tl.constexpr,
+    HE: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -394,6 +456,10 @@ def _bwd_dw_kernel(
     g_s1 = tl.zeros((), tl.float64)
     g_s2 = tl.zeros((), tl.float64)
     g_nf = tl.zeros((), tl.float64)
+    g_zeros = tl.zeros((), tl.float64)
+    g_s3 = tl.zeros((), tl.float64)
+    g_s4 = tl.zeros((), tl.float64)
+    g_exp = tl.zeros((HE,), dtype=tl.int32)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
     g_hist = tl.zeros((HB,), dtype=tl.int64)
@@ -416,11 +482,17 @@ def _bwd_dw_kernel(
             # n block: the one whose pid_k is the m block's index modulo num_k. This spreads
             # the statistics evenly over the K-column programs.
             if (m0 // BLOCK_K) % num_k == pid_k:
-                fin, n, s1, s2, nf, mn, mx = tile_moments(dzt, mk, g_shift)
+                fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(dzt, mk, g_shift, MOM4)
                 g_n += n
                 g_s1 += s1
                 g_s2 += s2
+                g_s3 += s3
+                g_s4 += s4
                 g_nf += nf
+                if ZEROS:
+                    g_zeros += tile_zeros(dzt, fin)
+                if EXPS:
+                    g_exp += tile_exponents(dzt, fin, HE)
                 g_mn = tl.minimum(g_mn, mn)
                 g_mx = tl.maximum(g_mx, mx)
                 if HIST:
@@ -442,17 +514,47 @@ def _bwd_dw_kernel(
         if active:
             row_g = acc_ptr + 2 * _GL_NFIELDS
             commit_moments(
-                row_g, part_ptr + 2 * pid, g_n, g_s1, g_s2, g_nf, g_mn, g_mx, DETERMINISTIC
+                row_g,
+                part_ptr + NPART * pid,
+                g_n,
+                g_s1,
+                g_s2,
+                g_nf,
+                g_mn,
+                g_mx,
+                g_s3,
+                g_s4,
+                DETERMINISTIC,
+                MOM4,
             )
+            if ZEROS:
+                tl.atomic_add(row_g + F_ZEROS, g_zeros)
+            if EXPS:
+                commit_exponents(exph_ptr + 2 * NEXP, g_exp, NEXP, HE)
             if HIST:
                 commit_histogram(hist_ptr + 2 * (BINS + 2), g_hist, BINS, HB)
                 commit_extents(ext_ptr + 4, g_mn, g_mx)
     if STATS:
         row_w = acc_ptr + 3 * _GL_NFIELDS
-        fin, n, s1, s2, nf, mn, mx = tile_moments(acc, valid, tl.load(shift_ptr + 3))
+        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 3), MOM4)
         commit_moments(
-            row_w, part_ptr + part_stride + 2 * pid, n, s1, s2, nf, mn, mx, DETERMINISTIC
+            row_w,
+            part_ptr + part_stride + NPART * pid,
+            n,
+            s1,
+            s2,
+            nf,
+            mn,
+            mx,
+            s3,
+            s4,
+            DETERMINISTIC,
+            MOM4,
         )
+        if ZEROS:
+            tl.atomic_add(row_w + F_ZEROS, tile_zeros(acc, fin))
+        if EXPS:
+            commit_exponents(exph_ptr + 3 * NEXP, tile_exponents(acc, fin, HE), NEXP, HE)
         if HIST:
             cnt = tile_histogram(
                 acc, fin, tl.load(range_ptr + 6), tl.load(range_ptr + 7), BINS, HB, False
@@ -461,8 +563,10 @@ def _bwd_dw_kernel(
             commit_extents(ext_ptr + 6, mn, mx)
 
 
-_STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
-_fwd_tuned = _maybe_autotune(_STATS_BUFFERS, _ALL_CONFIGS, _prune_by_batch)(_fwd_kernel)
+_STATS_BUFFERS = ["acc_ptr", "hist_ptr", "exph_ptr"]
+_fwd_tuned = _maybe_autotune([*_STATS_BUFFERS, "units_ptr"], _ALL_CONFIGS, _prune_by_batch)(
+    _fwd_kernel
+)
 _dx_tuned = _maybe_autotune([], _ALL_CONFIGS, _prune_by_batch)(_bwd_dx_kernel)
 _dw_tuned = _maybe_autotune(_STATS_BUFFERS, _DW_CONFIGS, None)(_bwd_dw_kernel)
 
@@ -515,25 +619,31 @@ def _extents(device: torch.device) -> torch.Tensor:
 
 
 def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.Tensor:
-    """``[2, n_parts, 2]`` float64 partial sums (a view of a grow-only buffer) in
+    """``[2, n_parts, NPART]`` float64 partial sums (a view of a grow-only buffer) in
     deterministic mode; otherwise a stand-in that the kernels never write."""
     if not deterministic:
         return _extents(device)
     n = max(n_parts, 1)
     buf = _PARTIALS.get(device)
     if buf is None or buf.shape[1] < n:
-        buf = _PARTIALS[device] = torch.empty(2, n, 2, dtype=torch.float64, device=device)
+        buf = _PARTIALS[device] = torch.empty(2, n, NPART.value, dtype=torch.float64, device=device)
     return buf[:, :n]
 
 
 def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     if not settings.enabled:
-        return {"STATS": False, "HIST": False, "SAT": False, "BINS": 2, "HB": 4}
+        off = {"STATS": False, "HIST": False, "SAT": False, "ZEROS": False, "MOM4": False}
+        return {**off, "EXPS": False, "NEXP": NEXP, "HE": 2, "BINS": 2, "HB": 4}
     bins = bufs.bins
     return {
         "STATS": True,
         "HIST": settings.histograms,
         "SAT": settings.saturation,
+        "ZEROS": settings.zeros,
+        "MOM4": settings.moments4,
+        "EXPS": settings.exponents,
+        "NEXP": NEXP,
+        "HE": next_pow2(NEXP) if settings.exponents else 2,
         "BINS": bins,
         "HB": next_pow2(bins + 2),
     }
@@ -559,6 +669,7 @@ def _finalize(
         Q0=q0,
         NFIELDS=NFIELDS,
         DETERMINISTIC=det,
+        MOM4=settings.moments4,
         GROW0=grow0,
         GROW1=grow1,
         BINS=bins,
@@ -579,11 +690,15 @@ def forward(
     bufs: Buffers,
     settings: Settings,
 ) -> torch.Tensor:
-    """``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``; records ``preactivation`` and
-    ``activation`` into ``bufs`` (calibrated) when ``settings.enabled``. No host reads."""
+    """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
+    activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
+    ``preactivation`` and ``activation`` into ``bufs`` (calibrated) when
+    ``settings.enabled``. No host reads."""
     M, K = x.shape
     N = weight.shape[0]
     h = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    store_z = act_id in FROM_INPUT
+    z = torch.empty_like(h) if store_z else None
     stats = settings.enabled
     det = stats and is_deterministic()
     smeta = _stats_meta(bufs, settings)
@@ -603,7 +718,10 @@ def forward(
         weight,
         bias if bias is not None else x,
         h,
+        z if store_z else h,
         *_stat_args(bufs, part),
+        bufs.units if stats and settings.per_unit else h,
+        bufs.exp_hist,
         M,
         N,
         K,
@@ -621,6 +739,8 @@ def forward(
     meta = dict(
         ACT=act_id,
         HAS_BIAS=bias is not None,
+        STORE_Z=store_z,
+        UNITS=stats and settings.per_unit,
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=dot_precision(x.dtype),
@@ -629,7 +749,7 @@ def forward(
     _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
     if stats:
         _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
-    return h
+    return h, z
 
 
 def backward(
@@ -645,7 +765,8 @@ def backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
-    ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``."""
+    ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
+    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`."""
     M, K = x.shape
     N = weight.shape[0]
     precision = dot_precision(x.dtype)
@@ -697,6 +818,7 @@ def backward(
         dw if dw is not None else x,
         db if db is not None else x,
         *_stat_args(bufs, part),
+        bufs.exp_hist,
         M,
         N,
         K,

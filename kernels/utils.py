@@ -37,11 +37,26 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlp.stats.layout import COUNT, MAX, MIN, NONFINITE, SAT_HIGH, SAT_LOW, SUM, SUMSQ
+from fastmlp.stats.layout import (
+    COUNT,
+    EXP_MAX,
+    EXP_MIN,
+    MAX,
+    MIN,
+    NONFINITE,
+    SAT_HIGH,
+    SAT_LOW,
+    SUM,
+    SUM3,
+    SUM4,
+    SUMSQ,
+    ZEROS,
+)
 
 __all__ = [
     "INTERPRET",
     "ACT_IDS",
+    "FROM_INPUT",
     "set_deterministic",
     "is_deterministic",
     "dot_precision",
@@ -53,7 +68,23 @@ __all__ = [
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Activation name -> constexpr id used by the kernels.
-ACT_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
+ACT_IDS = {
+    "identity": 0,
+    "sigmoid": 1,
+    "tanh": 2,
+    "softsign": 3,
+    "relu": 4,
+    "gelu": 5,
+    "gelu_tanh": 6,
+    "silu": 7,
+}
+#: Ids of the activations whose derivative needs the pre-activation ``z``: the forward
+#: kernel stores ``z`` beside ``h`` for them and the backward reads ``z`` instead of ``h``.
+FROM_INPUT = (5, 6, 7)
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_C = 0.044715
 
 _deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
 
@@ -66,6 +97,13 @@ F_MAX = tl.constexpr(MAX)
 F_NONFINITE = tl.constexpr(NONFINITE)
 F_SAT_LOW = tl.constexpr(SAT_LOW)
 F_SAT_HIGH = tl.constexpr(SAT_HIGH)
+F_ZEROS = tl.constexpr(ZEROS)
+F_SUM3 = tl.constexpr(SUM3)
+F_SUM4 = tl.constexpr(SUM4)
+F_EXP_MIN = tl.constexpr(EXP_MIN)
+F_EXP_MAX = tl.constexpr(EXP_MAX)
+#: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4.
+NPART = tl.constexpr(4)
 
 
 def set_deterministic(flag: bool = True) -> None:
@@ -114,29 +152,43 @@ def apply_activation(z, ACT: tl.constexpr):
     """``h = f(z)`` in float32 for the activation id ``ACT`` (see :data:`ACT_IDS`)."""
     if ACT == 1:  # sigmoid
         h = 1.0 / (1.0 + tl.exp(-z))
-    elif ACT == 2:  # tanh, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation
-        a = tl.abs(z)
-        t = tl.exp(-2.0 * a)
-        big = (1.0 - t) / (1.0 + t)
-        a2 = a * a
-        small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
-        r = tl.where(a < 0.0625, small, big)
-        h = tl.where(z < 0.0, -r, r)
-        h = tl.where(z != z, z, h)  # keep NaN
+    elif ACT == 2:  # tanh
+        h = _tanh(z)
     elif ACT == 3:  # softsign; +-inf gives NaN, exactly like z / (1 + |z|) in PyTorch
         h = z / (1.0 + tl.abs(z))
     elif ACT == 4:  # relu (propagates NaN like torch.relu)
         h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
+    elif ACT == 5:  # gelu, exact: z * Phi(z)
+        h = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 6:  # gelu, tanh approximation (PyTorch's approximate="tanh")
+        h = 0.5 * z * (1.0 + _tanh(_GELU_K * (z + _GELU_C * z * z * z)))
+    elif ACT == 7:  # silu: z * sigmoid(z)
+        h = z / (1.0 + tl.exp(-z))
     else:
         h = z
     return h
 
 
 @triton.jit
-def activation_backward(dh, h, ACT: tl.constexpr):
-    """``dL/dz`` from ``dL/dh`` and the output ``h`` (float32), as ``Activation.backward``.
+def _tanh(z):
+    """tanh in float32, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation."""
+    a = tl.abs(z)
+    t = tl.exp(-2.0 * a)
+    big = (1.0 - t) / (1.0 + t)
+    a2 = a * a
+    small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
+    r = tl.where(a < 0.0625, small, big)
+    h = tl.where(z < 0.0, -r, r)
+    return tl.where(z != z, z, h)  # keep NaN
 
-    ``dh * f'(h)``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
+
+@triton.jit
+def activation_backward(dh, h, ACT: tl.constexpr):
+    """``dL/dz`` from ``dL/dh`` and the saved tensor (float32), as ``Activation.backward``.
+
+    The saved tensor is the output ``h``, or the pre-activation ``z`` for the ids in
+    :data:`FROM_INPUT` (GELU, SiLU: their derivative is not a function of ``h``).
+    ``dh * f'``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
     an infinite ``dh`` on an inactive unit gives 0, and a NaN ``h`` passes ``dh``).
     """
     if ACT == 1:
@@ -148,19 +200,32 @@ def activation_backward(dh, h, ACT: tl.constexpr):
         dz = dh * (t * t)
     elif ACT == 4:
         dz = tl.where(h <= 0.0, 0.0, dh)
+    elif ACT == 5:  # h is z here: Phi(z) + z * phi(z)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
+        dz = dh * (cdf + h * (_INV_SQRT_2PI * tl.exp(-0.5 * h * h)))
+    elif ACT == 6:  # h is z here
+        z2 = h * h
+        t = _tanh(_GELU_K * (h + _GELU_C * z2 * h))
+        inner = _GELU_K * (1.0 + 3.0 * _GELU_C * z2)
+        dz = dh * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * inner)
+    elif ACT == 7:  # h is z here: s * (1 + z * (1 - s))
+        sg = 1.0 / (1.0 + tl.exp(-h))
+        dz = dh * (sg * (1.0 + h * (1.0 - sg)))
     else:
         dz = dh
     return dz
 
 
 @triton.jit
-def tile_moments(v, valid, shift):
+def tile_moments(v, valid, shift, MOM4: tl.constexpr):
     """Moments of the finite, valid elements of the float32 tile ``v``.
 
-    Returns ``(fin, n, s1, s2, nonfinite, mn, mx)``: the finite mask, the finite
+    Returns ``(fin, n, s1, s2, nonfinite, mn, mx, s3, s4)``: the finite mask, the finite
     count (float64), ``sum(x - shift)`` and ``sum((x - shift)**2)`` (float64,
     from float32 sums centred on the tile mean), the count of valid non-finite
-    elements (float64) and the finite min/max (float32; +inf/-inf if none).
+    elements (float64), the finite min/max (float32; +inf/-inf if none) and, when
+    ``MOM4``, ``sum((x - shift)**3)`` and ``**4`` (float64, from float32 sums centred on the
+    tile mean, re-expressed around ``shift`` by the binomial expansion; else 0).
     """
     fin = valid & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
     n32 = tl.sum(fin.to(tl.int32))
@@ -176,7 +241,16 @@ def tile_moments(v, valid, shift):
     s2 = d2 + delta * (2.0 * d1 + n * delta)
     mn = tl.min(tl.where(fin, v, float("inf")))
     mx = tl.max(tl.where(fin, v, float("-inf")))
-    return fin, n, s1, s2, nonfinite, mn, mx
+    s3 = tl.zeros((), tl.float64)
+    s4 = tl.zeros((), tl.float64)
+    if MOM4:
+        dd = d * d
+        d3 = tl.sum(dd * d).to(tl.float64)
+        d4 = tl.sum(dd * dd).to(tl.float64)
+        e2 = delta * delta
+        s3 = d3 + 3.0 * delta * d2 + 3.0 * e2 * d1 + n * e2 * delta
+        s4 = d4 + 4.0 * delta * d3 + 6.0 * e2 * d2 + 4.0 * e2 * delta * d1 + n * e2 * e2
+    return fin, n, s1, s2, nonfinite, mn, mx, s3, s4
 
 
 @triton.jit
@@ -206,18 +280,68 @@ def tile_histogram(v, fin, lo, hi, BINS: tl.constexpr, HB: tl.constexpr, FIXED: 
 
 
 @triton.jit
-def commit_moments(acc_row, part_slot, n, s1, s2, nonfinite, mn, mx, DETERMINISTIC: tl.constexpr):
-    """Add one program's moments to the float64 row ``acc_row`` (or its partial slot)."""
+def commit_moments(
+    acc_row,
+    part_slot,
+    n,
+    s1,
+    s2,
+    nonfinite,
+    mn,
+    mx,
+    s3,
+    s4,
+    DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
+):
+    """Add one program's moments to the float64 row ``acc_row`` (or its partial slots)."""
     tl.atomic_add(acc_row + F_COUNT, n)
     tl.atomic_add(acc_row + F_NONFINITE, nonfinite)
     if DETERMINISTIC:
         tl.store(part_slot, s1)
         tl.store(part_slot + 1, s2)
+        if MOM4:
+            tl.store(part_slot + 2, s3)
+            tl.store(part_slot + 3, s4)
     else:
         tl.atomic_add(acc_row + F_SUM, s1)
         tl.atomic_add(acc_row + F_SUMSQ, s2)
+        if MOM4:
+            tl.atomic_add(acc_row + F_SUM3, s3)
+            tl.atomic_add(acc_row + F_SUM4, s4)
     tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64))
     tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64))
+
+
+@triton.jit
+def tile_zeros(v, fin):
+    """Count (float64) of the finite, valid elements of the tile ``v`` that are exactly 0."""
+    return tl.sum((fin & (v == 0.0)).to(tl.int32)).to(tl.float64)
+
+
+@triton.jit
+def tile_exponents(v, fin, HE: tl.constexpr):
+    """Exponent histogram (``HE`` int32 counts) of the finite elements of the float32 tile
+    ``v``: slot 0 for zeros, ``e - EXP_MIN + 1`` for frexp exponent ``e``, from the bits
+    (subnormals: ``e = -149 + bit length of the mantissa``), as ``torch.frexp``."""
+    bits = v.to(tl.int32, bitcast=True)
+    bexp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    # bit length of a subnormal's mantissa: the exponent of the (exact) float of it
+    mexp = (mant.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.where(bexp == 0, mexp - 275, bexp - 126)
+    slot = tl.minimum(tl.maximum(e, F_EXP_MIN), F_EXP_MAX) - (F_EXP_MIN - 1)
+    slot = tl.where(v == 0.0, 0, slot)
+    flat = tl.reshape(slot, (slot.numel,))
+    flat_fin = tl.reshape(fin, (fin.numel,))
+    return tl.histogram(flat, HE, mask=flat_fin)
+
+
+@triton.jit
+def commit_exponents(row, counts, NEXP: tl.constexpr, HE: tl.constexpr):
+    """Add a tile's exponent histogram (``HE`` entries) to the int64 row ``row``."""
+    offs = tl.arange(0, HE)
+    tl.atomic_add(row + offs, counts.to(tl.int64), mask=offs < NEXP)
 
 
 @triton.jit
@@ -257,6 +381,7 @@ def _finalize_one(
     part_ptr,
     n_parts,
     DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
     GROW: tl.constexpr,
     BINS: tl.constexpr,
     HB: tl.constexpr,
@@ -265,14 +390,22 @@ def _finalize_one(
     if DETERMINISTIC:
         s1 = tl.zeros((), tl.float64)
         s2 = tl.zeros((), tl.float64)
+        s3 = tl.zeros((), tl.float64)
+        s4 = tl.zeros((), tl.float64)
         offs = tl.arange(0, BLOCK_P)
         for start in range(0, n_parts, BLOCK_P):
             p = start + offs
             msk = p < n_parts
-            s1 += tl.sum(tl.load(part_ptr + 2 * p, mask=msk, other=0.0))
-            s2 += tl.sum(tl.load(part_ptr + 2 * p + 1, mask=msk, other=0.0))
+            s1 += tl.sum(tl.load(part_ptr + NPART * p, mask=msk, other=0.0))
+            s2 += tl.sum(tl.load(part_ptr + NPART * p + 1, mask=msk, other=0.0))
+            if MOM4:
+                s3 += tl.sum(tl.load(part_ptr + NPART * p + 2, mask=msk, other=0.0))
+                s4 += tl.sum(tl.load(part_ptr + NPART * p + 3, mask=msk, other=0.0))
         tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM) + s1)
         tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ) + s2)
+        if MOM4:
+            tl.store(acc_row + F_SUM3, tl.load(acc_row + F_SUM3) + s3)
+            tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4) + s4)
     if GROW:
         # Widen +-r to cover this pass's extremes, merging bins exactly
         # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
@@ -310,6 +443,7 @@ def finalize_kernel(
     Q0: tl.constexpr,
     NFIELDS: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    MOM4: tl.constexpr,
     GROW0: tl.constexpr,
     GROW1: tl.constexpr,
     BINS: tl.constexpr,
@@ -329,6 +463,7 @@ def finalize_kernel(
         part_ptr,
         n_parts0,
         DETERMINISTIC,
+        MOM4,
         GROW0,
         BINS,
         HB,
@@ -342,6 +477,7 @@ def finalize_kernel(
         part_ptr + part_stride,
         n_parts1,
         DETERMINISTIC,
+        MOM4,
         GROW1,
         BINS,
         HB,

@@ -26,7 +26,9 @@ import torch
 from torch.nn import functional as F
 
 QUANTITIES = ("preactivation", "activation", "preactivation_grad", "weight_grad")
-ACTS = ("sigmoid", "tanh", "softsign", "relu", "identity")
+ACTS = ("sigmoid", "tanh", "softsign", "relu", "identity", "gelu", "gelu_tanh", "silu")
+#: Activations whose derivative is a function of the input z (the layer keeps z).
+FROM_INPUT_ACTS = ("gelu", "gelu_tanh", "silu")
 FIXED_RANGE = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
 SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99), "softsign": (-0.99, 0.99)}
 # Row keys, exactly as DESIGN.md lists them (Snapshot.rows()).
@@ -40,6 +42,12 @@ ROW_KEYS = (
     "std",
     "min",
     "max",
+    "absmax",
+    "skewness",
+    "kurtosis",
+    "zero_fraction",
+    "dead_fraction",
+    "formats",
     "nonfinite",
     "saturated_low",
     "saturated_high",
@@ -58,6 +66,9 @@ def torch_act(name: str, z: torch.Tensor) -> torch.Tensor:
         "softsign": F.softsign,
         "relu": torch.relu,
         "identity": lambda t: t,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
     }[name](z)
 
 

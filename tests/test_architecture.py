@@ -29,7 +29,14 @@ LAYERS = [
     ["fastmlp.op"],
     ["fastmlp.layers"],
     ["fastmlp.model_stats"],
-    ["fastmlp.mlp", "fastmlp.probe", "fastmlp.jacobian", "fastmlp.distributed", "fastmlp.tripwire"],
+    [
+        "fastmlp.mlp",
+        "fastmlp.probe",
+        "fastmlp.jacobian",
+        "fastmlp.distributed",
+        "fastmlp.instrument",
+        "fastmlp.tripwire",
+    ],
 ]
 # Above the layers: the run directory, the trainer, the reports and the CLI. They use the
 # public API; among themselves only the cycle check applies.

@@ -282,7 +282,7 @@ def test_unknown_activation_lists_valid_names():
     for name in ACTIVATIONS:
         assert name in str(info.value)
     with pytest.raises(ValueError):
-        MLP(3, 2, depth=1, width=4, activation="gelu")
+        MLP(3, 2, depth=1, width=4, activation="mish")
 
 
 def test_unknown_init_lists_valid_names():

@@ -43,6 +43,8 @@ def _run(layer, xs, upstreams, grad_from_h=None):
     for x, up in zip(xs, upstreams, strict=True):
         out = layer(x)
         gh = out if grad_from_h == "layer" else grad_from_h
+        if layer.activation.from_input:
+            gh = None  # GELU, SiLU: f' is a function of z; float64 autograd
         ref = capture(x, layer.weight, layer.bias, layer.activation.name, up, grad_from_h=gh)
         out.backward(up)
         for q in QUANTITIES:
@@ -104,6 +106,11 @@ _PINNED = {
     "softsign": (999.0, 100.0),  # (1 - |h|)^2 ~ 1e-6
     "relu": (1000.0, 1e-3),  # large offset, tiny spread: shifted sums matter
     "identity": (-1000.0, 1e-3),
+    # no saturation; left of 0 small outputs (gelu(-2) ~ -0.045) with a tiny spread (further
+    # left float32 gelu itself loses digits: 1 + erf(z / sqrt 2) cancels)
+    "gelu": (2.0, 1e-3),
+    "gelu_tanh": (2.0, 1e-3),
+    "silu": (8.0, 1e-3),
 }
 
 

@@ -129,7 +129,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     "argv, expected",
     [
         (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
-        (["--activation", "gelu"], "invalid choice: 'gelu'"),
+        (["--activation", "mish"], "invalid choice: 'mish'"),
         (["--init", "he"], "invalid choice: 'he'"),
         (["--depth", "0"], "expected a positive integer, got '0'"),
         (["--width", "x"], "expected a positive integer, got 'x'"),

@@ -26,7 +26,10 @@ from fastmlp.stats.layout import (
     SAT_HIGH,
     SAT_LOW,
     SUM,
+    SUM3,
+    SUM4,
     SUMSQ,
+    ZEROS,
     Buffers,
     pow2_above,
 )
@@ -44,20 +47,72 @@ def merge_block_(
     dev_sumsq: torch.Tensor,
     mn: torch.Tensor,
     mx: torch.Tensor,
+    dev_sum3: torch.Tensor | None = None,
+    dev_sum4: torch.Tensor | None = None,
 ) -> None:
     """Merge one block of values into ``acc`` (one quantity's row of ``acc``), device ops only.
 
     The block has ``count`` finite values with sums of ``x - center`` and
-    ``(x - center)**2`` (``center`` is any value near the block's mean) and
-    extremes ``mn``, ``mx``; the sums are re-expressed around ``shift`` in float64.
+    ``(x - center)**2`` (and ``**3``, ``**4`` when given; ``center`` is any value near the
+    block's mean) and extremes ``mn``, ``mx``; the sums are re-expressed around ``shift`` in
+    float64 (binomial expansion, :func:`reshift`).
     """
     count, center, s1, s2 = (t.to(torch.float64) for t in (count, center, dev_sum, dev_sumsq))
     delta = center - shift
     acc[COUNT : SUMSQ + 1] += torch.stack(
         (count, s1 + count * delta, s2 + delta * (2 * s1 + count * delta))
     )
+    if dev_sum3 is not None:
+        s3, s4 = dev_sum3.to(torch.float64), dev_sum4.to(torch.float64)
+        acc[SUM3 : SUM4 + 1] += torch.stack(reshift(count, s1, s2, s3, s4, delta)[2:])
     torch.minimum(acc[MIN], mn.to(torch.float64), out=acc[MIN])
     torch.maximum(acc[MAX], mx.to(torch.float64), out=acc[MAX])
+
+
+def reshift(n, s1, s2, s3, s4, delta):
+    """Sums of ``(x - c)**p`` (p = 1..4) re-expressed around ``c - delta``: the sums of
+    ``(x - c + delta)**p``, by the binomial expansion (exact in real arithmetic)."""
+    d2 = delta * delta
+    return (
+        s1 + n * delta,
+        s2 + delta * (2 * s1 + n * delta),
+        s3 + 3 * delta * s2 + 3 * d2 * s1 + n * d2 * delta,
+        s4 + 4 * delta * s3 + 6 * d2 * s2 + 4 * d2 * delta * s1 + n * d2 * d2,
+    )
+
+
+def central_moments(n: float, s1: float, s2: float, s3: float, s4: float):
+    """``(mean offset, M2, M3, M4)``: the mean's offset from the shift and the central sums
+    ``sum((x - mean)**p)`` from the shifted sums ``s_p = sum((x - shift)**p)``."""
+    a = s1 / n
+    m2 = max(s2 - n * a * a, 0.0)
+    m3 = s3 - 3 * a * s2 + 2 * n * a**3
+    m4 = max(s4 - 4 * a * s3 + 6 * a * a * s2 - 3 * n * a**4, 0.0)
+    return a, m2, m3, m4
+
+
+def merge_central(a, b):
+    """Pebay's (2008) exact pairwise merge of ``(n, mean, M2, M3, M4)`` tuples."""
+    na, ma, m2a, m3a, m4a = a
+    nb, mb, m2b, m3b, m4b = b
+    n = na + nb
+    if nb == 0:
+        return a
+    if na == 0:
+        return b
+    d = mb - ma
+    dn = d / n
+    mean = ma + nb * dn
+    m2 = m2a + m2b + d * dn * na * nb
+    m3 = m3a + m3b + d * dn * dn * na * nb * (na - nb) + 3 * dn * (na * m2b - nb * m2a)
+    m4 = (
+        m4a
+        + m4b
+        + d * dn**3 * na * nb * (na * na - na * nb + nb * nb)
+        + 6 * dn * dn * (na * na * m2b + nb * nb * m2a)
+        + 4 * dn * (na * m3b - nb * m3a)
+    )
+    return n, mean, m2, m3, m4
 
 
 def regroup_bins(counts: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
@@ -101,16 +156,22 @@ class LayerBuffers:
     hist: np.ndarray
     hist_range: np.ndarray
     calibrated: np.ndarray
+    units: np.ndarray | None = None
+    """Per-unit counts ``[4, units]`` (``fastmlp.stats.layout``), or ``None``."""
+    exp_hist: np.ndarray | None = None
+    """Exponent histograms ``[4, NEXP]``, or ``None``."""
 
     @classmethod
-    def from_stats(cls, s: Buffers | object) -> LayerBuffers:
-        """Copy the buffers of ``s`` (a :class:`LayerStats` or :class:`Buffers`) to the host."""
+    def from_stats(cls, s: object) -> LayerBuffers:
+        """Copy the buffers of ``s`` (a :class:`LayerStats`) to the host."""
         return cls(
             s.acc.detach().cpu().numpy().astype(np.float64),
             s.shift.detach().cpu().numpy().astype(np.float64),
             s.hist.detach().cpu().numpy().astype(np.int64),
             s.hist_range.detach().cpu().numpy().astype(np.float64),
             s.state[CALIBRATED].numpy() != 0,
+            s.unit_counts.detach().cpu().numpy().astype(np.float64),
+            s.exp_hist.detach().cpu().numpy().astype(np.int64),
         )
 
     def load_into(self, s: object) -> None:
@@ -120,6 +181,10 @@ class LayerBuffers:
             s.shift.copy_(torch.from_numpy(self.shift))
             s.hist.copy_(torch.from_numpy(self.hist))
             s.hist_range.copy_(torch.from_numpy(self.hist_range))
+            if self.units is not None:
+                s.unit_counts.copy_(torch.from_numpy(self.units))
+            if self.exp_hist is not None:
+                s.exp_hist.copy_(torch.from_numpy(self.exp_hist))
         s.calibrated = [bool(c) for c in self.calibrated]
         s.hint_centers_from_shift()
 
@@ -139,16 +204,17 @@ def merge_buffers(
 ) -> LayerBuffers:
     """Combine one layer's buffers from several ranks exactly.
 
-    Counts and moments: each part's shifted sums become ``(count, mean, M2)`` in float64 and
-    are combined with Chan et al.'s parallel formula (never an average of means); ``min`` and
-    ``max`` are the extremes; non-finite and saturation counts are summed. Histograms: every
+    Counts and moments: each part's shifted sums become ``(count, mean, M2, M3, M4)`` in
+    float64 and are combined with Chan et al.'s parallel formula and its extension to the
+    third and fourth moments (Pebay 2008; never an average of means); ``min`` and
+    ``max`` are the extremes; non-finite, saturation and zero counts are summed. Histograms: every
     automatic range ``+-R_p`` (a power of two) is brought to the largest one by merging
     ``R / R_p`` adjacent bins (:func:`regroup_bins`), then bins and under/overflow are summed.
 
     The result has the same meaning as one rank's buffers: for each quantity,
-    ``shift`` is the merged mean, ``sum`` is 0 and ``sumsq`` is the merged
-    ``M2``, so it can be read by a :class:`~fastmlp.stats.Snapshot` or loaded back into a
-    :class:`~fastmlp.stats.LayerStats` and accumulated into further.
+    ``shift`` is the merged mean, ``sum`` is 0 and ``sumsq``, ``sum3``, ``sum4`` are the
+    merged ``M2``, ``M3``, ``M4``, so it can be read by a :class:`~fastmlp.stats.Snapshot` or
+    loaded back into a :class:`~fastmlp.stats.LayerStats` and accumulated into further.
     ``fixed_range[q]``: quantity ``q`` has a fixed histogram range, which must
     then be the same on every part (default: none fixed, every range automatic).
     """
@@ -168,26 +234,27 @@ def merge_buffers(
         if p.hist.shape != (nq, nb):
             raise ValueError(f"histogram shapes differ between ranks: {p.hist.shape} vs {(nq, nb)}")
     for q in range(nq):
-        n, mean, m2 = 0.0, 0.0, 0.0
+        n, mean, m2, m3, m4 = 0.0, 0.0, 0.0, 0.0, 0.0
         for p in parts:
             nr = float(p.acc[q, COUNT])
             if nr > 0:
-                s1, s2 = float(p.acc[q, SUM]), float(p.acc[q, SUMSQ])
-                mean_r = float(p.shift[q]) + s1 / nr
-                m2_r = max(s2 - s1 * s1 / nr, 0.0)
-                total = n + nr
-                delta = mean_r - mean
-                mean = mean + delta * (nr / total)
-                m2 = m2 + m2_r + delta * delta * (n * nr / total)
-                n = total
+                s = [float(p.acc[q, f]) for f in (SUM, SUMSQ, SUM3, SUM4)]
+                a, m2_r, m3_r, m4_r = central_moments(nr, *s)
+                mean_r = float(p.shift[q]) + a
+                n, mean, m2, m3, m4 = merge_central(
+                    (n, mean, m2, m3, m4), (nr, mean_r, m2_r, m3_r, m4_r)
+                )
             acc[q, NONFINITE] += p.acc[q, NONFINITE]
             acc[q, SAT_LOW] += p.acc[q, SAT_LOW]
             acc[q, SAT_HIGH] += p.acc[q, SAT_HIGH]
+            acc[q, ZEROS] += p.acc[q, ZEROS]
             acc[q, MIN] = min(acc[q, MIN], p.acc[q, MIN])
             acc[q, MAX] = max(acc[q, MAX], p.acc[q, MAX])
         acc[q, COUNT] = n
         acc[q, SUM] = 0.0
         acc[q, SUMSQ] = m2
+        acc[q, SUM3] = m3
+        acc[q, SUM4] = m4
         shift[q] = mean
         cal = [p for p in parts if p.calibrated[q]]
         calibrated[q] = bool(cal)
@@ -216,4 +283,12 @@ def merge_buffers(
             hist[q, -1] += p.hist[q, -1]
             hist[q, 1:-1] += regroup_bins_host(p.hist[q, 1:-1], r / hi)
         rng[q] = (-r, r)
-    return LayerBuffers(acc, shift, hist, rng, calibrated)
+    units = None
+    if all(p.units is not None for p in parts):
+        if len({p.units.shape for p in parts}) != 1:
+            raise ValueError("per-unit counts differ in shape between ranks")
+        units = np.sum([p.units for p in parts], axis=0)  # counts: summed
+    exp_hist = None
+    if all(p.exp_hist is not None for p in parts):
+        exp_hist = np.sum([p.exp_hist for p in parts], axis=0)  # counts: summed
+    return LayerBuffers(acc, shift, hist, rng, calibrated, units, exp_hist)

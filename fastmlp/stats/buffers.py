@@ -12,7 +12,11 @@ from fastmlp.stats.layout import (
     ACTIVATION,
     CALIBRATED,
     CENTER,
+    GROUPS,
+    NEXP,
+    NFIELDS,
     NQ,
+    NUNIT_ROWS,
     Buffers,
     Settings,
     empty_acc,
@@ -39,6 +43,17 @@ class LayerStats(nn.Module):
         saturation_thresholds: ``(low, high)`` overriding the activation's default.
         histograms: record histograms.
         saturation: record saturation counts.
+        zeros: count values exactly 0 (off by default: an extra comparison per element).
+        moments4: record third and fourth moment sums, for skewness and kurtosis (off by
+            default). A group switched on or off while a window is being accumulated
+            reads as not recorded (``None``) until the next :meth:`reset`.
+        units: number of output units (features) of the layer, for the per-unit counts.
+        per_unit: record per-unit counts of the activation (dead units, per-unit
+            saturated fractions; off by default, needs ``units``).
+        exponents: record exponent histograms (fractions outside bf16/fp16/fp8 ranges;
+            off by default).
+        persistent: save the buffers (and calibration flags) in ``state_dict``; with
+            ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
 
     def __init__(
@@ -49,7 +64,13 @@ class LayerStats(nn.Module):
         saturation_thresholds: tuple[float, float] | None = None,
         histograms: bool = True,
         saturation: bool = True,
+        zeros: bool = False,
+        moments4: bool = False,
+        units: int = 0,
+        per_unit: bool = False,
+        exponents: bool = False,
         device: torch.device | str | None = None,
+        persistent: bool = True,
     ) -> None:
         super().__init__()
         if (
@@ -71,13 +92,74 @@ class LayerStats(nn.Module):
         self.enabled = True
         self.histograms = histograms
         self.saturation = saturation
+        self.persistent = persistent
+        # opt-in groups; those switched during a window are incomplete until reset
+        self._groups = {g: False for g in GROUPS}
+        self._partial: set[str] = set()
         self.register_buffer("acc", empty_acc(device))
         self.register_buffer("shift", torch.zeros(NQ, dtype=torch.float64, device=device))
         self.register_buffer("hist", torch.zeros(NQ, bins + 2, dtype=torch.int64, device=device))
         self.register_buffer("hist_range", torch.zeros(NQ, 2, dtype=torch.float64, device=device))
         # Host-side: calibrated flags and centring hints (saved through get_extra_state).
         self.register_buffer("state", torch.zeros(2, NQ, dtype=torch.float64), persistent=False)
+        self.units = int(units)
+        self.register_buffer(
+            "unit_counts", torch.zeros(NUNIT_ROWS, self.units, dtype=torch.float64, device=device)
+        )
+        self.register_buffer("exp_hist", torch.zeros(NQ, NEXP, dtype=torch.int64, device=device))
         self._set_fixed_ranges()
+        self.zeros = zeros
+        self.moments4 = moments4
+        self.per_unit = per_unit
+        self.exponents = exponents
+
+    def _switch(self, group: str, value: bool) -> None:
+        value = bool(value)
+        if value != self._groups[group] and bool(self.state[CALIBRATED].any()):
+            self._partial.add(group)  # the window so far lacks (or has) this group
+        self._groups[group] = value
+
+    @property
+    def zeros(self) -> bool:
+        """Count values exactly 0."""
+        return self._groups["zeros"]
+
+    @zeros.setter
+    def zeros(self, value: bool) -> None:
+        self._switch("zeros", value)
+
+    @property
+    def moments4(self) -> bool:
+        """Record third and fourth moment sums (skewness, kurtosis)."""
+        return self._groups["moments4"]
+
+    @moments4.setter
+    def moments4(self, value: bool) -> None:
+        self._switch("moments4", value)
+
+    @property
+    def per_unit(self) -> bool:
+        """Record per-unit counts of the activation (dead units, per-unit saturation)."""
+        return self._groups["per_unit"]
+
+    @per_unit.setter
+    def per_unit(self, value: bool) -> None:
+        if value and not self.units:
+            raise ValueError("per-unit statistics need the layer's number of units")
+        self._switch("per_unit", value)
+
+    @property
+    def exponents(self) -> bool:
+        """Record exponent histograms (low-precision range)."""
+        return self._groups["exponents"]
+
+    @exponents.setter
+    def exponents(self, value: bool) -> None:
+        self._switch("exponents", value)
+
+    def recorded(self, group: str) -> bool:
+        """Whether ``group`` (one of ``GROUPS``) was on for the whole window since reset."""
+        return self._groups[group] and group not in self._partial
 
     def _set_fixed_ranges(self) -> None:
         if self.activation.bounded:
@@ -106,7 +188,15 @@ class LayerStats(nn.Module):
 
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
-        return Buffers(self.acc, self.shift, self.hist, self.hist_range, self.state)
+        return Buffers(
+            self.acc,
+            self.shift,
+            self.hist,
+            self.hist_range,
+            self.state,
+            self.unit_counts,
+            self.exp_hist,
+        )
 
     def settings(self) -> Settings:
         """What a pass records now (switches and thresholds)."""
@@ -118,6 +208,10 @@ class LayerStats(nn.Module):
             lo,
             hi,
             self.activation.bounded,
+            self.zeros,
+            self.moments4,
+            self.per_unit,
+            self.exponents,
         )
 
     def hint_centers_from_shift(self) -> None:
@@ -130,7 +224,10 @@ class LayerStats(nn.Module):
         self.shift.zero_()
         self.hist.zero_()
         self.hist_range.zero_()
+        self.unit_counts.zero_()
+        self.exp_hist.zero_()
         self.state.zero_()
+        self._partial.clear()
         self._set_fixed_ranges()
 
     def fresh(self) -> LayerStats:
@@ -141,7 +238,13 @@ class LayerStats(nn.Module):
             saturation_thresholds=self.thresholds,
             histograms=self.histograms,
             saturation=self.saturation,
+            zeros=self.zeros,
+            moments4=self.moments4,
+            units=self.units,
+            per_unit=self.per_unit,
+            exponents=self.exponents,
             device=self.acc.device,
+            persistent=self.persistent,
         )
         new.enabled = self.enabled
         return new
@@ -164,8 +267,31 @@ class LayerStats(nn.Module):
             self.reset()
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[override]
+        if self.persistent:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        if not self.persistent:
+            return
+        acc = state_dict.get(prefix + "acc")
+        if acc is not None and acc.dim() == 2 and acc.shape[1] < NFIELDS:
+            # an older layout (fewer fields, e.g. 0.1.0's 8): the new sums start at 0 and
+            # their groups read as not recorded until the next reset
+            pad = acc.new_zeros(acc.shape[0], NFIELDS - acc.shape[1])
+            state_dict[prefix + "acc"] = torch.cat([acc, pad], dim=1)
+            self._partial.update(GROUPS)
+        if prefix + "acc" in state_dict and prefix + "unit_counts" not in state_dict:
+            # written before per-unit counts existed: they start at 0, not recorded
+            state_dict[prefix + "unit_counts"] = torch.zeros_like(self.unit_counts)
+            self._partial.add("per_unit")
+        if prefix + "acc" in state_dict and prefix + "exp_hist" not in state_dict:
+            state_dict[prefix + "exp_hist"] = torch.zeros_like(self.exp_hist)
+            self._partial.add("exponents")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict:
-        return {"calibrated": self.calibrated, "bins": self.bins}
+        return {"calibrated": self.calibrated, "bins": self.bins, "partial": sorted(self._partial)}
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("bins", self.bins) != self.bins:
@@ -173,10 +299,12 @@ class LayerStats(nn.Module):
                 f"checkpoint has {state['bins']} histogram bins, this layer has {self.bins}"
             )
         self.calibrated = list(state["calibrated"])
+        self._partial.update(state.get("partial", ()))
         self.hint_centers_from_shift()
 
     def extra_repr(self) -> str:
         return (
             f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
-            f"saturation={self.saturation_active}"
+            f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}, "
+            f"per_unit={self.per_unit}, exponents={self.exponents}"
         )

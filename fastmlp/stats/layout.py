@@ -4,13 +4,27 @@ For each of the four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
 buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 
 - ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
-  nonfinite, sat_low, sat_high``, where ``sum`` and ``sumsq`` are
-  ``sum(x - shift[q])`` and ``sum((x - shift[q])**2)`` over finite values;
+  nonfinite, sat_low, sat_high, zeros, sum3, sum4``, where ``sum``, ``sumsq``, ``sum3``
+  and ``sum4`` are ``sum((x - shift[q])**p)`` for p = 1..4 over finite values (``sum3`` and
+  ``sum4`` recorded when ``Settings.moments4``: skewness and kurtosis) and ``zeros`` counts
+  the finite values exactly 0 (when ``Settings.zeros``). Layouts before these had 8 fields
+  and are padded on load (the padded groups then read as not recorded);
 - ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
   the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
 - ``hist[q]``: int64 ``[bins + 2]`` = ``underflow, bins..., overflow``;
 - ``hist_range[q]``: float64 ``(low, high)``. Bins are ``[e_i, e_i+1)``, the
   last one closed; underflow is ``x < low``, overflow ``x > high``;
+- ``units``: float64 ``[4, units]`` per-unit counts of the ``activation`` quantity (each
+  output feature of the layer; recorded when ``Settings.per_unit``): rows
+  :data:`UNIT_COUNT` (finite values), :data:`UNIT_ACTIVE` (values ``> 0``; a unit with none
+  is dead), :data:`UNIT_SAT_LOW` and :data:`UNIT_SAT_HIGH` (saturated values, when
+  saturation is recorded). Counts are summed across ranks. ``[4, 0]`` for layers built
+  without a unit count;
+- ``exp_hist[q]``: int64 ``[NEXP]`` exponent histogram (recorded when
+  ``Settings.exponents``): slot 0 counts exact zeros, slot ``e - EXP_MIN + 1`` the finite
+  nonzero values with ``frexp`` exponent ``e`` (``|x|`` in ``[2**(e-1), 2**e)``), ``e``
+  clamped to ``[EXP_MIN, EXP_MAX]`` (float32 values lie within). Summed across ranks.
+  :data:`FORMATS` gives, per low-precision format, the binades it cannot represent;
 - ``state``: float64 ``[2, 4]`` kept on the host (CPU) whatever the device of
   the others: row :data:`CALIBRATED` holds 1 for each calibrated quantity, row
   :data:`CENTER` the PyTorch path's centring hint (a float32 number). Host
@@ -43,6 +57,7 @@ __all__ = [
     "WEIGHT_GRAD",
     "FIELDS",
     "NFIELDS",
+    "GROUPS",
     "CALIBRATED",
     "CENTER",
     "Buffers",
@@ -55,8 +70,39 @@ __all__ = [
 
 QUANTITIES = ("preactivation", "activation", "preactivation_grad", "weight_grad")
 PREACTIVATION, ACTIVATION, PREACTIVATION_GRAD, WEIGHT_GRAD = range(4)
-FIELDS = ("count", "sum", "sumsq", "min", "max", "nonfinite", "sat_low", "sat_high")
-COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH = range(len(FIELDS))
+FIELDS = (
+    "count",
+    "sum",
+    "sumsq",
+    "min",
+    "max",
+    "nonfinite",
+    "sat_low",
+    "sat_high",
+    "zeros",
+    "sum3",
+    "sum4",
+)
+COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
+#: Opt-in statistic groups (``Settings`` flags, ``LayerStats`` switches).
+GROUPS = ("zeros", "moments4", "per_unit", "exponents")
+#: frexp exponents of the exponent histogram (float32: -148 .. 128), and its size.
+EXP_MIN, EXP_MAX = -150, 129
+NEXP = EXP_MAX - EXP_MIN + 2
+#: Per format, in frexp exponents ``e`` (``|x|`` in ``[2**(e-1), 2**e)``): values with
+#: ``e > overflow_e`` lie in binades above the format's largest (they overflow), ``e <=
+#: underflow_e`` below its smallest subnormal (they flush to 0), ``e <= subnormal_e``
+#: below its smallest normal (precision lost). Binade-exact: the top binade of e4m3
+#: ([256, 512), max 448) and bf16/fp16's values that round up to infinity count as in range.
+FORMATS = {
+    "bf16": {"overflow_e": 128, "subnormal_e": -126, "underflow_e": -133},
+    "fp16": {"overflow_e": 16, "subnormal_e": -14, "underflow_e": -24},
+    "fp8_e4m3": {"overflow_e": 9, "subnormal_e": -6, "underflow_e": -9},
+    "fp8_e5m2": {"overflow_e": 16, "subnormal_e": -14, "underflow_e": -16},
+}
+#: Rows of ``units``.
+UNIT_COUNT, UNIT_ACTIVE, UNIT_SAT_LOW, UNIT_SAT_HIGH = range(4)
+NUNIT_ROWS = 4
 NFIELDS = len(FIELDS)
 NQ = len(QUANTITIES)
 #: Rows of ``state``.
@@ -71,6 +117,8 @@ class Buffers(NamedTuple):
     hist: torch.Tensor
     hist_range: torch.Tensor
     state: torch.Tensor
+    units: torch.Tensor
+    exp_hist: torch.Tensor
 
     @property
     def bins(self) -> int:
@@ -83,6 +131,10 @@ class Settings(NamedTuple):
     ``saturation``: count saturation (the thresholds ``sat_low``/``sat_high`` are the real
     numbers; :func:`saturation_bounds` rounds them for a dtype). ``fixed_activation``: the
     activation quantity is histogrammed on a fixed range (a bounded activation).
+    ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
+    ``moments4``: third and fourth shifted moment sums (skewness, kurtosis; opt-in).
+    ``per_unit``: per-unit counts of the activation (dead units, per-unit saturation; opt-in).
+    ``exponents``: exponent histograms (low-precision range; opt-in).
     """
 
     enabled: bool
@@ -91,6 +143,10 @@ class Settings(NamedTuple):
     sat_low: float
     sat_high: float
     fixed_activation: bool
+    zeros: bool = False
+    moments4: bool = False
+    per_unit: bool = False
+    exponents: bool = False
 
     def fixed_range(self, q: int) -> bool:
         """Whether quantity ``q`` has a fixed histogram range."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from fastmlp.stats.algebra import LayerBuffers, merge_buffers
 from fastmlp.stats.buffers import LayerStats
-from fastmlp.stats.layout import CALIBRATED, NFIELDS, NQ, QUANTITIES
+from fastmlp.stats.layout import CALIBRATED, NEXP, NFIELDS, NQ, NUNIT_ROWS, QUANTITIES
 from fastmlp.stats.snapshot import Snapshot, quantity_stats
 
 __all__ = [
@@ -59,12 +59,12 @@ def rank_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
 
 def _pack(indexed: Indexed) -> torch.Tensor:
     """One float64 vector: a header (layer count, then index and bins of each layer), then
-    per layer ``acc, shift, hist_range, calibrated, hist`` (counts are exact in float64
+    per layer ``acc, shift, hist_range, calibrated, hist, unit_counts`` (counts are exact in float64
     up to 2**53)."""
     device = indexed[0][1].acc.device
     header = [float(len(indexed))]
     for index, s in indexed:
-        header += [float(index), float(s.bins)]
+        header += [float(index), float(s.bins), float(s.units)]
     parts = [torch.tensor(header, dtype=torch.float64, device=device)]
     for _, s in indexed:
         parts += [
@@ -73,6 +73,8 @@ def _pack(indexed: Indexed) -> torch.Tensor:
             s.hist_range.reshape(-1),
             s.state[CALIBRATED],
             s.hist.reshape(-1).to(torch.float64),
+            s.unit_counts.reshape(-1),
+            s.exp_hist.reshape(-1).to(torch.float64),
         ]
     return torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
 
@@ -89,7 +91,8 @@ def _unpack(flat: np.ndarray, rank: int, expect_header: np.ndarray) -> list[Laye
     pos = n_header
     n_layers = int(expect_header[0])
     for k in range(n_layers):
-        bins = int(expect_header[2 + 2 * k])
+        bins = int(expect_header[2 + 3 * k])
+        n_units = int(expect_header[3 + 3 * k])
 
         def take(n: int) -> np.ndarray:
             nonlocal pos
@@ -102,7 +105,9 @@ def _unpack(flat: np.ndarray, rank: int, expect_header: np.ndarray) -> list[Laye
         rng = take(2 * NQ).reshape(NQ, 2).copy()
         calibrated = take(NQ) != 0
         hist = take(NQ * (bins + 2)).reshape(NQ, bins + 2).astype(np.int64)
-        out.append(LayerBuffers(acc, shift, hist, rng, calibrated))
+        units = take(NUNIT_ROWS * n_units).reshape(NUNIT_ROWS, n_units).copy()
+        exp_hist = take(NQ * NEXP).reshape(NQ, NEXP).astype(np.int64)
+        out.append(LayerBuffers(acc, shift, hist, rng, calibrated, units, exp_hist))
     return out
 
 
@@ -123,7 +128,7 @@ def gather_layer_buffers(
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat, group=group)
     host = torch.stack(gathered).cpu().numpy()
-    header = host[dist.get_rank(group), : 1 + 2 * len(indexed)]
+    header = host[dist.get_rank(group), : 1 + 3 * len(indexed)]
     return [_unpack(host[r], r, header) for r in range(world)]
 
 
@@ -160,6 +165,10 @@ def snapshot_from_buffers(
                 b.hist_range[q],
                 s.saturation_active,
                 name,
+                s.recorded("zeros"),
+                s.recorded("moments4"),
+                b.units if s.recorded("per_unit") else None,
+                b.exp_hist[q] if s.recorded("exponents") else None,
             )
             for q, qname in enumerate(QUANTITIES)
         }

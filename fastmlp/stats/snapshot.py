@@ -10,11 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastmlp.stats.algebra import central_moments
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.diagnosis import Finding, diagnose
 from fastmlp.stats.layout import (
     ACTIVATION,
     COUNT,
+    EXP_MAX,
+    EXP_MIN,
+    FORMATS,
     MAX,
     MIN,
     NONFINITE,
@@ -22,7 +26,14 @@ from fastmlp.stats.layout import (
     SAT_HIGH,
     SAT_LOW,
     SUM,
+    SUM3,
+    SUM4,
     SUMSQ,
+    UNIT_ACTIVE,
+    UNIT_COUNT,
+    UNIT_SAT_HIGH,
+    UNIT_SAT_LOW,
+    ZEROS,
 )
 
 __all__ = ["QuantityStats", "Snapshot", "ROW_FIELDS"]
@@ -37,6 +48,12 @@ ROW_FIELDS = (
     "std",
     "min",
     "max",
+    "absmax",
+    "skewness",
+    "kurtosis",
+    "zero_fraction",
+    "dead_fraction",
+    "formats",
     "nonfinite",
     "saturated_low",
     "saturated_high",
@@ -74,6 +91,35 @@ class QuantityStats:
     overflow: int | None = None
     name: str | None = None
     """The layer's module path (e.g. ``layers.2``), where known."""
+    zero_fraction: float | None = None
+    """Fraction of the finite values that are exactly 0 (when ``stats.zeros`` is on)."""
+    skewness: float | None = None
+    """``m3 / m2**1.5`` of the population central moments (when ``stats.moments4`` is on)."""
+    kurtosis: float | None = None
+    """``m4 / m2**2`` (Pearson's, 3 for a normal distribution; when ``stats.moments4``)."""
+    dead_fraction: float | None = None
+    """Activation rows, when ``stats.per_unit``: fraction of the units that were never
+    above 0 (over the units that saw a finite value)."""
+    unit_active: list[float] | None = field(default=None, repr=False)
+    """Activation, ``stats.per_unit``: per unit, the fraction of its finite values ``> 0``."""
+    formats: dict | None = field(default=None, repr=False)
+    """When ``stats.exponents``: per low-precision format (``fastmlp.stats.layout.FORMATS``)
+    the fractions of the finite values in binades that ``overflow``, ``underflow`` (below the
+    smallest subnormal; zeros excluded) and ``subnormal`` (below the smallest normal,
+    including underflow; zeros excluded)."""
+    exponent_counts: dict[int, int] | None = field(default=None, repr=False)
+    """When ``stats.exponents``: frexp exponent -> count (``|x|`` in ``[2**(e-1), 2**e)``),
+    and ``"zero"`` -> count of exact zeros."""
+    unit_saturated: list[float] | None = field(default=None, repr=False)
+    """Activation, ``stats.per_unit`` and a saturating activation: per unit, the fraction of
+    its finite values saturated at either end."""
+
+    @property
+    def absmax(self) -> float | None:
+        """Largest finite ``|x|``: ``max(-min, max)``, exact across merges like min and max."""
+        if self.min is None or self.max is None:
+            return None
+        return max(-self.min, self.max)
 
     @property
     def saturated(self) -> float | None:
@@ -126,6 +172,23 @@ class QuantityStats:
         return out
 
 
+def _exponent_figures(exp_hist: np.ndarray, n: int) -> dict:
+    """``formats`` and ``exponent_counts`` from one quantity's exponent histogram."""
+    counts = np.asarray(exp_hist, dtype=np.int64)
+    exps = np.arange(EXP_MIN, EXP_MAX + 1)
+    nonzero = counts[1:]
+    formats = {}
+    for fmt, lim in FORMATS.items():
+        formats[fmt] = {
+            "overflow": float(nonzero[exps > lim["overflow_e"]].sum() / n),
+            "underflow": float(nonzero[exps <= lim["underflow_e"]].sum() / n),
+            "subnormal": float(nonzero[exps <= lim["subnormal_e"]].sum() / n),
+        }
+    ec: dict = {int(e): int(c) for e, c in zip(exps, nonzero, strict=True) if c}
+    ec["zero"] = int(counts[0])
+    return {"formats": formats, "exponent_counts": ec}
+
+
 def _finite_or_none(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -139,7 +202,13 @@ def quantity_stats(
     hist_range: np.ndarray,
     saturation: bool,
     name: str | None = None,
+    zeros: bool = False,
+    moments4: bool = False,
+    units: np.ndarray | None = None,
+    exp_hist: np.ndarray | None = None,
 ) -> QuantityStats:
+    """``units``: the layer's per-unit counts (``[4, units]``) when recorded; used for the
+    activation quantity."""
     """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
     n = int(acc[COUNT])
     nonfinite = int(acc[NONFINITE])
@@ -154,6 +223,26 @@ def quantity_stats(
         "min": _finite_or_none(acc[MIN]),
         "max": _finite_or_none(acc[MAX]),
     }
+    if zeros:
+        kw["zero_fraction"] = float(acc[ZEROS] / n)
+    if exp_hist is not None:
+        kw.update(_exponent_figures(exp_hist, n))
+    if units is not None and q == ACTIVATION and units.shape[1]:
+        seen = units[UNIT_COUNT]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            active = units[UNIT_ACTIVE] / seen
+            sat = (units[UNIT_SAT_LOW] + units[UNIT_SAT_HIGH]) / seen
+        some = seen > 0
+        if some.any():
+            kw["dead_fraction"] = float(np.mean(units[UNIT_ACTIVE][some] == 0))
+        kw["unit_active"] = [float(v) if s else None for v, s in zip(active, some, strict=True)]
+        if saturation:
+            kw["unit_saturated"] = [float(v) if s else None for v, s in zip(sat, some, strict=True)]
+    if moments4:
+        _, m2, m3, m4 = central_moments(n, acc[SUM], acc[SUMSQ], acc[SUM3], acc[SUM4])
+        if m2 > 0:
+            kw["skewness"] = float(m3 / n / (m2 / n) ** 1.5)
+            kw["kurtosis"] = float(m4 / n / (m2 / n) ** 2)
     if saturation and q == ACTIVATION:
         kw["saturated_low"] = float(acc[SAT_LOW] / n)
         kw["saturated_high"] = float(acc[SAT_HIGH] / n)
@@ -195,6 +284,8 @@ class Snapshot:
         for _, s in indexed:
             parts += [s.acc.reshape(-1), s.shift, s.hist_range.reshape(-1)]
             parts.append(s.hist.reshape(-1).to(torch.float64))
+            parts.append(s.unit_counts.reshape(-1))
+            parts.append(s.exp_hist.reshape(-1).to(torch.float64))
         flat = torch.cat([p.to(indexed[0][1].acc.device) for p in parts]).cpu().numpy()
         layers: dict[int, dict[str, QuantityStats]] = {}
         pos = 0
@@ -209,6 +300,10 @@ class Snapshot:
             pos += 2 * nq
             hist = flat[pos : pos + s.hist.numel()].reshape(s.hist.shape)
             pos += s.hist.numel()
+            units = flat[pos : pos + s.unit_counts.numel()].reshape(s.unit_counts.shape)
+            pos += s.unit_counts.numel()
+            exp_hist = flat[pos : pos + s.exp_hist.numel()].reshape(s.exp_hist.shape)
+            pos += s.exp_hist.numel()
             layers[index] = {
                 qname: quantity_stats(
                     index,
@@ -219,6 +314,10 @@ class Snapshot:
                     rng[q],
                     s.saturation_active,
                     name,
+                    s.recorded("zeros"),
+                    s.recorded("moments4"),
+                    units if s.recorded("per_unit") else None,
+                    exp_hist[q] if s.recorded("exponents") else None,
                 )
                 for q, qname in enumerate(QUANTITIES)
             }
