@@ -48,6 +48,7 @@ from .utils import (
     ACT_IDS,
     F_SAT_HIGH,
     F_SAT_LOW,
+    GPU_DEVICE_TYPES,
     INTERPRET,
     activation_backward,
     apply_activation,
@@ -732,5 +733,5 @@ def supported(x: torch.Tensor, weight: torch.Tensor, activation: str) -> bool:
         and weight.dtype == x.dtype
         and activation in ACT_IDS
         and x.shape[0] > 0
-        and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+        and (x.device.type in GPU_DEVICE_TYPES or (INTERPRET and x.device.type == "cpu"))
     )

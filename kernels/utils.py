@@ -52,6 +52,10 @@ __all__ = [
 #: Whether Triton runs in interpreter mode (CPU, numpy-simulated).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: Device types whose tensors the kernels launch on. ``bench.host`` adds ``"cpu"`` while it
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+GPU_DEVICE_TYPES: set[str] = {"cuda"}
+
 #: Activation name -> constexpr id used by the kernels.
 ACT_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
 
