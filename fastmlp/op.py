@@ -90,8 +90,10 @@ def route(
                     "before triton is imported, or use backend='torch'"
                 )
         return "torch"
-    if enabled and not (state[CALIBRATED, quantities[0]] and state[CALIBRATED, quantities[1]]):
-        return "torch"
+    if enabled:
+        flags = state.numpy()[CALIBRATED]  # host-side buffer: no device read
+        if not (flags[quantities[0]] and flags[quantities[1]]):
+            return "torch"
     return "triton"
 
 
@@ -104,8 +106,7 @@ def _settings(
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)
-def dense_forward(
+def _dense_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -132,13 +133,17 @@ def dense_forward(
     return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
 
 
+dense_forward = torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)(
+    _dense_forward
+)
+
+
 @dense_forward.register_fake
 def _(x, weight, bias, acc, shift, hist, hist_range, state, activation, backend, *flags):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)
-def dense_backward(
+def _dense_backward(
     dh: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -174,6 +179,11 @@ def dense_backward(
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
+dense_backward = torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)(
+    _dense_backward
+)
+
+
 @dense_backward.register_fake
 def _(dh, x, weight, h, acc, shift, hist, hist_range, state, activation, backend, nx, nw, nb, *f):
     n = weight.shape[0]
@@ -196,9 +206,8 @@ class DenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        return torch.ops.fastmlp.dense_forward(
-            x, weight, bias, *bufs, activation, backend, *_flags(settings)
-        )
+        fn = _dense_forward if _eager() else torch.ops.fastmlp.dense_forward
+        return fn(x, weight, bias, *bufs, activation, backend, *_flags(settings))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -217,8 +226,9 @@ class DenseFunction(torch.autograd.Function):
         x, weight, h = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
+        fn = _dense_backward if _eager() else torch.ops.fastmlp.dense_backward
         with torch.no_grad():
-            dx, dw, db = torch.ops.fastmlp.dense_backward(
+            dx, dw, db = fn(
                 dh,
                 x,
                 weight,
@@ -250,6 +260,34 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
+class _EagerDenseFunction(torch.autograd.Function):
+    """:class:`DenseFunction` for plain eager mode, in the ``forward(ctx, ...)`` style: its
+    ``apply`` skips the per-call binding of the arguments to ``forward``'s signature (with
+    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
+        h = _dense_forward(x, weight, bias, *bufs, activation, backend, *_flags(settings))
+        DenseFunction.setup_context(ctx, (x, weight, bias, bufs, activation, backend, settings), h)
+        return h
+
+    backward = DenseFunction.backward
+
+
+def _eager() -> bool:
+    """Whether to call the ops' implementations directly: in plain eager mode, where the
+    dispatcher would only route to them (Python-level autograd, ADInplaceOrView and backend
+    layers, a few tens of microseconds per call). Under ``torch.compile``/``export``, fake
+    tensors, functorch transforms or any torch function/dispatch mode, the custom ops run,
+    so that tracing and modes see one node per pass."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.maybe_current_level() is not None
+    )
+
+
 def _flags(s: Settings) -> tuple[bool, bool, bool, float, float]:
     return s.enabled, s.histograms, s.saturation, s.sat_low, s.sat_high
 
@@ -265,4 +303,5 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
-    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
+    fn = _EagerDenseFunction if _eager() else DenseFunction
+    return fn.apply(x, weight, bias, bufs, activation, backend, settings)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from fastmlp.stats.layout import (
     NFIELDS,
@@ -473,24 +474,99 @@ _BEST: dict[tuple, tuple[dict, int, int]] = {}
 
 
 def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool, key: tuple):
-    """Launch with a fixed configuration (interpreter, deterministic mode) or the autotuned one."""
+    """Launch through Triton's JIT path with a fixed configuration (interpreter,
+    deterministic mode) or the autotuned one; returns ``(config, warps, stages)``."""
     if INTERPRET:
         cfg = dict(_INTERPRET_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
-        return
+        return cfg, None, None
     if deterministic or tuned is None:
         cfg = dict(_FIXED_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg, num_warps=_FIXED_WARPS, num_stages=_FIXED_STAGES)
-        return
+        return cfg, _FIXED_WARPS, _FIXED_STAGES
     full_key = (kernel.__name__, *key, *meta.items())
     best = _BEST.get(full_key)
     if best is None:
         tuned[lambda m: grid_fn(m)](*args, **meta)
         cfg = tuned.best_config
-        _BEST[full_key] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        return
+        best = _BEST[full_key] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        return best
     kw, warps, stages = best
     kernel[grid_fn(kw)](*args, **meta, **kw, num_warps=warps, num_stages=stages)
+    return best
+
+
+class _Plan:
+    """One kernel launch prepared once per shape and variant: the compiled kernel, its
+    grid and every argument after the per-call tensors, in the kernel's order
+    (constexprs included, as Triton's launcher takes them).
+
+    :meth:`__call__` does what ``JITFunction.run`` does on a cache hit, minus the work
+    that cannot change for this shape (binding and specialising the arguments, the cache
+    key, re-checking the kernel's global constants, computing the grid).
+    """
+
+    __slots__ = (
+        "kernel",
+        "run",
+        "function",
+        "packed",
+        "grid",
+        "tail",
+        "device",
+        "stream",
+        "finalize",
+    )
+
+    def __init__(self, jit_fn, grid: tuple, args: tuple, meta: dict, cfg, warps, stages, n_head):
+        from triton.runtime.driver import driver
+
+        opts = {} if warps is None else {"num_warps": warps, "num_stages": stages}
+        kernel = jit_fn.warmup(*args, grid=grid, **meta, **cfg, **opts)
+        run = kernel.run  # loads the binary, builds the launcher
+        self.kernel, self.run, self.function = kernel, run, kernel.function
+        self.packed = kernel.packed_metadata
+        self.grid = (grid[0], 1, 1)
+        names = jit_fn.arg_names
+        bound = dict(zip(names, (*args, *[None] * (len(names) - len(args))), strict=True))
+        bound.update(meta, **cfg)
+        assert len(bound) == len(names), "every kernel argument is positional or in meta/cfg"
+        self.tail = tuple(bound.values())[n_head:]
+        self.device = driver.active.get_current_device()
+        self.stream = driver.active.get_current_stream
+        self.finalize: _Plan | None = None  # the pass's finalize launch, if any
+
+    def __call__(self, *head) -> None:
+        stream = self.stream(self.device)
+        args = (*head, *self.tail)
+        kernel = self.kernel
+        g = self.grid
+        hooks = knobs.runtime
+        self.run(
+            g[0],
+            1,
+            1,
+            stream,
+            self.function,
+            self.packed,
+            kernel.launch_metadata(g, stream, *args),
+            hooks.launch_enter_hook,
+            hooks.launch_exit_hook,
+            *args,
+        )
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _first_launch(plan_key, kernel, tuned, grid_fn, args, meta, det, key, n_head) -> _Plan | None:
+    """The first launch for ``plan_key``: through Triton's JIT path (tuning, compiling); then
+    prepares and caches the plan that later calls launch (``None`` under the interpreter)."""
+    cfg, warps, stages = _launch(kernel, tuned, grid_fn, args, meta, det, key)
+    if INTERPRET:
+        return None
+    plan = _PLANS[plan_key] = _Plan(kernel, grid_fn(cfg), args, meta, cfg, warps, stages, n_head)
+    return plan
 
 
 # Per-pass work buffers shared by every layer on a device (passes run in stream order):
@@ -538,13 +614,14 @@ def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
 
 def _finalize(
     bufs: Buffers, settings: Settings, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool
-) -> None:
+) -> _Plan | None:
+    """Launch the pass's finalize kernel if it has work; returns its plan for later calls."""
     grow0 = settings.histograms and not settings.fixed_range(q0)
     grow1 = settings.histograms and not settings.fixed_range(q0 + 1)
     if not (det or grow0 or grow1):
-        return
+        return None
     bins = bufs.bins
-    finalize_kernel[(1,)](
+    args = (
         bufs.acc,
         bufs.hist,
         bufs.hist_range,
@@ -553,6 +630,8 @@ def _finalize(
         n0,
         n1,
         part.stride(0) if det else 0,
+    )
+    meta = dict(
         Q0=q0,
         NFIELDS=NFIELDS,
         DETERMINISTIC=det,
@@ -562,10 +641,10 @@ def _finalize(
         HB=next_pow2(bins),
         BLOCK_P=256,
     )
-
-
-def _stat_args(bufs: Buffers, part: torch.Tensor) -> tuple:
-    return (bufs.acc, bufs.shift, bufs.hist, bufs.hist_range, _extents(bufs.acc.device), part)
+    finalize_kernel[(1,)](*args, **meta)
+    if INTERPRET:
+        return None
+    return _Plan(finalize_kernel, (1,), args, meta, {}, None, None, 3)
 
 
 def forward(
@@ -577,12 +656,40 @@ def forward(
     settings: Settings,
 ) -> torch.Tensor:
     """``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``; records ``preactivation`` and
-    ``activation`` into ``bufs`` (calibrated) when ``settings.enabled``. No host reads."""
+    ``activation`` into ``bufs`` (calibrated) when ``settings.enabled``. No host reads.
+
+    The launch is prepared once per shape and variant (:class:`_Plan`); a call then
+    allocates ``h`` and launches the compiled kernel with the prepared arguments.
+    """
     M, K = x.shape
     N = weight.shape[0]
-    h = torch.empty(M, N, dtype=x.dtype, device=x.device)
     stats = settings.enabled
     det = stats and is_deterministic()
+    precision = dot_precision(x.dtype)
+    h = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    plan_key = (
+        "fwd",
+        M,
+        N,
+        K,
+        x.stride(),
+        weight.stride(),
+        x.dtype,
+        x.device,
+        act_id,
+        bias is None,
+        settings,
+        bufs.hist.shape[-1],
+        det,
+        precision,
+    )
+    head = (x, weight, bias if bias is not None else x, h, *bufs[:4])
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        plan(*head)
+        if stats and plan.finalize is not None:
+            plan.finalize(*bufs[:4:2], bufs.hist_range)
+        return h
     smeta = _stats_meta(bufs, settings)
 
     def grid(cfg):
@@ -596,11 +703,9 @@ def forward(
         else (0.0, 0.0)
     )
     args = (
-        x,
-        weight,
-        bias if bias is not None else x,
-        h,
-        *_stat_args(bufs, part),
+        *head,
+        _extents(x.device),
+        part,
         M,
         N,
         K,
@@ -620,12 +725,15 @@ def forward(
         HAS_BIAS=bias is not None,
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
-        PRECISION=dot_precision(x.dtype),
+        PRECISION=precision,
         **smeta,
     )
-    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
+    key = (m_bucket(M), N, K, x.dtype, x.device)
+    new = _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
     if stats:
-        _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
+        fin = _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
+        if new is not None:
+            new.finalize = fin
     return h
 
 
@@ -648,39 +756,68 @@ def backward(
     precision = dot_precision(x.dtype)
     stats = settings.enabled
     dx = dw = db = None
+    strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
     if need_x:
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
+        plan_key = ("dx", M, N, K, strides, x.dtype, x.device, act_id, precision)
+        head = (dh, h, weight, dx)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            plan(*head)
+        else:
 
-        def grid_dx(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+            def grid_dx(cfg):
+                return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
 
-        args = (
-            dh,
-            h,
-            weight,
-            dx,
-            M,
-            N,
-            K,
-            dh.stride(0),
-            dh.stride(1),
-            h.stride(0),
-            h.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            dx.stride(0),
-            dx.stride(1),
-            m_bucket(M),
-        )
-        meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
-        key = (m_bucket(M), N, K, x.dtype, x.device)
-        _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key)
+            args = (
+                *head,
+                M,
+                N,
+                K,
+                dh.stride(0),
+                dh.stride(1),
+                h.stride(0),
+                h.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                dx.stride(0),
+                dx.stride(1),
+                m_bucket(M),
+            )
+            meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
+            key = (m_bucket(M), N, K, x.dtype, x.device)
+            _first_launch(
+                plan_key, _bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key, len(head)
+            )
     if not (need_w or need_b or stats):
         return dx, dw, db
     det = stats and is_deterministic()
-    smeta = _stats_meta(bufs, settings)
     dw = torch.empty(N, K, dtype=weight.dtype, device=weight.device) if need_w else None
     db = torch.empty(N, dtype=weight.dtype, device=weight.device) if need_b else None
+    plan_key = (
+        "dw",
+        M,
+        N,
+        K,
+        strides,
+        x.dtype,
+        x.device,
+        act_id,
+        need_w,
+        need_b,
+        settings,
+        bufs.hist.shape[-1],
+        det,
+        precision,
+    )
+    head = (dh, h, x, dw if dw is not None else x, db if db is not None else x, *bufs[:4])
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        plan(*head)
+        if stats and plan.finalize is not None:
+            plan.finalize(*bufs[:4:2], bufs.hist_range)
+        return dx, dw, db
+    smeta = _stats_meta(bufs, settings)
 
     def grid_dw(cfg):
         return (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
@@ -688,12 +825,9 @@ def backward(
     n_parts = grid_dw(_INTERPRET_CFG if INTERPRET else _FIXED_CFG)[0] if det else 0
     part = _partials(x.device, n_parts, det)
     args = (
-        dh,
-        h,
-        x,
-        dw if dw is not None else x,
-        db if db is not None else x,
-        *_stat_args(bufs, part),
+        *head,
+        _extents(x.device),
+        part,
         M,
         N,
         K,
@@ -717,11 +851,12 @@ def backward(
         **smeta,
     )
     # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.
-    _launch(
-        _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device)
-    )
+    key = (m_bucket(M), N, K, x.dtype, x.device)
+    new = _first_launch(plan_key, _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, key, 9)
     if stats:
-        _finalize(bufs, settings, PREACTIVATION_GRAD, part, n_parts, n_parts, det)
+        fin = _finalize(bufs, settings, PREACTIVATION_GRAD, part, n_parts, n_parts, det)
+        if new is not None:
+            new.finalize = fin
     return dx, dw, db
 
 
