@@ -97,6 +97,7 @@ def route(
     return "triton"
 
 
+@functools.lru_cache(maxsize=1024)
 def _settings(
     activation: str, enabled: bool, histograms: bool, saturation: bool, lo: float, hi: float
 ) -> Settings:

@@ -13,8 +13,9 @@ Kernels:
   statistics of each dZ tile are reduced by exactly one program of its feature
   block (chosen round-robin over the K column blocks, to balance the work), and
   every program reduces the ``weight_grad`` statistics of its output tile.
-- ``finalize_kernel`` (kernels/utils.py): one tiny program per pass for the
-  deterministic reduction and the device-side growth of histogram ranges.
+- ``finalize_pass`` (kernels/utils.py): run by the last program of a pass (a ticket),
+  the deterministic reduction and the device-side growth of histogram ranges, so each
+  pass is one launch.
 
 Precision: float32 inputs use IEEE dots when
 ``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise;
@@ -38,8 +39,6 @@ from triton import knobs
 
 from fastmlp.stats.layout import (
     NFIELDS,
-    PREACTIVATION,
-    PREACTIVATION_GRAD,
     Buffers,
     Settings,
     saturation_bounds,
@@ -57,8 +56,9 @@ from .utils import (
     commit_histogram,
     commit_moments,
     dot_precision,
-    finalize_kernel,
+    finalize_pass,
     is_deterministic,
+    last_program,
     m_bucket,
     next_pow2,
     tile_histogram,
@@ -158,6 +158,7 @@ def _fwd_kernel(
     range_ptr,
     ext_ptr,
     part_ptr,
+    ticket_ptr,
     M,
     N,
     K,
@@ -181,11 +182,18 @@ def _fwd_kernel(
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
+        stride_xm = tl.multiple_of(stride_xm, ALIGN)
+        stride_wn = tl.multiple_of(stride_wn, ALIGN)
+        stride_hm = tl.multiple_of(stride_hm, ALIGN)
+        N = tl.multiple_of(N, ALIGN)
+        K = tl.multiple_of(K, ALIGN)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -234,8 +242,8 @@ def _fwd_kernel(
         if SAT:
             low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
-            tl.atomic_add(row_h + F_SAT_LOW, low)
-            tl.atomic_add(row_h + F_SAT_HIGH, high)
+            tl.atomic_add(row_h + F_SAT_LOW, low, sem="relaxed")
+            tl.atomic_add(row_h + F_SAT_HIGH, high, sem="relaxed")
         if HIST:
             cnt = tile_histogram(
                 h, fin, tl.load(range_ptr + 2), tl.load(range_ptr + 3), BINS, HB, FIXED_ACT
@@ -243,6 +251,26 @@ def _fwd_kernel(
             commit_histogram(hist_ptr + (BINS + 2), cnt, BINS, HB)
             if not FIXED_ACT:
                 commit_extents(ext_ptr + 2, mn, mx)
+        if DETERMINISTIC or HIST:
+            if last_program(ticket_ptr):
+                finalize_pass(
+                    acc_ptr,
+                    hist_ptr,
+                    range_ptr,
+                    ext_ptr,
+                    part_ptr,
+                    ticket_ptr,
+                    tl.num_programs(0),
+                    part_stride,
+                    0,
+                    _GL_NFIELDS,
+                    DETERMINISTIC,
+                    HIST,
+                    HIST and not FIXED_ACT,
+                    BINS,
+                    HB,
+                    256,
+                )
 
 
 # ----------------------------------------------------------------------------- backward
@@ -271,6 +299,7 @@ def _bwd_dx_kernel(
     HIST: tl.constexpr,
     SAT: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -281,6 +310,13 @@ def _bwd_dx_kernel(
     (The output's column block is named ``BLOCK_N`` and the reduction block
     ``BLOCK_K`` so that the same autotuning configurations apply.)
     """
+    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
+        stride_dhm = tl.multiple_of(stride_dhm, ALIGN)
+        stride_hm = tl.multiple_of(stride_hm, ALIGN)
+        stride_wn = tl.multiple_of(stride_wn, ALIGN)
+        stride_dxm = tl.multiple_of(stride_dxm, ALIGN)
+        N = tl.multiple_of(N, ALIGN)
+        K = tl.multiple_of(K, ALIGN)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -327,6 +363,7 @@ def _bwd_dw_kernel(
     range_ptr,
     ext_ptr,
     part_ptr,
+    ticket_ptr,
     M,
     N,
     K,
@@ -350,6 +387,7 @@ def _bwd_dw_kernel(
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -361,6 +399,13 @@ def _bwd_dw_kernel(
     input features ``k`` in blocks of ``BLOCK_N``, the reduction over the batch
     uses ``BLOCK_K``, so the GEMM configurations carry over.)
     """
+    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
+        stride_dhm = tl.multiple_of(stride_dhm, ALIGN)
+        stride_hm = tl.multiple_of(stride_hm, ALIGN)
+        stride_xm = tl.multiple_of(stride_xm, ALIGN)
+        stride_dwn = tl.multiple_of(stride_dwn, ALIGN)
+        N = tl.multiple_of(N, ALIGN)
+        K = tl.multiple_of(K, ALIGN)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -457,6 +502,26 @@ def _bwd_dw_kernel(
             )
             commit_histogram(hist_ptr + 3 * (BINS + 2), cnt, BINS, HB)
             commit_extents(ext_ptr + 6, mn, mx)
+        if DETERMINISTIC or HIST:
+            if last_program(ticket_ptr):
+                finalize_pass(
+                    acc_ptr,
+                    hist_ptr,
+                    range_ptr,
+                    ext_ptr,
+                    part_ptr,
+                    ticket_ptr,
+                    tl.num_programs(0),
+                    part_stride,
+                    2,
+                    _GL_NFIELDS,
+                    DETERMINISTIC,
+                    HIST,
+                    HIST,
+                    BINS,
+                    HB,
+                    256,
+                )
 
 
 _STATS_BUFFERS = ["acc_ptr", "hist_ptr"]
@@ -515,7 +580,6 @@ class _Plan:
         "tail",
         "device",
         "stream",
-        "finalize",
     )
 
     def __init__(self, jit_fn, grid: tuple, args: tuple, meta: dict, cfg, warps, stages, n_head):
@@ -534,7 +598,6 @@ class _Plan:
         self.tail = tuple(bound.values())[n_head:]
         self.device = driver.active.get_current_device()
         self.stream = driver.active.get_current_stream
-        self.finalize: _Plan | None = None  # the pass's finalize launch, if any
 
     def __call__(self, *head) -> None:
         stream = self.stream(self.device)
@@ -587,6 +650,18 @@ def _extents(device: torch.device) -> torch.Tensor:
     return buf
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Per-pass tickets ``[2]`` int32 (forward, dW) that elect a pass's last program; each
+    pass leaves its ticket at 0."""
+    buf = _TICKETS.get(device)
+    if buf is None:
+        buf = _TICKETS[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
 def _partials(device: torch.device, n_parts: int, deterministic: bool) -> torch.Tensor:
     """``[2, n_parts, 2]`` float64 partial sums (a view of a grow-only buffer) in
     deterministic mode; otherwise a stand-in that the kernels never write."""
@@ -612,39 +687,10 @@ def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     }
 
 
-def _finalize(
-    bufs: Buffers, settings: Settings, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool
-) -> _Plan | None:
-    """Launch the pass's finalize kernel if it has work; returns its plan for later calls."""
-    grow0 = settings.histograms and not settings.fixed_range(q0)
-    grow1 = settings.histograms and not settings.fixed_range(q0 + 1)
-    if not (det or grow0 or grow1):
-        return None
-    bins = bufs.bins
-    args = (
-        bufs.acc,
-        bufs.hist,
-        bufs.hist_range,
-        _extents(bufs.acc.device),
-        part,
-        n0,
-        n1,
-        part.stride(0) if det else 0,
-    )
-    meta = dict(
-        Q0=q0,
-        NFIELDS=NFIELDS,
-        DETERMINISTIC=det,
-        GROW0=grow0,
-        GROW1=grow1,
-        BINS=bins,
-        HB=next_pow2(bins),
-        BLOCK_P=256,
-    )
-    finalize_kernel[(1,)](*args, **meta)
-    if INTERPRET:
-        return None
-    return _Plan(finalize_kernel, (1,), args, meta, {}, None, None, 3)
+def _align(*values: int) -> int:
+    """8 if every value (row strides, N, K) is a multiple of 8, else 1: the kernels'
+    ``ALIGN`` hint (16-byte vectors for 16-bit inputs, aligned rows for float32)."""
+    return 8 if all(v % 8 == 0 for v in values) else 1
 
 
 def forward(
@@ -687,8 +733,6 @@ def forward(
     plan = _PLANS.get(plan_key)
     if plan is not None:
         plan(*head)
-        if stats and plan.finalize is not None:
-            plan.finalize(*bufs[:4:2], bufs.hist_range)
         return h
     smeta = _stats_meta(bufs, settings)
 
@@ -706,6 +750,7 @@ def forward(
         *head,
         _extents(x.device),
         part,
+        _tickets(x.device)[0],
         M,
         N,
         K,
@@ -726,14 +771,13 @@ def forward(
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=precision,
+        ALIGN=_align(x.stride(0), weight.stride(0), h.stride(0), N, K)
+        if x.stride(1) == weight.stride(1) == 1
+        else 1,
         **smeta,
     )
     key = (m_bucket(M), N, K, x.dtype, x.device)
-    new = _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
-    if stats:
-        fin = _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
-        if new is not None:
-            new.finalize = fin
+    _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
     return h
 
 
@@ -784,7 +828,12 @@ def backward(
                 dx.stride(1),
                 m_bucket(M),
             )
-            meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
+            align = 1
+            if dh.stride(1) == h.stride(1) == weight.stride(1) == 1:
+                align = _align(dh.stride(0), h.stride(0), weight.stride(0), dx.stride(0), N, K)
+            meta = dict(
+                ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision, ALIGN=align
+            )
             key = (m_bucket(M), N, K, x.dtype, x.device)
             _first_launch(
                 plan_key, _bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key, len(head)
@@ -814,8 +863,6 @@ def backward(
     plan = _PLANS.get(plan_key)
     if plan is not None:
         plan(*head)
-        if stats and plan.finalize is not None:
-            plan.finalize(*bufs[:4:2], bufs.hist_range)
         return dx, dw, db
     smeta = _stats_meta(bufs, settings)
 
@@ -828,6 +875,7 @@ def backward(
         *head,
         _extents(x.device),
         part,
+        _tickets(x.device)[1],
         M,
         N,
         K,
@@ -848,15 +896,16 @@ def backward(
         STORE_DW=need_w,
         DETERMINISTIC=det,
         PRECISION=precision,
+        ALIGN=_align(
+            dh.stride(0), h.stride(0), x.stride(0), K if dw is None else dw.stride(0), N, K
+        )
+        if dh.stride(1) == h.stride(1) == x.stride(1) == 1
+        else 1,
         **smeta,
     )
     # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.
     key = (m_bucket(M), N, K, x.dtype, x.device)
-    new = _first_launch(plan_key, _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, key, 9)
-    if stats:
-        fin = _finalize(bufs, settings, PREACTIVATION_GRAD, part, n_parts, n_parts, det)
-        if new is not None:
-            new.finalize = fin
+    _first_launch(plan_key, _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, key, len(head))
     return dx, dw, db
 
 

@@ -97,7 +97,8 @@ class LayerStats(nn.Module):
 
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
-        return Buffers(self.acc, self.shift, self.hist, self.hist_range, self.state)
+        b = self._buffers  # (direct: nn.Module.__getattr__ costs about a microsecond a name)
+        return Buffers(b["acc"], b["shift"], b["hist"], b["hist_range"], b["state"])
 
     def settings(self) -> Settings:
         """What a pass records now (switches and thresholds)."""
