@@ -78,13 +78,16 @@ class MockCudaDriver:
             nvidia.ARG_KERNEL, nvidia.ARG_CONSTEXPR, nvidia.ARG_TUPLE = 0, 1, 2
 
         self.launches = 0
+        self.record: list | None = None  # (grid, signature, kernel arguments) when a list
         self.launcher_cls = CudaLauncher
         driver = self
 
         class _Utils:
             @staticmethod
-            def launch(*args):  # the C launcher's place: count only
+            def launch(*args):  # the C launcher's place: count (and record) only
                 driver.launches += 1
+                if driver.record is not None:
+                    driver.record.append((args[:3], args[14], args[15]))
 
             @staticmethod
             def load_binary(name, kernel, shared, device):
@@ -236,6 +239,21 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
     return step
 
 
+def _same_launches(first: list, second: list) -> None:
+    """Every launch of two steps got the same grid and arguments: the plans' launches
+    against those of Triton's JIT path (equal scalars and constexprs, per-call tensors of
+    the same shape, dtype and strides)."""
+    assert len(first) == len(second), (len(first), len(second))
+    for (g1, sig1, a1), (g2, sig2, a2) in zip(first, second, strict=True):
+        assert g1 == g2 and sig1 == sig2 and len(a1) == len(a2), (g1, g2, len(a1), len(a2))
+        for u, v in zip(a1, a2, strict=True):
+            if isinstance(u, torch.Tensor):
+                same = (u.shape, u.dtype, u.stride()) == (v.shape, v.dtype, v.stride())
+                assert same, (u.shape, v.shape)
+            else:
+                assert u == v or (u != u and v != v), (u, v)
+
+
 def _time(fn: Callable[[], None], steps: int, repeats: int) -> list[float]:
     per_step = []
     gc.collect()
@@ -258,7 +276,17 @@ def measure(
     with mock_gpu() as mock:
         plain, fm, x, y = _networks(batch, width, depth, in_features)
         fns = {"plain": _step_fn(plain, x, y), "fastmlp": _step_fn(fm, x, y)}
-        for fn in fns.values():  # compile, tune, fill every cache
+        # First step: Triton's JIT path (tune, compile) records the arguments it launches
+        # with; later steps launch the prepared plans, which must pass the same.
+        mock.record = []
+        fns["fastmlp"]()
+        jit_launches, mock.record = mock.record, None
+        plan_launches = []
+        mock.record = plan_launches
+        fns["fastmlp"]()
+        mock.record = None
+        _same_launches(jit_launches, plan_launches)
+        for fn in fns.values():  # fill every cache
             for _ in range(3):
                 fn()
         launches = {}
@@ -287,6 +315,7 @@ def measure(
         "host_s_per_step_all": times,
         "ratio_fastmlp_over_plain": med["fastmlp"] / med["plain"],
         "launches_per_step": launches,
+        "plan_launches_checked": len(plan_launches),
     }
 
 

@@ -41,7 +41,7 @@ from fastmlp.stats.layout import (
     Settings,
 )
 
-__all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
+__all__ = ["BACKENDS", "DenseFunction", "dense", "dense_chain", "route"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -306,3 +306,75 @@ def dense(
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
     fn = _EagerDenseFunction if _eager() else DenseFunction
     return fn.apply(x, weight, bias, bufs, activation, backend, settings)
+
+
+class _ChainFunction(torch.autograd.Function):
+    """A chain of dense layers as one autograd node, for plain eager mode (:func:`dense_chain`).
+
+    The same op implementations as :class:`DenseFunction`, layer after layer; one node
+    instead of one per layer saves the per-node cost of a Python ``autograd.Function``
+    (context, saved tensors, the engine's call into Python), which on a GPU is host time
+    per layer and per step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, specs, *params):  # type: ignore[override]
+        xs = [x]
+        for i, (bufs, activation, backend, settings) in enumerate(specs):
+            w, b = params[2 * i], params[2 * i + 1]
+            xs.append(_dense_forward(xs[-1], w, b, *bufs, activation, backend, *_flags(settings)))
+        ctx.specs = specs
+        ctx.has_bias = [params[2 * i + 1] is not None for i in range(len(specs))]
+        ctx.save_for_backward(*xs, *params[0::2])
+        return xs[-1]
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        specs = ctx.specs
+        n = len(specs)
+        saved = ctx.saved_tensors
+        xs, ws = saved[: n + 1], saved[n + 1 :]
+        needs = ctx.needs_input_grad
+        grads: list[torch.Tensor | None] = [None] * (2 * n)
+        dx = None
+        with torch.no_grad():
+            for i in range(n - 1, -1, -1):
+                bufs, activation, backend, settings = specs[i]
+                # the input's gradient: wanted for x itself or for any earlier parameter
+                need_x = any(needs[2 + 2 * j] or needs[3 + 2 * j] for j in range(i)) or needs[0]
+                need_w = needs[2 + 2 * i]
+                need_b = needs[3 + 2 * i] and ctx.has_bias[i]
+                dx, dw, db = _dense_backward(
+                    dh,
+                    xs[i],
+                    ws[i],
+                    xs[i + 1],
+                    *bufs,
+                    activation,
+                    backend,
+                    need_x,
+                    need_w,
+                    need_b,
+                    *_flags(settings),
+                )
+                grads[2 * i] = dw if need_w else None
+                grads[2 * i + 1] = db if need_b else None
+                if not need_x:
+                    break
+                dh = dx
+        return (dx if needs[0] else None, None, *grads)
+
+
+def dense_chain(
+    x: torch.Tensor,
+    specs: tuple[tuple[Buffers, str, str, Settings], ...],
+    params: tuple[torch.Tensor | None, ...],
+) -> torch.Tensor:
+    """``dense`` applied layer after layer (``specs[i] = (bufs, activation, backend,
+    settings)``, ``params = (w0, b0, w1, b1, ...)``, a bias may be ``None``), as one autograd
+    node in eager mode; the same as chaining :func:`dense` otherwise."""
+    if not _eager():
+        for i, (bufs, activation, backend, settings) in enumerate(specs):
+            x = dense(x, params[2 * i], params[2 * i + 1], bufs, activation, backend, settings)
+        return x
+    return _ChainFunction.apply(x, specs, *params)

@@ -188,12 +188,13 @@ def _fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
-        stride_xm = tl.multiple_of(stride_xm, ALIGN)
-        stride_wn = tl.multiple_of(stride_wn, ALIGN)
-        stride_hm = tl.multiple_of(stride_hm, ALIGN)
-        N = tl.multiple_of(N, ALIGN)
-        K = tl.multiple_of(K, ALIGN)
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_xm = stride_xm * ALIGN
+    stride_wn = stride_wn * ALIGN
+    stride_hm = stride_hm * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -310,13 +311,14 @@ def _bwd_dx_kernel(
     (The output's column block is named ``BLOCK_N`` and the reduction block
     ``BLOCK_K`` so that the same autotuning configurations apply.)
     """
-    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
-        stride_dhm = tl.multiple_of(stride_dhm, ALIGN)
-        stride_hm = tl.multiple_of(stride_hm, ALIGN)
-        stride_wn = tl.multiple_of(stride_wn, ALIGN)
-        stride_dxm = tl.multiple_of(stride_dxm, ALIGN)
-        N = tl.multiple_of(N, ALIGN)
-        K = tl.multiple_of(K, ALIGN)
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_dhm = stride_dhm * ALIGN
+    stride_hm = stride_hm * ALIGN
+    stride_wn = stride_wn * ALIGN
+    stride_dxm = stride_dxm * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -399,13 +401,14 @@ def _bwd_dw_kernel(
     input features ``k`` in blocks of ``BLOCK_N``, the reduction over the batch
     uses ``BLOCK_K``, so the GEMM configurations carry over.)
     """
-    if ALIGN > 1:  # the host guarantees: row strides, N and K are multiples of ALIGN
-        stride_dhm = tl.multiple_of(stride_dhm, ALIGN)
-        stride_hm = tl.multiple_of(stride_hm, ALIGN)
-        stride_xm = tl.multiple_of(stride_xm, ALIGN)
-        stride_dwn = tl.multiple_of(stride_dwn, ALIGN)
-        N = tl.multiple_of(N, ALIGN)
-        K = tl.multiple_of(K, ALIGN)
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_dhm = stride_dhm * ALIGN
+    stride_hm = stride_hm * ALIGN
+    stride_xm = stride_xm * ALIGN
+    stride_dwn = stride_dwn * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -689,7 +692,10 @@ def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
 
 def _align(*values: int) -> int:
     """8 if every value (row strides, N, K) is a multiple of 8, else 1: the kernels'
-    ``ALIGN`` hint (16-byte vectors for 16-bit inputs, aligned rows for float32)."""
+    ``ALIGN``. Those values are passed divided by it and multiplied back in the kernel,
+    which tells the compiler their divisibility (16-byte vector loads along rows, and
+    masks constant over a vector), where Triton's own specialisation only knows
+    multiples of 16 (and 1000 is not one)."""
     return 8 if all(v % 8 == 0 for v in values) else 1
 
 
@@ -746,19 +752,22 @@ def forward(
         if stats and settings.saturation
         else (0.0, 0.0)
     )
+    a = 1
+    if x.stride(1) == weight.stride(1) == 1:
+        a = _align(x.stride(0), weight.stride(0), h.stride(0), N, K)
     args = (
         *head,
         _extents(x.device),
         part,
         _tickets(x.device)[0],
         M,
-        N,
-        K,
-        x.stride(0),
+        N // a,
+        K // a,
+        x.stride(0) // a,
         x.stride(1),
-        weight.stride(0),
+        weight.stride(0) // a,
         weight.stride(1),
-        h.stride(0),
+        h.stride(0) // a,
         h.stride(1),
         part.stride(0) if det else 0,
         float(sat_lo),
@@ -771,9 +780,7 @@ def forward(
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
         PRECISION=precision,
-        ALIGN=_align(x.stride(0), weight.stride(0), h.stride(0), N, K)
-        if x.stride(1) == weight.stride(1) == 1
-        else 1,
+        ALIGN=a,
         **smeta,
     )
     key = (m_bucket(M), N, K, x.dtype, x.device)
@@ -813,26 +820,26 @@ def backward(
             def grid_dx(cfg):
                 return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
 
+            a = 1
+            if dh.stride(1) == h.stride(1) == weight.stride(1) == 1:
+                a = _align(dh.stride(0), h.stride(0), weight.stride(0), dx.stride(0), N, K)
             args = (
                 *head,
                 M,
-                N,
-                K,
-                dh.stride(0),
+                N // a,
+                K // a,
+                dh.stride(0) // a,
                 dh.stride(1),
-                h.stride(0),
+                h.stride(0) // a,
                 h.stride(1),
-                weight.stride(0),
+                weight.stride(0) // a,
                 weight.stride(1),
-                dx.stride(0),
+                dx.stride(0) // a,
                 dx.stride(1),
                 m_bucket(M),
             )
-            align = 1
-            if dh.stride(1) == h.stride(1) == weight.stride(1) == 1:
-                align = _align(dh.stride(0), h.stride(0), weight.stride(0), dx.stride(0), N, K)
             meta = dict(
-                ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision, ALIGN=align
+                ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision, ALIGN=a
             )
             key = (m_bucket(M), N, K, x.dtype, x.device)
             _first_launch(
@@ -871,21 +878,24 @@ def backward(
 
     n_parts = grid_dw(_INTERPRET_CFG if INTERPRET else _FIXED_CFG)[0] if det else 0
     part = _partials(x.device, n_parts, det)
+    a = 1  # (dW is allocated contiguous: its row stride is K)
+    if dh.stride(1) == h.stride(1) == x.stride(1) == 1:
+        a = _align(dh.stride(0), h.stride(0), x.stride(0), N, K)
     args = (
         *head,
         _extents(x.device),
         part,
         _tickets(x.device)[1],
         M,
-        N,
-        K,
-        dh.stride(0),
+        N // a,
+        K // a,
+        dh.stride(0) // a,
         dh.stride(1),
-        h.stride(0),
+        h.stride(0) // a,
         h.stride(1),
-        x.stride(0),
+        x.stride(0) // a,
         x.stride(1),
-        dw.stride(0) if dw is not None else 0,
+        dw.stride(0) // a if dw is not None else 0,
         dw.stride(1) if dw is not None else 0,
         part.stride(0) if det else 0,
         m_bucket(M),
@@ -896,11 +906,7 @@ def backward(
         STORE_DW=need_w,
         DETERMINISTIC=det,
         PRECISION=precision,
-        ALIGN=_align(
-            dh.stride(0), h.stride(0), x.stride(0), K if dw is None else dw.stride(0), N, K
-        )
-        if dh.stride(1) == h.stride(1) == x.stride(1) == 1
-        else 1,
+        ALIGN=a,
         **smeta,
     )
     # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.

@@ -294,12 +294,15 @@ def _finalize_one(
         new_r = tl.where((maxabs < float("inf")) & (maxabs > r), _pow2_above(maxabs), r)
         factor = new_r / r
         src = tl.arange(0, HB)
-        dst = tl.arange(0, HB)
-        row = tl.load(hist_row + 1 + src, mask=src < BINS, other=0, volatile=True)
+        inside = src < BINS
+        row = tl.load(hist_row + 1 + src, mask=inside, other=0, volatile=True)
         j = tl.floor((src.to(tl.float64) - BINS // 2) / factor).to(tl.int32) + BINS // 2
-        hit = (j[None, :] == dst[:, None]) & (src[None, :] < BINS)
-        merged = tl.sum(tl.where(hit, row[None, :], 0), axis=1)
-        tl.store(hist_row + 1 + dst, merged, mask=dst < BINS)
+        # Merge in place: zero the row, then add each old bin to its new one (a scatter-add,
+        # cheap in registers; the barriers order the block's loads, stores and atomics).
+        tl.debug_barrier()
+        tl.store(hist_row + 1 + src, tl.zeros_like(row), mask=inside)
+        tl.debug_barrier()
+        tl.atomic_add(hist_row + 1 + j, row, mask=inside, sem="relaxed")
         tl.store(range_row, -new_r)
         tl.store(range_row + 1, new_r)
 
