@@ -113,29 +113,41 @@ class MLP(nn.Module):
         if self._chain_ok(x):
             # All layers as one autograd node (same ops, less host time per step)
             specs, params = [], []
-            for layer in self.layers:
-                st = layer.stats
-                specs.append(
-                    (st.buffers_tuple(), layer.activation.name, layer.backend, st.settings())
-                )
-                params += (layer.weight, layer.bias)
+            for layer, stats, act in self._parts():
+                specs.append((stats.buffers_tuple(), act, layer.backend, stats.settings()))
+                p = layer._parameters
+                params += (p["weight"], p["bias"])
             return dense_chain(x, tuple(specs), tuple(params))
         for layer in self.layers:
             x = layer(x)
         return x
 
+    def _parts(self) -> list:
+        """``(layer, layer.stats, activation name)`` per layer (cached: attribute lookups on
+        modules cost host time every step)."""
+        layers = tuple(self._modules["layers"])
+        cache = self.__dict__.get("_parts_cache")
+        if cache is None or cache[0] != layers:
+            parts = [(m, m.stats, m.activation.name) for m in layers]
+            cache = self.__dict__["_parts_cache"] = (layers, parts)
+        return cache[1]
+
     def _chain_ok(self, x: torch.Tensor) -> bool:
         """Whether the layers may run as one chain: eager, with grad, 2-D input of the layers'
         dtype, no autocast and no module hooks on the layers (those see each layer's call)."""
-        first = self.layers[0] if len(self.layers) else None
-        if first is None or x.dim() != 2 or not torch.is_grad_enabled():
+        if x.dim() != 2 or not torch.is_grad_enabled():
             return False
-        if x.dtype != first.weight.dtype or not x.dtype.is_floating_point:
+        parts = self._parts()
+        if not parts:
+            return False
+        first = parts[0][0]
+        if x.dtype != first._parameters["weight"].dtype or not x.dtype.is_floating_point:
             return False
         if x.shape[-1] != first.in_features:
             return False
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        device_type = x.device.type
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
             return False
-        if _global_hooks() or any(_has_hooks(m) for m in self.layers):
+        if _global_hooks() or any(_has_hooks(m) for m, _, _ in parts):
             return False
         return _eager()

@@ -127,11 +127,15 @@ def _dense_forward(
     """``f(x W^T + b)`` for ``x [M, K]``; records ``preactivation`` and ``activation``."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
     settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
-    how = route(backend, x, weight, activation, state, (PREACTIVATION, ACTIVATION), enabled)
+    return _forward_impl(x, weight, bias, bufs, activation, backend, settings)
+
+
+def _forward_impl(x, weight, bias, bufs: Buffers, activation: str, backend: str, s: Settings):
+    how = route(backend, x, weight, activation, bufs.state, (PREACTIVATION, ACTIVATION), s.enabled)
     if how == "triton":
         kernels = _kernels()
-        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
-    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, s)
+    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, s)
 
 
 dense_forward = torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)(
@@ -168,16 +172,22 @@ def _dense_backward(
     """``(dx, dW, db)`` (empty where not needed); records the two gradient quantities."""
     bufs = Buffers(acc, shift, hist, hist_range, state)
     settings = _settings(activation, enabled, histograms, saturation, sat_low, sat_high)
-    how = route(backend, x, weight, activation, state, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
-    if how == "triton":
-        kernels = _kernels()
-        act_id = kernels.ACT_IDS[activation]
-        grads = kernels.backward(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
-    else:
-        act = get_activation(activation)
-        grads = torch_path.backward(dh, x, weight, h, act, bufs, settings, need_x, need_w, need_b)
+    grads = _backward_impl(
+        dh, x, weight, h, bufs, activation, backend, need_x, need_w, need_b, settings
+    )
     # Outputs must not alias each other: a fresh empty tensor for each one not needed.
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+def _backward_impl(dh, x, weight, h, bufs, activation, backend, need_x, need_w, need_b, s):
+    """``(dx, dW, db)``, ``None`` where not needed."""
+    q = (PREACTIVATION_GRAD, WEIGHT_GRAD)
+    if route(backend, x, weight, activation, bufs.state, q, s.enabled) == "triton":
+        kernels = _kernels()
+        act_id = kernels.ACT_IDS[activation]
+        return kernels.backward(dh, x, weight, h, act_id, bufs, s, need_x, need_w, need_b)
+    act = get_activation(activation)
+    return torch_path.backward(dh, x, weight, h, act, bufs, s, need_x, need_w, need_b)
 
 
 dense_backward = torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)(
@@ -322,7 +332,7 @@ class _ChainFunction(torch.autograd.Function):
         xs = [x]
         for i, (bufs, activation, backend, settings) in enumerate(specs):
             w, b = params[2 * i], params[2 * i + 1]
-            xs.append(_dense_forward(xs[-1], w, b, *bufs, activation, backend, *_flags(settings)))
+            xs.append(_forward_impl(xs[-1], w, b, bufs, activation, backend, settings))
         ctx.specs = specs
         ctx.has_bias = [params[2 * i + 1] is not None for i in range(len(specs))]
         ctx.save_for_backward(*xs, *params[0::2])
@@ -336,30 +346,24 @@ class _ChainFunction(torch.autograd.Function):
         xs, ws = saved[: n + 1], saved[n + 1 :]
         needs = ctx.needs_input_grad
         grads: list[torch.Tensor | None] = [None] * (2 * n)
+        # need_x[i]: layer i's input gradient is wanted, for x itself or an earlier parameter
+        need_x = [needs[0]] * n
+        for i in range(1, n):
+            need_x[i] = need_x[i - 1] or needs[2 * i] or needs[2 * i + 1]
         dx = None
+        # (the engine runs this without grad unless create_graph; the ops record nothing)
         with torch.no_grad():
             for i in range(n - 1, -1, -1):
                 bufs, activation, backend, settings = specs[i]
-                # the input's gradient: wanted for x itself or for any earlier parameter
-                need_x = any(needs[2 + 2 * j] or needs[3 + 2 * j] for j in range(i)) or needs[0]
                 need_w = needs[2 + 2 * i]
                 need_b = needs[3 + 2 * i] and ctx.has_bias[i]
-                dx, dw, db = _dense_backward(
-                    dh,
-                    xs[i],
-                    ws[i],
-                    xs[i + 1],
-                    *bufs,
-                    activation,
-                    backend,
-                    need_x,
-                    need_w,
-                    need_b,
-                    *_flags(settings),
-                )
-                grads[2 * i] = dw if need_w else None
-                grads[2 * i + 1] = db if need_b else None
-                if not need_x:
+                dx, dw, db = _backward_impl(
+                    dh, xs[i], ws[i], xs[i + 1], bufs, activation, backend,
+                    need_x[i], need_w, need_b, settings,
+                )  # fmt: skip
+                grads[2 * i] = dw
+                grads[2 * i + 1] = db
+                if not need_x[i]:
                     break
                 dh = dx
         return (dx if needs[0] else None, None, *grads)

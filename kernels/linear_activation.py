@@ -605,9 +605,12 @@ class _Plan:
     def __call__(self, *head) -> None:
         stream = self.stream(self.device)
         args = (*head, *self.tail)
-        kernel = self.kernel
         g = self.grid
         hooks = knobs.runtime
+        enter = hooks.launch_enter_hook
+        # Launch metadata only for profilers' hooks (an empty hook chain reads none of it).
+        calls = getattr(enter, "calls", True)
+        meta = self.kernel.launch_metadata(g, stream, *args) if calls else None
         self.run(
             g[0],
             1,
@@ -615,8 +618,8 @@ class _Plan:
             stream,
             self.function,
             self.packed,
-            kernel.launch_metadata(g, stream, *args),
-            hooks.launch_enter_hook,
+            meta,
+            enter,
             hooks.launch_exit_hook,
             *args,
         )
