@@ -31,7 +31,14 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 
 def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature types, constexprs, options) for every variant to compile."""
-    from .linear_activation import _FIXED_CFG, _bwd_dw_kernel, _bwd_dx_kernel, _fwd_kernel
+    from .linear_activation import (
+        _FIXED_CFG,
+        _FIXED_STAGES,
+        _FIXED_WARPS,
+        _bwd_dw_kernel,
+        _bwd_dx_kernel,
+        _fwd_kernel,
+    )
 
     out = []
     dtypes = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")]
@@ -128,7 +135,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
                 ACT=act, STATS=False, HIST=False, SAT=False, PRECISION=prec, ALIGN=align, **cfg
             )
             out.append((f"dx {dt}/{prec} act={act}", _bwd_dx_kernel, types_dx, ce_dx))
-    return [(label, fn, types, ce, {}) for label, fn, types, ce in out]
+    fixed = {"num_warps": _FIXED_WARPS, "num_stages": _FIXED_STAGES}
+    return [(label, fn, types, ce, fixed) for label, fn, types, ce in out]
 
 
 MAX_SHARED = {90: 232448, 80: 166912, 89: 101376, 100: 232448}  # bytes per block (opt-in)
@@ -167,7 +175,14 @@ def selectable(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]
     1024, batch 10/256/4096 -> the small/medium/large buckets' candidates, and the dW
     candidates), for float32 (IEEE and TF32) and bfloat16, with every statistic: the hidden
     tanh layers (``ALIGN=8``) and the identity output layer (10 classes, ``ALIGN=1``)."""
-    from .linear_activation import _BY_BUCKET, _DW_CONFIGS
+    from .linear_activation import (
+        _DW_CONFIGS,
+        _DX_CONFIGS,
+        _FIXED_CFG,
+        _FIXED_STAGES,
+        _FIXED_WARPS,
+        _FWD_CONFIGS,
+    )
 
     base = {v[0]: v for v in variants()}
     dtypes = ["fp32/ieee", "fp32/tf32", "bf16/ieee"]
@@ -176,8 +191,8 @@ def selectable(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]
     out = []
     for dt in dtypes:
         for kind, configs in (
-            ("fwd", [c for cs in _BY_BUCKET.values() for c in cs]),
-            ("dx", [c for cs in _BY_BUCKET.values() for c in cs]),
+            ("fwd", _FWD_CONFIGS),
+            ("dx", _DX_CONFIGS),
             ("dw", _DW_CONFIGS),
         ):
             for act in (2, 0):  # hidden tanh layers (aligned), output layer (identity, N=10)
@@ -192,6 +207,12 @@ def selectable(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]
                     tag = f"{kind} {dt} act={act} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x"
                     tag += f"{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
                     out.append((tag, fn, types, ce2, opts))
+        # deterministic mode: the fixed configuration
+        fixed = {"num_warps": _FIXED_WARPS, "num_stages": _FIXED_STAGES}
+        for kind in ("fwd", "dw"):
+            label = f"{kind} {dt} act=2 stats=True det=True"
+            _, fn, types, ce, _ = base[label]
+            out.append((f"{label} (fixed config)", fn, types, {**ce, **_FIXED_CFG}, fixed))
     return out
 
 
