@@ -130,6 +130,18 @@ def _dense_forward(
     return _forward_impl(x, weight, bias, bufs, activation, backend, settings)
 
 
+_FWD = (PREACTIVATION, ACTIVATION)
+_BWD = (PREACTIVATION_GRAD, WEIGHT_GRAD)
+
+
+def _calibrated(state: torch.Tensor, s: Settings, q0: int) -> bool:
+    """Whether quantities ``q0``, ``q0 + 1`` are calibrated (or statistics are off)."""
+    if not s.enabled:
+        return True
+    flags = state.numpy()[CALIBRATED]
+    return bool(flags[q0] and flags[q0 + 1])
+
+
 def _forward_impl(x, weight, bias, bufs: Buffers, activation: str, backend: str, s: Settings):
     how = route(backend, x, weight, activation, bufs.state, (PREACTIVATION, ACTIVATION), s.enabled)
     if how == "triton":
@@ -330,9 +342,24 @@ class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, specs, *params):  # type: ignore[override]
         xs = [x]
+        kernels = _kernels()
+        same: tuple | None = None  # (backend, activation, weight dtype) routed to the kernels
         for i, (bufs, activation, backend, settings) in enumerate(specs):
             w, b = params[2 * i], params[2 * i + 1]
-            xs.append(_forward_impl(xs[-1], w, b, bufs, activation, backend, settings))
+            x_i = xs[-1]
+            # A layer like the previous kernel-routed one (its input is that layer's output:
+            # same device and dtype) only needs its calibration flags checked.
+            if same == (backend, activation, w.dtype) and _calibrated(bufs.state, settings, 0):
+                h = kernels.forward(x_i, w, b, kernels.ACT_IDS[activation], bufs, settings)
+            elif (
+                route(backend, x_i, w, activation, bufs.state, (0, 1), settings.enabled) == "triton"
+            ):
+                h = kernels.forward(x_i, w, b, kernels.ACT_IDS[activation], bufs, settings)
+                same = (backend, activation, w.dtype)
+            else:
+                h = torch_path.forward(x_i, w, b, get_activation(activation), bufs, settings)
+                same = None
+            xs.append(h)
         ctx.specs = specs
         ctx.has_bias = [params[2 * i + 1] is not None for i in range(len(specs))]
         ctx.save_for_backward(*xs, *params[0::2])
@@ -351,16 +378,31 @@ class _ChainFunction(torch.autograd.Function):
         for i in range(1, n):
             need_x[i] = need_x[i - 1] or needs[2 * i] or needs[2 * i + 1]
         dx = None
+        kernels = _kernels()
+        same: tuple | None = None  # as in forward
         # (the engine runs this without grad unless create_graph; the ops record nothing)
         with torch.no_grad():
             for i in range(n - 1, -1, -1):
                 bufs, activation, backend, settings = specs[i]
                 need_w = needs[2 + 2 * i]
                 need_b = needs[3 + 2 * i] and ctx.has_bias[i]
-                dx, dw, db = _backward_impl(
-                    dh, xs[i], ws[i], xs[i + 1], bufs, activation, backend,
-                    need_x[i], need_w, need_b, settings,
-                )  # fmt: skip
+                w = ws[i]
+                if same == (backend, activation, w.dtype) and _calibrated(
+                    bufs.state, settings, _BWD[0]
+                ):
+                    dx, dw, db = kernels.backward(
+                        dh, xs[i], w, xs[i + 1], kernels.ACT_IDS[activation], bufs, settings,
+                        need_x[i], need_w, need_b,
+                    )  # fmt: skip
+                else:
+                    dx, dw, db = _backward_impl(
+                        dh, xs[i], w, xs[i + 1], bufs, activation, backend,
+                        need_x[i], need_w, need_b, settings,
+                    )  # fmt: skip
+                    routed = route(
+                        backend, xs[i], w, activation, bufs.state, _BWD, settings.enabled
+                    )
+                    same = (backend, activation, w.dtype) if routed == "triton" else None
                 grads[2 * i] = dw
                 grads[2 * i + 1] = db
                 if not need_x[i]:
