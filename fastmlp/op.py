@@ -24,6 +24,7 @@ pass synchronises with a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import ModuleType
 
@@ -381,7 +382,7 @@ class _ChainFunction(torch.autograd.Function):
         kernels = _kernels()
         same: tuple | None = None  # as in forward
         # (the engine runs this without grad unless create_graph; the ops record nothing)
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             for i in range(n - 1, -1, -1):
                 bufs, activation, backend, settings = specs[i]
                 need_w = needs[2 + 2 * i]
