@@ -17,13 +17,17 @@ process:
   launch function (argument packing and ``cuLaunchKernelEx``) is a no-op
   (:class:`MockCudaDriver`), and the driver's device and stream queries return constants.
 
-Both run on CPU tensors whose widths are scaled down (``--width``/``--in-features``, 16 by
+Both run on CPU tensors whose widths are scaled down (``--width``/``--in-features``, 4 by
 default, the batch as given) so that the arithmetic PyTorch's CPU kernels do, which a GPU
 would do, stays small; the host work per operator (Python, dispatcher, autograd, Triton's
-launch path) does not depend on the width. What this leaves out on both sides is the CUDA
-backend's own cost per kernel (caching allocator, cuBLAS heuristics, ``cudaLaunchKernel``,
-a few microseconds each): plain PyTorch issues more kernels per step than fastmlp, so the
-ratio printed is, if anything, unfavourable to fastmlp. Launches per step are counted:
+launch path) does not depend on the width. What is left of that arithmetic grows with
+the batch and counts against ``plain`` (its matmuls run here; fastmlp's kernels do not),
+so at batch 256 the ratio flatters fastmlp by a few per cent (0.95 at width 16 became
+1.00 at width 4 in one comparison on the machine that produced the committed JSON).
+What this leaves out on both sides is the CUDA backend's own cost
+per kernel (caching allocator, cuBLAS heuristics, ``cudaLaunchKernel``, a few microseconds
+each): plain PyTorch issues more kernels per step than fastmlp, so that omission is, if
+anything, unfavourable to fastmlp. Launches per step are counted:
 Triton launches at the mocked launcher, PyTorch kernels as the ATen operators of a step
 that would launch one on CUDA (views, ``empty`` and metadata operators excluded), in an
 extra untimed step. Timings are the median over ``--repeats`` of the mean per step over
@@ -270,7 +274,7 @@ def _time(fn: Callable[[], None], steps: int, repeats: int) -> list[float]:
 
 
 def measure(
-    batch: int, steps: int, repeats: int, width: int = 16, depth: int = 5, in_features: int = 16
+    batch: int, steps: int, repeats: int, width: int = 4, depth: int = 5, in_features: int = 4
 ) -> dict:
     """Host time per step (seconds) of plain eager and fastmlp at ``batch``, and launches."""
     with mock_gpu() as mock:
@@ -324,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="10,256", help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
-    parser.add_argument("--width", type=int, default=16, help="hidden width of the stand-in")
-    parser.add_argument("--in-features", type=int, default=16, help="inputs of the stand-in")
+    parser.add_argument("--width", type=int, default=4, help="hidden width of the stand-in")
+    parser.add_argument("--in-features", type=int, default=4, help="inputs of the stand-in")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
