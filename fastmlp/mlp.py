@@ -123,14 +123,12 @@ class MLP(nn.Module):
         return x
 
     def _parts(self) -> list:
-        """``(layer, layer.stats, activation name)`` per layer (cached: attribute lookups on
-        modules cost host time every step)."""
-        layers = tuple(self._modules["layers"])
-        cache = self.__dict__.get("_parts_cache")
-        if cache is None or cache[0] != layers:
-            parts = [(m, m.stats, m.activation.name) for m in layers]
-            cache = self.__dict__["_parts_cache"] = (layers, parts)
-        return cache[1]
+        """``(layer, layer.stats, activation name)`` per layer, read without ``nn.Module``'s
+        attribute lookup (host time every step); never cached: ``probe`` swaps ``stats``."""
+        return [
+            (m, m._modules["stats"], m.activation.name)
+            for m in self._modules["layers"]._modules.values()
+        ]
 
     def _chain_ok(self, x: torch.Tensor) -> bool:
         """Whether the layers may run as one chain: eager, with grad, 2-D input of the layers'
