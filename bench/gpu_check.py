@@ -1,17 +1,23 @@
-"""One GPU check: GPU-marked tests, then kernel and training-step benchmarks (< 5 minutes).
+"""One GPU check: GPU-marked tests, then kernel and training-step benchmarks (about 6 minutes).
 
-    python -m bench.gpu_check --out DIR
+    pip install --no-deps --no-build-isolation -e . && python -m bench.gpu_check --out DIR
+
+(installs nothing the GPU image lacks; ``--budget`` seconds, 360 by default, so that a
+15-minute slot leaves room for a rerun)
 
 1. ``pytest -m gpu`` on the test suite (a subprocess with a time limit);
 2. forward kernel vs cuBLAS at 4096x4096x4096 in bf16 and TF32
    (``triton.testing.do_bench`` medians; fused tanh + all statistics, and without
    statistics), as TFLOP/s and the fraction of cuBLAS;
 3. a full SGD training step of the paper's 5x1000 tanh network (1024 inputs,
-   10 classes) at batch 256 and 4096, bf16 autocast and TF32: fastmlp
+   10 classes) at batch 10, 256 and 4096, bf16 autocast and TF32: fastmlp
    instrumented (Triton kernels, every statistic on) vs the plain eager network
    (``nn.Linear`` + ``nn.Tanh``, cuBLAS) vs the same with the hooks baseline of
-   ``bench.hooks`` vs ``torch.compile`` of the plain network; and the plain and
-   instrumented steps captured whole in CUDA graphs (launch overhead removed).
+   ``bench.hooks`` vs ``torch.compile`` of the plain and of the instrumented network;
+   and the plain and instrumented steps captured whole in CUDA graphs (launch
+   overhead removed);
+4. registers, spills and shared memory of every kernel launched, as the driver loaded
+   them (the GPU's check of ``python -m fastmlp.kernels.compile_check --configs``).
 
 Each part is guarded: a failure is recorded and the check goes on; parts that
 would run past the time budget are skipped and say so. Writes
@@ -211,6 +217,9 @@ def _train_variants(x, y, dtype) -> dict[str, Callable[[], Callable[[], None]]]:
         "fastmlp-instrumented": lambda: _step_fn(_instrumented(0), x, y, dtype),
         "hooks-all": lambda: _hooked(x, y, dtype),
         "plain-compile": lambda: _step_fn(torch.compile(_plain(0)), x, y, dtype),
+        "fastmlp-instrumented-compile": lambda: _step_fn(
+            torch.compile(_instrumented(0)), x, y, dtype
+        ),
         "plain-eager-graph": lambda: _graphed(_step_fn(_plain(0), x, y, dtype)),
         "fastmlp-instrumented-graph": lambda: _graphed(_step_fn(_instrumented(0), x, y, dtype)),
     }
@@ -237,6 +246,7 @@ _TRAIN_ORDER = (
     "plain-eager-graph",
     "fastmlp-instrumented-graph",
     "plain-compile",  # last: compilation is the slowest part
+    "fastmlp-instrumented-compile",
 )
 
 
@@ -299,6 +309,30 @@ def _hooked(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> Call
     return _step_fn(model, x, y, dtype)
 
 
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every kernel the runs above launched (as the
+    driver loaded them): the GPU's view of ``compile_check --configs``."""
+    from fastmlp.kernels import linear_activation as la
+
+    rows = []
+    for key, plan in la._PLANS.items():
+        k = plan.kernel
+        rows.append(
+            {
+                "part": "resources",
+                "kernel": key[0],
+                "shape": list(key[1:4]),
+                "dtype": str(key[6] if key[0] == "fwd" else key[5]),
+                "tile": list(plan.tail[-4:-1]),  # BLOCK_M, BLOCK_N, BLOCK_K
+                "registers": getattr(k, "n_regs", None),
+                "spills": getattr(k, "n_spills", None),
+                "shared": int(k.metadata.shared),
+                "num_warps": k.metadata.num_warps,
+            }
+        )
+    return rows
+
+
 def _f(v: float | None, width: int, digits: int = 3) -> str:
     return f"{v:>{width}.{digits}f}" if isinstance(v, (int, float)) else " " * width
 
@@ -325,6 +359,13 @@ def table(doc: dict) -> str:
             f"{head}{_f(r.get('ms'), 9)}{_f(r.get('tflops'), 10, 1)}{_f(r.get('vs_cublas'), 11)}"
         )
     lines.append("")
+    res = doc.get("resources", [])
+    if res:
+        spilled = [r for r in res if r.get("spills")]
+        lines.append(
+            f"kernels launched: {len(res)}, max registers "
+            f"{max((r.get('registers') or 0) for r in res)}, with spills: {len(spilled)}"
+        )
     lines.append(
         f"{'train step 5x1000 tanh':<28}{'prec':<6}{'batch':>6}{'ms':>9}"
         f"{'vs eager':>10}{'vs compile':>11}{'vs graph':>10}"
@@ -350,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the check; exit status 0 when it ran (see the JSON for pass/fail), 2 without CUDA."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON")
-    parser.add_argument("--budget", type=float, default=280.0, help="seconds for the whole check")
+    parser.add_argument(
+        "--budget", type=float, default=360.0, help="seconds for the whole check (6 min)"
+    )
     parser.add_argument("--tests-timeout", type=float, default=150.0, help="seconds for pytest")
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     args = parser.parse_args(argv)
@@ -372,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for part, fn in (
         ("kernel", lambda: kernel_bench()),
-        ("train", lambda: train_bench((256, 4096), deadline - 5)),
+        ("train", lambda: train_bench((10, 256, 4096), deadline - 5)),
+        ("resources", kernel_resources),
     ):
         if time.time() > deadline - 10:
             doc[part] = []

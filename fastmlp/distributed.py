@@ -186,10 +186,15 @@ def setup(
     return DistInfo(rank, world_size, local_rank, backend, dev)
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op without one)."""
+def cleanup(wait: bool = False) -> None:
+    """Leave the process group (no-op without one); with ``wait``, after every rank is done
+    (a rank tearing its group down while a peer still works on it was seen to abort)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(

@@ -111,7 +111,8 @@ class InstrumentedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         weight, bias = self.weight, self.bias
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # (autocast knows no meta device: meta tensors, e.g. for shape checks, run as is)
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
             # Computed in the autocast dtype, the op itself outside autocast.
             dt = torch.get_autocast_dtype(device_type)
             x2, weight = x2.to(dt), weight.to(dt)

@@ -5,7 +5,9 @@ This is what PyTorch sees of fastmlp: two ``torch.library`` custom ops,
 statistics buffers (declared in ``mutates_args``, so ``torch.compile(fullgraph=True)``,
 ``torch.export`` and CUDA graphs see one node per pass and the statistics keep updating),
 with fake implementations for tracing, and one ``autograd.Function``
-(:class:`DenseFunction`) that calls them.
+(:class:`DenseFunction`) that calls them. In plain eager mode (no compile, export, fake
+tensors, functorch transform or torch mode: :func:`_eager`) the same implementations are
+called directly, without the dispatcher's few tens of microseconds per call.
 
 Which implementation runs is decided in one place, :func:`route`, for every pass:
 
@@ -59,6 +61,11 @@ def _kernels() -> ModuleType | None:
     return kernels
 
 
+#: Device types routed like CUDA by ``backend="auto"``: empty, except while ``bench.host``
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+MOCK_GPU_DEVICE_TYPES: set[str] = set()
+
+
 def route(
     backend: str,
     x: torch.Tensor,
@@ -73,8 +80,9 @@ def route(
     ``quantities``: the two quantities the pass records; a pass whose quantities are not all
     calibrated runs on the PyTorch path, which calibrates them.
     """
-    state = bufs.state
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+    if backend == "torch" or (
+        backend == "auto" and not (x.is_cuda or x.device.type in MOCK_GPU_DEVICE_TYPES)
+    ):
         return "torch"
     kernels = _kernels()
     if kernels is None or not kernels.supported(x, weight, activation, bufs.bins):
@@ -85,11 +93,14 @@ def route(
                     "before triton is imported, or use backend='torch'"
                 )
         return "torch"
-    if enabled and not (state[CALIBRATED, quantities[0]] and state[CALIBRATED, quantities[1]]):
-        return "torch"
+    if enabled:
+        flags = bufs.state.numpy()[CALIBRATED]  # host-side buffer: no device read
+        if not (flags[quantities[0]] and flags[quantities[1]]):
+            return "torch"
     return "triton"
 
 
+@functools.lru_cache(maxsize=1024)
 def _settings(
     activation: str,
     enabled: bool,
@@ -111,8 +122,7 @@ def _settings(
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)
-def dense_forward(
+def _dense_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -160,14 +170,18 @@ def dense_forward(
     return h, x.new_empty(0) if z is None else z
 
 
+dense_forward = torch.library.custom_op("fastmlp::dense_forward", mutates_args=_MUTATED)(
+    _dense_forward
+)
+
+
 @dense_forward.register_fake
 def _(x, weight, bias, acc, shift, hist, hist_range, state, units, exp_h, activation, bk, *flags):
     h = x.new_empty(x.shape[0], weight.shape[0])
     return h, (x.new_empty(h.shape) if get_activation(activation).from_input else x.new_empty(0))
 
 
-@torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)
-def dense_backward(
+def _dense_backward(
     dh: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -227,6 +241,11 @@ def dense_backward(
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
+dense_backward = torch.library.custom_op("fastmlp::dense_backward", mutates_args=_MUTATED)(
+    _dense_backward
+)
+
+
 @dense_backward.register_fake
 def _(
     dh, x, weight, saved, acc, shift, hist, hist_range, state, units, exp_h, act, bk, nx, nw, nb, *f
@@ -257,7 +276,8 @@ class DenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        return FORWARD_OP(x, weight, bias, *bufs, activation, backend, *_flags(settings))
+        fn = _dense_forward if _eager() else FORWARD_OP
+        return fn(x, weight, bias, *bufs, activation, backend, *_flags(settings))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -278,8 +298,9 @@ class DenseFunction(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
+        fn = _dense_backward if _eager() else BACKWARD_OP
         with torch.no_grad():
-            dx, dw, db = BACKWARD_OP(
+            dx, dw, db = fn(
                 dh,
                 x,
                 weight,
@@ -311,6 +332,35 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
+class _EagerDenseFunction(torch.autograd.Function):
+    """:class:`DenseFunction` for plain eager mode, in the ``forward(ctx, ...)`` style: its
+    ``apply`` skips the per-call binding of the arguments to ``forward``'s signature (with
+    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
+        out = _dense_forward(x, weight, bias, *bufs, activation, backend, *_flags(settings))
+        inputs = (x, weight, bias, bufs, activation, backend, settings)
+        DenseFunction.setup_context(ctx, inputs, out)
+        return out
+
+    backward = DenseFunction.backward
+
+
+def _eager() -> bool:
+    """Whether to call the ops' implementations directly: in plain eager mode, where the
+    dispatcher would only route to them (Python-level autograd, ADInplaceOrView and backend
+    layers, a few tens of microseconds per call). Under ``torch.compile``/``export``, fake
+    tensors, functorch transforms or any torch function/dispatch mode, the custom ops run,
+    so that tracing and modes see one node per pass."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.maybe_current_level() is not None
+    )
+
+
 def _flags(s: Settings) -> tuple:
     return (
         s.enabled,
@@ -336,4 +386,5 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
-    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]
+    fn = _EagerDenseFunction if _eager() else DenseFunction
+    return fn.apply(x, weight, bias, bufs, activation, backend, settings)[0]

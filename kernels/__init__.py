@@ -7,10 +7,11 @@ they run. :func:`set_deterministic` switches to bitwise-reproducible statistics.
 """
 
 from .linear_activation import MAX_BINS, backward, forward, supported
-from .utils import ACT_IDS, INTERPRET, is_deterministic, set_deterministic
+from .utils import ACT_IDS, GPU_DEVICE_TYPES, INTERPRET, is_deterministic, set_deterministic
 
 __all__ = [
     "ACT_IDS",
+    "GPU_DEVICE_TYPES",
     "INTERPRET",
     "MAX_BINS",
     "backward",

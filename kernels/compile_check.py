@@ -33,7 +33,14 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature types, constexprs, options) for every variant to compile."""
     from fastmlp.stats.layout import NEXP
 
-    from .linear_activation import _FIXED_CFG, _bwd_dw_kernel, _bwd_dx_kernel, _fwd_kernel
+    from .linear_activation import (
+        _FIXED_CFG,
+        _FIXED_STAGES,
+        _FIXED_WARPS,
+        _bwd_dw_kernel,
+        _bwd_dx_kernel,
+        _fwd_kernel,
+    )
 
     out = []
     dtypes = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")]
@@ -48,6 +55,8 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             continue
         if quick and act not in (0, 2) and not (dt == "fp32" and prec == "ieee"):
             continue
+        # The output layer (identity, 10 classes) gets no alignment hint; hidden layers do.
+        align = 1 if act == 0 else 8
         ptr = f"*{dt}"
         f64 = "*fp64"
         i64 = "*i64"
@@ -66,6 +75,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "part_ptr": f64,
             "units_ptr": f64,
             "exph_ptr": i64,
+            "ticket_ptr": "*i32",
             "sat_lo": "fp32",
             "sat_hi": "fp32",
             **common,
@@ -90,6 +100,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             HB=128,
             DETERMINISTIC=det,
             PRECISION=prec,
+            ALIGN=align,
             **cfg,
         )
         out.append((f"fwd {dt}/{prec} act={act} stats={stats} det={det}", _fwd_kernel, types, ce))
@@ -106,6 +117,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             "ext_ptr": f64,
             "part_ptr": f64,
             "exph_ptr": i64,
+            "ticket_ptr": "*i32",
             **common,
         }
         for s in ("dhm", "dhn", "hm", "hn", "xm", "xk", "dwn", "dwk"):
@@ -126,6 +138,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             HB=128,
             DETERMINISTIC=det,
             PRECISION=prec,
+            ALIGN=align,
             **cfg,
         )
         out.append(
@@ -136,41 +149,96 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             for s in ("dhm", "dhn", "hm", "hn", "wn", "wk", "dxm", "dxk"):
                 types_dx[f"stride_{s}"] = "i32"
             types_dx.pop("part_stride")
-            ce_dx = dict(ACT=act, STATS=False, HIST=False, SAT=False, PRECISION=prec, **cfg)
+            ce_dx = dict(
+                ACT=act, STATS=False, HIST=False, SAT=False, PRECISION=prec, ALIGN=align, **cfg
+            )
             out.append((f"dx {dt}/{prec} act={act}", _bwd_dx_kernel, types_dx, ce_dx))
-    return [(label, fn, types, ce, {}) for label, fn, types, ce in out]
+    fixed = {"num_warps": _FIXED_WARPS, "num_stages": _FIXED_STAGES}
+    return [(label, fn, types, ce, fixed) for label, fn, types, ce in out]
 
 
-def finalize_variants() -> list[tuple[str, object, dict, dict, dict]]:
-    """The finalize kernel in its deterministic/grow combinations."""
-    from fastmlp.stats.layout import NFIELDS
+MAX_SHARED = {90: 232448, 80: 166912, 89: 101376, 100: 232448}  # bytes per block (opt-in)
 
-    from .utils import finalize_kernel
 
+def resources(kernel, arch: int) -> dict:
+    """Registers, spill bytes (``ptxas -v`` on the kernel's PTX) and shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    out = subprocess.run(
+        [get_ptxas(arch).path, "-v", f"--gpu-name={sm}", f.name, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "spill_stores": int(spill.group(1)) if spill else 0,
+        "spill_loads": int(spill.group(2)) if spill else 0,
+        "shared": int(kernel.metadata.shared),
+    }
+
+
+_OPT_IN_OFF = {"ZEROS": False, "MOM4": False, "UNITS": False, "EXPS": False, "HE": 2}
+
+
+def selectable(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """Every configuration the dispatcher can select for the paper's shapes (widths 1000 and
+    1024, batch 10/256/4096 -> the small/medium/large buckets' candidates, and the dW
+    candidates), for float32 (IEEE and TF32) and bfloat16, with the default statistics
+    (moments, saturation, histograms; the opt-in groups are compiled by :func:`variants`):
+    the hidden tanh layers (``ALIGN=8``) and the identity output layer (10 classes,
+    ``ALIGN=1``)."""
+    from .linear_activation import (
+        _DW_CONFIGS,
+        _DX_CONFIGS,
+        _FIXED_CFG,
+        _FIXED_STAGES,
+        _FIXED_WARPS,
+        _FWD_CONFIGS,
+    )
+
+    base = {v[0]: v for v in variants()}
+    dtypes = ["fp32/ieee", "fp32/tf32", "bf16/ieee"]
+    if quick:
+        dtypes = dtypes[2:]
     out = []
-    for det, g0, g1 in itertools.product((False, True), (False, True), (False, True)):
-        types = {
-            "acc_ptr": "*fp64",
-            "hist_ptr": "*i64",
-            "range_ptr": "*fp64",
-            "ext_ptr": "*fp64",
-            "part_ptr": "*fp64",
-            "n_parts0": "i32",
-            "n_parts1": "i32",
-            "part_stride": "i32",
-        }
-        ce = dict(
-            Q0=0,
-            NFIELDS=NFIELDS,
-            DETERMINISTIC=det,
-            MOM4=det,
-            GROW0=g0,
-            GROW1=g1,
-            BINS=64,
-            HB=64,
-            BLOCK_P=256,
-        )
-        out.append((f"finalize det={det} grow=({g0},{g1})", finalize_kernel, types, ce, {}))
+    for dt in dtypes:
+        for kind, configs in (
+            ("fwd", _FWD_CONFIGS),
+            ("dx", _DX_CONFIGS),
+            ("dw", _DW_CONFIGS),
+        ):
+            for act in (2, 0):  # hidden tanh layers (aligned), output layer (identity, N=10)
+                label = f"{kind} {dt} act={act}"
+                label += "" if kind == "dx" else " stats=True det=False"
+                if label not in base:
+                    continue
+                _, fn, types, ce, _ = base[label]
+                # the default statistics: the opt-in groups (zeros, moments4, per-unit,
+                # exponents) are compiled by variants(), not held to zero spills here
+                default = {k: v for k, v in _OPT_IN_OFF.items() if k in ce}
+                for c in configs:
+                    ce2 = {**ce, **default, **c.kwargs}
+                    opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+                    tag = f"{kind} {dt} act={act} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x"
+                    tag += f"{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                    out.append((tag, fn, types, ce2, opts))
+        # deterministic mode: the fixed configuration
+        fixed = {"num_warps": _FIXED_WARPS, "num_stages": _FIXED_STAGES}
+        for kind in ("fwd", "dw"):
+            label = f"{kind} {dt} act=2 stats=True det=True"
+            _, fn, types, ce, _ = base[label]
+            out.append((f"{label} (fixed config)", fn, types, {**ce, **_FIXED_CFG}, fixed))
     return out
 
 
@@ -182,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="a handful of variants (about 30 s on 2 CPU cores)"
     )
+    parser.add_argument(
+        "--configs",
+        action="store_true",
+        help="every selectable tile configuration (tanh, all statistics, fp32/TF32/bf16): "
+        "report registers/spills/shared memory; fail on spills or shared memory over the limit",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
@@ -191,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", args.arch, 32)
-    todo = finalize_variants() + variants(args.quick or args.smoke)
+    todo = variants(args.quick or args.smoke)
+    if args.configs:
+        todo = selectable(args.quick)
     if args.smoke:
         keep = (
-            "finalize det=True grow=(True,True)",
             "fwd fp32/ieee act=2 stats=True det=True",
             "dw fp32/tf32 act=2 stats=True det=False",
             "dw bf16/ieee act=0 stats=True det=True",
@@ -210,7 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     for label, fn, types, ce, opts in todo:
         try:
             src = ASTSource(fn=fn, signature=_sig(fn, types, ce), constexprs=ce)
-            triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3, **opts})
+            k = triton.compile(
+                src, target=target, options={"num_warps": 4, "num_stages": 3, **opts}
+            )
+            if args.configs:
+                r = resources(k, args.arch)
+                bad = r["spill_stores"] or r["spill_loads"]
+                bad = bad or r["shared"] > MAX_SHARED.get(args.arch, 232448)
+                failures += bool(bad)
+                print(
+                    f"{'FAIL' if bad else 'ok  '} {label}: {r['registers']} registers, "
+                    f"spills {r['spill_stores']}/{r['spill_loads']} B, shared {r['shared']} B",
+                    flush=True,
+                )
         except Exception as e:  # report every failing variant, keep going
             failures += 1
             msg = str(e).strip().splitlines()

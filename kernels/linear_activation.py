@@ -14,8 +14,9 @@ Kernels:
   statistics of each dZ tile are reduced by exactly one program of its feature
   block (chosen round-robin over the K column blocks, to balance the work), and
   every program reduces the ``weight_grad`` statistics of its output tile.
-- ``finalize_kernel`` (kernels/utils.py): one tiny program per pass for the
-  deterministic reduction and the device-side growth of histogram ranges.
+- ``finalize_pass`` (kernels/utils.py): run by the last program of a pass (a ticket),
+  the deterministic reduction and the device-side growth of histogram ranges, so each
+  pass is one launch.
 
 Precision: float32 inputs use IEEE dots when
 ``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise;
@@ -35,12 +36,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from fastmlp.stats.layout import (
     NEXP,
     NFIELDS,
-    PREACTIVATION,
-    PREACTIVATION_GRAD,
     Buffers,
     Settings,
     saturation_bounds,
@@ -52,6 +52,7 @@ from .utils import (
     F_SAT_LOW,
     F_ZEROS,
     FROM_INPUT,
+    GPU_DEVICE_TYPES,
     INTERPRET,
     NPART,
     activation_backward,
@@ -61,8 +62,9 @@ from .utils import (
     commit_histogram,
     commit_moments,
     dot_precision,
-    finalize_kernel,
+    finalize_pass,
     is_deterministic,
+    last_program,
     m_bucket,
     next_pow2,
     tile_exponents,
@@ -83,7 +85,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tile configurations. Under the interpreter (and in deterministic mode) a fixed one is used.
 _INTERPRET_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 _FIXED_CFG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
-_FIXED_WARPS, _FIXED_STAGES = 4, 3
+_FIXED_WARPS, _FIXED_STAGES = 8, 3  # (4 warps spill in float32)
 
 
 def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
@@ -94,31 +96,48 @@ def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
     )
 
 
-# Candidates per batch bucket (few, to keep first-call tuning and compilation short).
-_BY_BUCKET = {
-    "small": [_cfg(16, 64, 64, 4, 4), _cfg(16, 32, 128, 2, 3), _cfg(32, 128, 64, 4, 3)],
-    "medium": [_cfg(32, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
-    # (128x256x64 does not fit float32 tiles in shared memory; the autotuner skips it there)
-    "large": [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 32, 4, 4)],
+# Candidates per batch bucket and kernel (few, to keep first-call tuning and compilation short).
+# Every one compiles for sm_90 without register spills and fits in shared memory in float32
+# (IEEE and TF32) and bfloat16, with every statistic: `compile_check --configs` checks it
+# (larger tiles, e.g. 128x128x64, spill hundreds to thousands of bytes with the statistics
+# epilogue and are left out).
+_FWD_BY_BUCKET = {
+    "small": [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    "medium": [_cfg(32, 64, 32, 4, 3), _cfg(64, 64, 64, 8, 3), _cfg(64, 128, 32, 8, 3)],
+    "large": [_cfg(64, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 3)],
+}
+_DX_BY_BUCKET = {
+    # (16x128x32 spills 4 bytes in float32 for the 10-class output layer)
+    "small": [_cfg(16, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    "medium": [_cfg(32, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3)],
+    "large": [_cfg(64, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3)],
 }
 # dW = dZ^T X has an [N, K] output whatever the batch; the batch is its reduction.
-_DW_CONFIGS = [
-    _cfg(64, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 32, 4, 4),
-]
-_ALL_CONFIGS = [c for cs in _BY_BUCKET.values() for c in cs]
+_DW_CONFIGS = [_cfg(64, 64, 32, 8, 3), _cfg(64, 128, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
+
+
+def _unique(configs):
+    seen: dict[str, triton.Config] = {}
+    for c in configs:
+        seen.setdefault(str(c), c)
+    return list(seen.values())
+
+
+_FWD_CONFIGS = _unique(c for cs in _FWD_BY_BUCKET.values() for c in cs)
+_DX_CONFIGS = _unique(c for cs in _DX_BY_BUCKET.values() for c in cs)
 
 
 def _bucket_name(m_bucket: int) -> str:
     return "small" if m_bucket <= 64 else "medium" if m_bucket <= 1024 else "large"
 
 
-def _prune_by_batch(configs, named_args, **kwargs):
-    """Keep the candidates of the batch bucket (the row dimension of the output)."""
-    keep = {str(c) for c in _BY_BUCKET[_bucket_name(named_args["M_BUCKET"])]}
-    return [c for c in configs if str(c) in keep] or configs[:1]
+def _pruner(by_bucket: dict):
+    def prune(configs, named_args, **kwargs):
+        """Keep the candidates of the batch bucket (the row dimension of the output)."""
+        keep = {str(c) for c in by_bucket[_bucket_name(named_args["M_BUCKET"])]}
+        return [c for c in configs if str(c) in keep] or configs[:1]
+
+    return prune
 
 
 def _maybe_autotune(restore: list[str], configs: list[triton.Config], prune):
@@ -180,10 +199,11 @@ def _fwd_kernel(
     shift_ptr,
     hist_ptr,
     range_ptr,
-    ext_ptr,
-    part_ptr,
     units_ptr,
     exph_ptr,
+    ext_ptr,
+    part_ptr,
+    ticket_ptr,
     M,
     N,
     K,
@@ -214,11 +234,19 @@ def _fwd_kernel(
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_xm = stride_xm * ALIGN
+    stride_wn = stride_wn * ALIGN
+    stride_hm = stride_hm * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -280,20 +308,20 @@ def _fwd_kernel(
         if SAT:
             low = tl.sum((fin & (h <= sat_lo)).to(tl.int32)).to(tl.float64)
             high = tl.sum((fin & (h >= sat_hi)).to(tl.int32)).to(tl.float64)
-            tl.atomic_add(row_h + F_SAT_LOW, low)
-            tl.atomic_add(row_h + F_SAT_HIGH, high)
+            tl.atomic_add(row_h + F_SAT_LOW, low, sem="relaxed")
+            tl.atomic_add(row_h + F_SAT_HIGH, high, sem="relaxed")
         if UNITS:
             # per-unit counts (fastmlp.stats.layout: rows count, active, sat_low, sat_high
             # of N columns): this tile's column sums
             u_fin = tl.sum(fin.to(tl.int32), axis=0).to(tl.float64)
             u_act = tl.sum((fin & (h > 0.0)).to(tl.int32), axis=0).to(tl.float64)
-            tl.atomic_add(units_ptr + offs_n, u_fin, mask=mask_n)
-            tl.atomic_add(units_ptr + N + offs_n, u_act, mask=mask_n)
+            tl.atomic_add(units_ptr + offs_n, u_fin, mask=mask_n, sem="relaxed")
+            tl.atomic_add(units_ptr + N + offs_n, u_act, mask=mask_n, sem="relaxed")
             if SAT:
                 u_lo = tl.sum((fin & (h <= sat_lo)).to(tl.int32), axis=0).to(tl.float64)
                 u_hi = tl.sum((fin & (h >= sat_hi)).to(tl.int32), axis=0).to(tl.float64)
-                tl.atomic_add(units_ptr + 2 * N + offs_n, u_lo, mask=mask_n)
-                tl.atomic_add(units_ptr + 3 * N + offs_n, u_hi, mask=mask_n)
+                tl.atomic_add(units_ptr + 2 * N + offs_n, u_lo, mask=mask_n, sem="relaxed")
+                tl.atomic_add(units_ptr + 3 * N + offs_n, u_hi, mask=mask_n, sem="relaxed")
         if HIST:
             cnt = tile_histogram(
                 h, fin, tl.load(range_ptr + 2), tl.load(range_ptr + 3), BINS, HB, FIXED_ACT
@@ -301,6 +329,27 @@ def _fwd_kernel(
             commit_histogram(hist_ptr + (BINS + 2), cnt, BINS, HB)
             if not FIXED_ACT:
                 commit_extents(ext_ptr + 2, mn, mx)
+        if DETERMINISTIC or HIST:
+            if last_program(ticket_ptr):
+                finalize_pass(
+                    acc_ptr,
+                    hist_ptr,
+                    range_ptr,
+                    ext_ptr,
+                    part_ptr,
+                    ticket_ptr,
+                    tl.num_programs(0),
+                    part_stride,
+                    0,
+                    _GL_NFIELDS,
+                    DETERMINISTIC,
+                    MOM4,
+                    HIST,
+                    HIST and not FIXED_ACT,
+                    BINS,
+                    HB,
+                    256,
+                )
 
 
 # ----------------------------------------------------------------------------- backward
@@ -329,6 +378,7 @@ def _bwd_dx_kernel(
     HIST: tl.constexpr,
     SAT: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -339,6 +389,14 @@ def _bwd_dx_kernel(
     (The output's column block is named ``BLOCK_N`` and the reduction block
     ``BLOCK_K`` so that the same autotuning configurations apply.)
     """
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_dhm = stride_dhm * ALIGN
+    stride_hm = stride_hm * ALIGN
+    stride_wn = stride_wn * ALIGN
+    stride_dxm = stride_dxm * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -383,9 +441,10 @@ def _bwd_dw_kernel(
     shift_ptr,
     hist_ptr,
     range_ptr,
+    exph_ptr,
     ext_ptr,
     part_ptr,
-    exph_ptr,
+    ticket_ptr,
     M,
     N,
     K,
@@ -414,6 +473,7 @@ def _bwd_dw_kernel(
     HB: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -425,6 +485,14 @@ def _bwd_dw_kernel(
     input features ``k`` in blocks of ``BLOCK_N``, the reduction over the batch
     uses ``BLOCK_K``, so the GEMM configurations carry over.)
     """
+    # The host passes these divided by ALIGN (see _align): multiplied back here, the
+    # compiler knows them to be multiples of ALIGN (vector loads along rows).
+    stride_dhm = stride_dhm * ALIGN
+    stride_hm = stride_hm * ALIGN
+    stride_xm = stride_xm * ALIGN
+    stride_dwn = stride_dwn * ALIGN
+    N = N * ALIGN
+    K = K * ALIGN
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_N)
@@ -561,13 +629,34 @@ def _bwd_dw_kernel(
             )
             commit_histogram(hist_ptr + 3 * (BINS + 2), cnt, BINS, HB)
             commit_extents(ext_ptr + 6, mn, mx)
+        if DETERMINISTIC or HIST:
+            if last_program(ticket_ptr):
+                finalize_pass(
+                    acc_ptr,
+                    hist_ptr,
+                    range_ptr,
+                    ext_ptr,
+                    part_ptr,
+                    ticket_ptr,
+                    tl.num_programs(0),
+                    part_stride,
+                    2,
+                    _GL_NFIELDS,
+                    DETERMINISTIC,
+                    MOM4,
+                    HIST,
+                    HIST,
+                    BINS,
+                    HB,
+                    256,
+                )
 
 
 _STATS_BUFFERS = ["acc_ptr", "hist_ptr", "exph_ptr"]
-_fwd_tuned = _maybe_autotune([*_STATS_BUFFERS, "units_ptr"], _ALL_CONFIGS, _prune_by_batch)(
+_fwd_tuned = _maybe_autotune([*_STATS_BUFFERS, "units_ptr"], _FWD_CONFIGS, _pruner(_FWD_BY_BUCKET))(
     _fwd_kernel
 )
-_dx_tuned = _maybe_autotune([], _ALL_CONFIGS, _prune_by_batch)(_bwd_dx_kernel)
+_dx_tuned = _maybe_autotune([], _DX_CONFIGS, _pruner(_DX_BY_BUCKET))(_bwd_dx_kernel)
 _dw_tuned = _maybe_autotune(_STATS_BUFFERS, _DW_CONFIGS, None)(_bwd_dw_kernel)
 
 
@@ -580,24 +669,100 @@ _BEST: dict[tuple, tuple[dict, int, int]] = {}
 
 
 def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool, key: tuple):
-    """Launch with a fixed configuration (interpreter, deterministic mode) or the autotuned one."""
+    """Launch through Triton's JIT path with a fixed configuration (interpreter,
+    deterministic mode) or the autotuned one; returns ``(config, warps, stages)``."""
     if INTERPRET:
         cfg = dict(_INTERPRET_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
-        return
+        return cfg, None, None
     if deterministic or tuned is None:
         cfg = dict(_FIXED_CFG)
         kernel[grid_fn(cfg)](*args, **meta, **cfg, num_warps=_FIXED_WARPS, num_stages=_FIXED_STAGES)
-        return
+        return cfg, _FIXED_WARPS, _FIXED_STAGES
     full_key = (kernel.__name__, *key, *meta.items())
     best = _BEST.get(full_key)
     if best is None:
         tuned[lambda m: grid_fn(m)](*args, **meta)
         cfg = tuned.best_config
-        _BEST[full_key] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
-        return
+        best = _BEST[full_key] = (dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+        return best
     kw, warps, stages = best
     kernel[grid_fn(kw)](*args, **meta, **kw, num_warps=warps, num_stages=stages)
+    return best
+
+
+class _Plan:
+    """One kernel launch prepared once per shape and variant: the compiled kernel, its
+    grid and every argument after the per-call tensors, in the kernel's order
+    (constexprs included, as Triton's launcher takes them).
+
+    :meth:`__call__` does what ``JITFunction.run`` does on a cache hit, minus the work
+    that cannot change for this shape (binding and specialising the arguments, the cache
+    key, re-checking the kernel's global constants, computing the grid).
+    """
+
+    __slots__ = (
+        "kernel",
+        "run",
+        "function",
+        "packed",
+        "grid",
+        "tail",
+        "device",
+        "stream",
+    )
+
+    def __init__(self, jit_fn, grid: tuple, args: tuple, meta: dict, cfg, warps, stages, n_head):
+        from triton.runtime.driver import driver
+
+        opts = {} if warps is None else {"num_warps": warps, "num_stages": stages}
+        kernel = jit_fn.warmup(*args, grid=grid, **meta, **cfg, **opts)
+        run = kernel.run  # loads the binary, builds the launcher
+        self.kernel, self.run, self.function = kernel, run, kernel.function
+        self.packed = kernel.packed_metadata
+        self.grid = (grid[0], 1, 1)
+        names = jit_fn.arg_names
+        bound = dict(zip(names, (*args, *[None] * (len(names) - len(args))), strict=True))
+        bound.update(meta, **cfg)
+        assert len(bound) == len(names), "every kernel argument is positional or in meta/cfg"
+        self.tail = tuple(bound.values())[n_head:]
+        self.device = driver.active.get_current_device()
+        self.stream = driver.active.get_current_stream
+
+    def __call__(self, *head) -> None:
+        stream = self.stream(self.device)
+        args = (*head, *self.tail)
+        g = self.grid
+        hooks = knobs.runtime
+        enter = hooks.launch_enter_hook
+        # Launch metadata only for profilers' hooks (an empty hook chain reads none of it).
+        calls = getattr(enter, "calls", True)
+        meta = self.kernel.launch_metadata(g, stream, *args) if calls else None
+        self.run(
+            g[0],
+            1,
+            1,
+            stream,
+            self.function,
+            self.packed,
+            meta,
+            enter,
+            hooks.launch_exit_hook,
+            *args,
+        )
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _first_launch(plan_key, kernel, tuned, grid_fn, args, meta, det, key, n_head) -> _Plan | None:
+    """The first launch for ``plan_key``: through Triton's JIT path (tuning, compiling); then
+    prepares and caches the plan that later calls launch (``None`` under the interpreter)."""
+    cfg, warps, stages = _launch(kernel, tuned, grid_fn, args, meta, det, key)
+    if INTERPRET:
+        return None
+    plan = _PLANS[plan_key] = _Plan(kernel, grid_fn(cfg), args, meta, cfg, warps, stages, n_head)
+    return plan
 
 
 # Per-pass work buffers shared by every layer on a device (passes run in stream order):
@@ -615,6 +780,18 @@ def _extents(device: torch.device) -> torch.Tensor:
         buf[:, 0] = float("inf")
         buf[:, 1] = float("-inf")
         _EXTENTS[device] = buf
+    return buf
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Per-pass tickets ``[2]`` int32 (forward, dW) that elect a pass's last program; each
+    pass leaves its ticket at 0."""
+    buf = _TICKETS.get(device)
+    if buf is None:
+        buf = _TICKETS[device] = torch.zeros(2, dtype=torch.int32, device=device)
     return buf
 
 
@@ -649,37 +826,13 @@ def _stats_meta(bufs: Buffers, settings: Settings) -> dict:
     }
 
 
-def _finalize(
-    bufs: Buffers, settings: Settings, q0: int, part: torch.Tensor, n0: int, n1: int, det: bool
-) -> None:
-    grow0 = settings.histograms and not settings.fixed_range(q0)
-    grow1 = settings.histograms and not settings.fixed_range(q0 + 1)
-    if not (det or grow0 or grow1):
-        return
-    bins = bufs.bins
-    finalize_kernel[(1,)](
-        bufs.acc,
-        bufs.hist,
-        bufs.hist_range,
-        _extents(bufs.acc.device),
-        part,
-        n0,
-        n1,
-        part.stride(0) if det else 0,
-        Q0=q0,
-        NFIELDS=NFIELDS,
-        DETERMINISTIC=det,
-        MOM4=settings.moments4,
-        GROW0=grow0,
-        GROW1=grow1,
-        BINS=bins,
-        HB=next_pow2(bins),
-        BLOCK_P=256,
-    )
-
-
-def _stat_args(bufs: Buffers, part: torch.Tensor) -> tuple:
-    return (bufs.acc, bufs.shift, bufs.hist, bufs.hist_range, _extents(bufs.acc.device), part)
+def _align(*values: int) -> int:
+    """8 if every value (row strides, N, K) is a multiple of 8, else 1: the kernels'
+    ``ALIGN``. Those values are passed divided by it and multiplied back in the kernel,
+    which tells the compiler their divisibility (16-byte vector loads along rows, and
+    masks constant over a vector), where Triton's own specialisation only knows
+    multiples of 16 (and 1000 is not one)."""
+    return 8 if all(v % 8 == 0 for v in values) else 1
 
 
 def forward(
@@ -693,14 +846,43 @@ def forward(
     """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
     activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
     ``preactivation`` and ``activation`` into ``bufs`` (calibrated) when
-    ``settings.enabled``. No host reads."""
+    ``settings.enabled``. No host reads.
+
+    The launch is prepared once per shape and variant (:class:`_Plan`); a call then
+    allocates ``h`` (and ``z``) and launches the compiled kernel with the prepared arguments.
+    """
     M, K = x.shape
     N = weight.shape[0]
+    stats = settings.enabled
+    det = stats and is_deterministic()
+    precision = dot_precision(x.dtype)
     h = torch.empty(M, N, dtype=x.dtype, device=x.device)
     store_z = act_id in FROM_INPUT
     z = torch.empty_like(h) if store_z else None
-    stats = settings.enabled
-    det = stats and is_deterministic()
+    plan_key = (
+        "fwd",
+        M,
+        N,
+        K,
+        x.stride(),
+        weight.stride(),
+        x.dtype,
+        x.device,
+        act_id,
+        bias is None,
+        settings,
+        bufs.hist.shape[-1],
+        det,
+        precision,
+    )
+    units = bufs.units if stats and settings.per_unit else h
+    # The arguments that change from call to call (the plan's head).
+    head = (x, weight, bias if bias is not None else x, h, z if store_z else h, *bufs[:4])
+    head += (units, bufs.exp_hist)
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        plan(*head)
+        return h, z
     smeta = _stats_meta(bufs, settings)
 
     def grid(cfg):
@@ -713,23 +895,22 @@ def forward(
         if stats and settings.saturation
         else (0.0, 0.0)
     )
+    a = 1
+    if x.stride(1) == weight.stride(1) == 1:
+        a = _align(x.stride(0), weight.stride(0), h.stride(0), N, K)
     args = (
-        x,
-        weight,
-        bias if bias is not None else x,
-        h,
-        z if store_z else h,
-        *_stat_args(bufs, part),
-        bufs.units if stats and settings.per_unit else h,
-        bufs.exp_hist,
+        *head,
+        _extents(x.device),
+        part,
+        _tickets(x.device)[0],
         M,
-        N,
-        K,
-        x.stride(0),
+        N // a,
+        K // a,
+        x.stride(0) // a,
         x.stride(1),
-        weight.stride(0),
+        weight.stride(0) // a,
         weight.stride(1),
-        h.stride(0),
+        h.stride(0) // a,
         h.stride(1),
         part.stride(0) if det else 0,
         float(sat_lo),
@@ -743,12 +924,12 @@ def forward(
         UNITS=stats and settings.per_unit,
         FIXED_ACT=stats and settings.fixed_activation,
         DETERMINISTIC=det,
-        PRECISION=dot_precision(x.dtype),
+        PRECISION=precision,
+        ALIGN=a,
         **smeta,
     )
-    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device))
-    if stats:
-        _finalize(bufs, settings, PREACTIVATION, part, n_parts, n_parts, det)
+    key = (m_bucket(M), N, K, x.dtype, x.device)
+    _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
     return h, z
 
 
@@ -769,66 +950,136 @@ def backward(
     ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`."""
     M, K = x.shape
     N = weight.shape[0]
+    stats = settings.enabled
+    det = stats and is_deterministic()
+    precision = dot_precision(x.dtype)
+    strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
+    device = x.device
+    key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
+    key += (bufs.hist.shape[-1], det, precision)
+    pair = _BWD_PLANS.get(key)
+    if pair is None:
+        grads = _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
+        if not INTERPRET:
+            dx_key = ("dx", M, N, K, strides, x.dtype, device, act_id, precision)
+            dw_key = ("dw", *key[:6], act_id, need_w, need_b, *key[10:])
+            plans = (_PLANS.get(dx_key) if need_x else None, _PLANS.get(dw_key))
+            _BWD_PLANS[key] = plans
+        return grads
+    dx_plan, dw_plan = pair
+    dx = dw = db = None
+    if dx_plan is not None:
+        dx = torch.empty(M, K, dtype=x.dtype, device=device)
+        dx_plan(dh, h, weight, dx)
+    if dw_plan is not None:
+        dw = torch.empty(N, K, dtype=weight.dtype, device=device) if need_w else None
+        db = torch.empty(N, dtype=weight.dtype, device=device) if need_b else None
+        dw_head = (dh, h, x, dw if dw is not None else x, db if db is not None else x)
+        dw_plan(*dw_head, *bufs[:4], bufs.exp_hist)
+    return dx, dw, db
+
+
+# Per backward variant: its (dX plan or None, dW plan or None), once both are prepared.
+_BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None]] = {}
+
+
+def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b):
+    """:func:`backward` through the per-kernel plans (prepared on their first launch)."""
+    M, K = x.shape
+    N = weight.shape[0]
     precision = dot_precision(x.dtype)
     stats = settings.enabled
     dx = dw = db = None
+    strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
     if need_x:
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
+        plan_key = ("dx", M, N, K, strides, x.dtype, x.device, act_id, precision)
+        head = (dh, h, weight, dx)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            plan(*head)
+        else:
 
-        def grid_dx(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+            def grid_dx(cfg):
+                return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
 
-        args = (
-            dh,
-            h,
-            weight,
-            dx,
-            M,
-            N,
-            K,
-            dh.stride(0),
-            dh.stride(1),
-            h.stride(0),
-            h.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            dx.stride(0),
-            dx.stride(1),
-            m_bucket(M),
-        )
-        meta = dict(ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision)
-        key = (m_bucket(M), N, K, x.dtype, x.device)
-        _launch(_bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key)
+            a = 1
+            if dh.stride(1) == h.stride(1) == weight.stride(1) == 1:
+                a = _align(dh.stride(0), h.stride(0), weight.stride(0), dx.stride(0), N, K)
+            args = (
+                *head,
+                M,
+                N // a,
+                K // a,
+                dh.stride(0) // a,
+                dh.stride(1),
+                h.stride(0) // a,
+                h.stride(1),
+                weight.stride(0) // a,
+                weight.stride(1),
+                dx.stride(0) // a,
+                dx.stride(1),
+                m_bucket(M),
+            )
+            meta = dict(
+                ACT=act_id, STATS=False, HIST=False, SAT=False, PRECISION=precision, ALIGN=a
+            )
+            key = (m_bucket(M), N, K, x.dtype, x.device)
+            _first_launch(
+                plan_key, _bwd_dx_kernel, _dx_tuned, grid_dx, args, meta, False, key, len(head)
+            )
     if not (need_w or need_b or stats):
         return dx, dw, db
     det = stats and is_deterministic()
-    smeta = _stats_meta(bufs, settings)
     dw = torch.empty(N, K, dtype=weight.dtype, device=weight.device) if need_w else None
     db = torch.empty(N, dtype=weight.dtype, device=weight.device) if need_b else None
+    plan_key = (
+        "dw",
+        M,
+        N,
+        K,
+        strides,
+        x.dtype,
+        x.device,
+        act_id,
+        need_w,
+        need_b,
+        settings,
+        bufs.hist.shape[-1],
+        det,
+        precision,
+    )
+    head = (dh, h, x, dw if dw is not None else x, db if db is not None else x, *bufs[:4])
+    head += (bufs.exp_hist,)
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        plan(*head)
+        return dx, dw, db
+    smeta = _stats_meta(bufs, settings)
 
     def grid_dw(cfg):
         return (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
 
     n_parts = grid_dw(_INTERPRET_CFG if INTERPRET else _FIXED_CFG)[0] if det else 0
     part = _partials(x.device, n_parts, det)
+    a = 1  # (dW is allocated contiguous: its row stride is K)
+    if dh.stride(1) == h.stride(1) == x.stride(1) == 1:
+        a = _align(dh.stride(0), h.stride(0), x.stride(0), N, K)
     args = (
-        dh,
-        h,
-        x,
-        dw if dw is not None else x,
-        db if db is not None else x,
-        *_stat_args(bufs, part),
-        bufs.exp_hist,
+        *head,
+        _extents(x.device),
+        part,
+        _tickets(x.device)[1],
         M,
-        N,
-        K,
-        dh.stride(0),
+        N // a,
+        K // a,
+        dh.stride(0) // a,
         dh.stride(1),
-        h.stride(0),
+        h.stride(0) // a,
         h.stride(1),
-        x.stride(0),
+        x.stride(0) // a,
         x.stride(1),
-        dw.stride(0) if dw is not None else 0,
+        dw.stride(0) // a if dw is not None else 0,
         dw.stride(1) if dw is not None else 0,
         part.stride(0) if det else 0,
         m_bucket(M),
@@ -839,14 +1090,12 @@ def backward(
         STORE_DW=need_w,
         DETERMINISTIC=det,
         PRECISION=precision,
+        ALIGN=a,
         **smeta,
     )
     # The dW kernel reduces over the batch: its "M_BUCKET" key is the batch as well.
-    _launch(
-        _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, (m_bucket(M), N, K, x.dtype, x.device)
-    )
-    if stats:
-        _finalize(bufs, settings, PREACTIVATION_GRAD, part, n_parts, n_parts, det)
+    key = (m_bucket(M), N, K, x.dtype, x.device)
+    _first_launch(plan_key, _bwd_dw_kernel, _dw_tuned, grid_dw, args, meta, det, key, len(head))
     return dx, dw, db
 
 
@@ -860,5 +1109,5 @@ def supported(x: torch.Tensor, weight: torch.Tensor, activation: str, bins: int)
         and weight.dtype == x.dtype
         and activation in ACT_IDS
         and x.shape[0] > 0
-        and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+        and (x.device.type in GPU_DEVICE_TYPES or (INTERPRET and x.device.type == "cpu"))
     )

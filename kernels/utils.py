@@ -17,16 +17,17 @@ How a tile's statistics reach those buffers:
   (counts, histogram bins) and min/max are order-independent, so atomics on
   them are exact and deterministic.
 - Deterministic mode (:func:`set_deterministic`, or ``FASTMLP_DETERMINISTIC=1``):
-  the two float sums are instead written as per-program partials and a second
-  single-program kernel adds them in program order. Cost: one small scratch
+  the two float sums are instead written as per-program partials and the pass's
+  last program adds them in program order. Cost: one small scratch
   buffer per pass, a fixed (not autotuned) tile configuration, and a serial
-  reduction over the per-program partials inside the finalize kernel (a few
+  reduction over the per-program partials in the finalize stage (a few
   microseconds for the 5x1000 network); the statistics are then bitwise
   identical from run to run on the same GPU and software.
-- A finalize kernel (one program, launched after each pass) grows automatic
-  histogram ranges by powers of two with exact bin merging, on the device
-  (no host synchronisation), from the pass's finite extents that the main
-  kernels gather in a small float64 buffer (reset by the finalize kernel).
+- The last program of each pass (a ticket, :func:`last_program`) runs the finalize
+  stage (:func:`finalize_pass`) inside the same kernel, so a pass is one launch: it
+  grows automatic histogram ranges by powers of two with exact bin merging, on the
+  device (no host synchronisation), from the pass's finite extents that the
+  programs gather in a small float64 buffer (reset by the finalize stage).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ __all__ = [
 
 #: Whether Triton runs in interpreter mode (CPU, numpy-simulated).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Device types whose tensors the kernels launch on. ``bench.host`` adds ``"cpu"`` while it
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+GPU_DEVICE_TYPES: set[str] = {"cuda"}
 
 #: Activation name -> constexpr id used by the kernels.
 ACT_IDS = {
@@ -110,7 +115,7 @@ def set_deterministic(flag: bool = True) -> None:
     """Make the kernels' statistics bitwise reproducible (``True``) or use float atomics.
 
     Deterministic mode replaces the float64 atomic additions of the moment sums
-    by per-program partials that a second kernel adds in program order, and
+    by per-program partials that the pass's last program adds in program order, and
     uses a fixed tile configuration instead of autotuning (the partition of the
     work must not change between runs). It costs one scratch allocation per pass,
     a serial reduction over the per-program partials (a few microseconds per
@@ -295,8 +300,10 @@ def commit_moments(
     MOM4: tl.constexpr,
 ):
     """Add one program's moments to the float64 row ``acc_row`` (or its partial slots)."""
-    tl.atomic_add(acc_row + F_COUNT, n)
-    tl.atomic_add(acc_row + F_NONFINITE, nonfinite)
+    # Relaxed: plain reductions, no fence per atomic (nothing reads them within the pass;
+    # the next kernel on the stream sees them all).
+    tl.atomic_add(acc_row + F_COUNT, n, sem="relaxed")
+    tl.atomic_add(acc_row + F_NONFINITE, nonfinite, sem="relaxed")
     if DETERMINISTIC:
         tl.store(part_slot, s1)
         tl.store(part_slot + 1, s2)
@@ -304,13 +311,13 @@ def commit_moments(
             tl.store(part_slot + 2, s3)
             tl.store(part_slot + 3, s4)
     else:
-        tl.atomic_add(acc_row + F_SUM, s1)
-        tl.atomic_add(acc_row + F_SUMSQ, s2)
+        tl.atomic_add(acc_row + F_SUM, s1, sem="relaxed")
+        tl.atomic_add(acc_row + F_SUMSQ, s2, sem="relaxed")
         if MOM4:
-            tl.atomic_add(acc_row + F_SUM3, s3)
-            tl.atomic_add(acc_row + F_SUM4, s4)
-    tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64))
-    tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64))
+            tl.atomic_add(acc_row + F_SUM3, s3, sem="relaxed")
+            tl.atomic_add(acc_row + F_SUM4, s4, sem="relaxed")
+    tl.atomic_min(acc_row + F_MIN, mn.to(tl.float64), sem="relaxed")
+    tl.atomic_max(acc_row + F_MAX, mx.to(tl.float64), sem="relaxed")
 
 
 @triton.jit
@@ -341,21 +348,21 @@ def tile_exponents(v, fin, HE: tl.constexpr):
 def commit_exponents(row, counts, NEXP: tl.constexpr, HE: tl.constexpr):
     """Add a tile's exponent histogram (``HE`` entries) to the int64 row ``row``."""
     offs = tl.arange(0, HE)
-    tl.atomic_add(row + offs, counts.to(tl.int64), mask=offs < NEXP)
+    tl.atomic_add(row + offs, counts.to(tl.int64), mask=offs < NEXP, sem="relaxed")
 
 
 @triton.jit
 def commit_histogram(hist_row, counts, BINS: tl.constexpr, HB: tl.constexpr):
     """Add a tile histogram (int32, ``HB`` entries) to the int64 row ``hist_row``."""
     offs = tl.arange(0, HB)
-    tl.atomic_add(hist_row + offs, counts.to(tl.int64), mask=offs < BINS + 2)
+    tl.atomic_add(hist_row + offs, counts.to(tl.int64), mask=offs < BINS + 2, sem="relaxed")
 
 
 @triton.jit
 def commit_extents(ext_row, mn, mx):
     """Fold a tile's finite min/max into this pass's extents ``ext_row = (min, max)``."""
-    tl.atomic_min(ext_row, mn.to(tl.float64))
-    tl.atomic_max(ext_row + 1, mx.to(tl.float64))
+    tl.atomic_min(ext_row, mn.to(tl.float64), sem="relaxed")
+    tl.atomic_max(ext_row + 1, mx.to(tl.float64), sem="relaxed")
 
 
 @triton.jit
@@ -396,22 +403,22 @@ def _finalize_one(
         for start in range(0, n_parts, BLOCK_P):
             p = start + offs
             msk = p < n_parts
-            s1 += tl.sum(tl.load(part_ptr + NPART * p, mask=msk, other=0.0))
-            s2 += tl.sum(tl.load(part_ptr + NPART * p + 1, mask=msk, other=0.0))
+            s1 += tl.sum(tl.load(part_ptr + NPART * p, mask=msk, other=0.0, volatile=True))
+            s2 += tl.sum(tl.load(part_ptr + NPART * p + 1, mask=msk, other=0.0, volatile=True))
             if MOM4:
-                s3 += tl.sum(tl.load(part_ptr + NPART * p + 2, mask=msk, other=0.0))
-                s4 += tl.sum(tl.load(part_ptr + NPART * p + 3, mask=msk, other=0.0))
-        tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM) + s1)
-        tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ) + s2)
+                s3 += tl.sum(tl.load(part_ptr + NPART * p + 2, mask=msk, other=0.0, volatile=True))
+                s4 += tl.sum(tl.load(part_ptr + NPART * p + 3, mask=msk, other=0.0, volatile=True))
+        tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM, volatile=True) + s1)
+        tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ, volatile=True) + s2)
         if MOM4:
-            tl.store(acc_row + F_SUM3, tl.load(acc_row + F_SUM3) + s3)
-            tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4) + s4)
+            tl.store(acc_row + F_SUM3, tl.load(acc_row + F_SUM3, volatile=True) + s3)
+            tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4, volatile=True) + s4)
     if GROW:
         # Widen +-r to cover this pass's extremes, merging bins exactly
         # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
         # The extents are reset to (inf, -inf) for the next pass.
-        mn = tl.load(ext_row)
-        mx = tl.load(ext_row + 1)
+        mn = tl.load(ext_row, volatile=True)
+        mx = tl.load(ext_row + 1, volatile=True)
         tl.store(ext_row, float("inf"))
         tl.store(ext_row + 1, float("-inf"))
         maxabs = tl.maximum(tl.abs(mn), tl.abs(mx))
@@ -420,25 +427,42 @@ def _finalize_one(
         new_r = tl.where((maxabs < float("inf")) & (maxabs > r), _pow2_above(maxabs), r)
         factor = new_r / r
         src = tl.arange(0, HB)
-        dst = tl.arange(0, HB)
-        row = tl.load(hist_row + 1 + src, mask=src < BINS, other=0)
+        inside = src < BINS
+        row = tl.load(hist_row + 1 + src, mask=inside, other=0, volatile=True)
         j = tl.floor((src.to(tl.float64) - BINS // 2) / factor).to(tl.int32) + BINS // 2
-        hit = (j[None, :] == dst[:, None]) & (src[None, :] < BINS)
-        merged = tl.sum(tl.where(hit, row[None, :], 0), axis=1)
-        tl.store(hist_row + 1 + dst, merged, mask=dst < BINS)
+        # Merge in place: zero the row, then add each old bin to its new one (a scatter-add,
+        # cheap in registers; the barriers order the block's loads, stores and atomics).
+        tl.debug_barrier()
+        tl.store(hist_row + 1 + src, tl.zeros_like(row), mask=inside)
+        tl.debug_barrier()
+        tl.atomic_add(hist_row + 1 + j, row, mask=inside, sem="relaxed")
         tl.store(range_row, -new_r)
         tl.store(range_row + 1, new_r)
 
 
 @triton.jit
-def finalize_kernel(
+def last_program(ticket_ptr):
+    """Whether this program is the last of the grid to finish its commits (a ticket).
+
+    Every thread's statistics atomics and stores are issued before the barrier; the
+    acquire-release ticket orders them before the last program's reads (the
+    "threadFenceReduction" pattern). The last program resets the ticket to 0.
+    """
+    tl.debug_barrier()
+    t = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    last = t == tl.num_programs(0) - 1
+    return last
+
+
+@triton.jit
+def finalize_pass(
     acc_ptr,
     hist_ptr,
     range_ptr,
     ext_ptr,
     part_ptr,
-    n_parts0,
-    n_parts1,
+    ticket_ptr,
+    n_parts,
     part_stride,
     Q0: tl.constexpr,
     NFIELDS: tl.constexpr,
@@ -450,10 +474,11 @@ def finalize_kernel(
     HB: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Second stage of one pass over quantities ``Q0`` and ``Q0 + 1`` (single program).
+    """Second stage of one pass over quantities ``Q0`` and ``Q0 + 1``, run by the pass's
+    last program (:func:`last_program`) inside the main kernel, so a pass is one launch.
 
-    Adds the deterministic partials in order (when ``DETERMINISTIC``) and grows
-    automatic histogram ranges (``GROW0``/``GROW1``).
+    Adds the deterministic partials of the ``n_parts`` programs in program order (when
+    ``DETERMINISTIC``) and grows automatic histogram ranges (``GROW0``/``GROW1``).
     """
     _finalize_one(
         acc_ptr + Q0 * NFIELDS,
@@ -461,7 +486,7 @@ def finalize_kernel(
         range_ptr + Q0 * 2,
         ext_ptr + Q0 * 2,
         part_ptr,
-        n_parts0,
+        n_parts,
         DETERMINISTIC,
         MOM4,
         GROW0,
@@ -475,7 +500,7 @@ def finalize_kernel(
         range_ptr + (Q0 + 1) * 2,
         ext_ptr + (Q0 + 1) * 2,
         part_ptr + part_stride,
-        n_parts1,
+        n_parts,
         DETERMINISTIC,
         MOM4,
         GROW1,
@@ -483,3 +508,4 @@ def finalize_kernel(
         HB,
         BLOCK_P,
     )
+    tl.store(ticket_ptr, 0)

@@ -258,6 +258,13 @@ def test_odd_shapes(i, shape, kernel_calls):
     check_case(ACTS[i % len(ACTS)], i % 2 == 0, m, k, n, seed=100 + i, calls=kernel_calls)
 
 
+@pytest.mark.parametrize("shape", [(24, 40, 48), (10, 64, 16)])
+def test_aligned_shapes(shape, kernel_calls):
+    """Strides, N and K multiples of 8: the kernels get them divided by ALIGN=8."""
+    m, k, n = shape
+    check_case("tanh", True, m, k, n, seed=sum(shape), calls=kernel_calls)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("act", ACTS)
 def test_nonfinite_injected(act, bias, kernel_calls):

@@ -313,13 +313,15 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
             raise
         return 0
     distributed.setup(device=None if config.device == "auto" else config.device)
+    finished = False
     try:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
+        finished = True
     except KeyboardInterrupt:  # rank 0 says where the run stands; the agent reports the rest
         if os.environ.get("RANK") == "0" and config.out is not None:
             return _interrupted(Path(config.out))
         return EXIT_INTERRUPTED
     finally:
-        distributed.cleanup()
+        distributed.cleanup(wait=finished)  # every rank leaves the group together
     return 0
