@@ -1,13 +1,14 @@
 """``python -m bench.op_boundary``: the eager cost of the custom-op boundary.
 
-Every instrumented layer pass goes through ``torch.ops.fastmlp.dense_forward`` /
-``dense_backward`` (PyTorch's dispatcher, the schema check, the mutation bookkeeping of
-``torch.library``). This times, interleaved in one process, the eager training step of the
-5x1000 network with every statistic on:
+Under ``torch.compile``, ``export``, fake tensors and torch modes every instrumented pass
+is a call of ``torch.ops.fastmlp.dense_forward`` / ``dense_backward`` (PyTorch's
+dispatcher, the schema check, the mutation bookkeeping of ``torch.library``); in plain
+eager mode the layers call the same implementations directly (``fastmlp.op._eager``).
+This times, interleaved in one process, the eager training step of the 5x1000 network
+with every statistic on:
 
-- ``op``: as users run it, through the custom ops;
-- ``direct``: the same autograd.Function calling the ops' Python implementations directly,
-  which is what the layer did before the op existed;
+- ``op``: every pass through the custom ops' dispatcher, as a traced model would;
+- ``direct``: as users run eager mode (the implementations called directly);
 - ``plain``: ``nn.Linear`` + ``nn.Tanh`` (the reference of the main bench),
 
 and reports the per-step difference, the cost per op call, and ``op / direct``.
@@ -36,14 +37,14 @@ __all__ = ["main", "measure"]
 
 
 @contextlib.contextmanager
-def _direct_calls() -> Iterator[None]:
-    """Inside: the layers call the ops' implementations without PyTorch's dispatcher."""
-    saved = op.FORWARD_OP, op.BACKWARD_OP
-    op.FORWARD_OP, op.BACKWARD_OP = op.dense_forward._init_fn, op.dense_backward._init_fn
+def _through_dispatcher() -> Iterator[None]:
+    """Inside: the layers call the custom ops through PyTorch's dispatcher, as under tracing."""
+    saved = op._eager
+    op._eager = lambda: False
     try:
         yield
     finally:
-        op.FORWARD_OP, op.BACKWARD_OP = saved
+        op._eager = saved
 
 
 def measure(batch: int, repeats: int, warmup: int, min_time: float) -> dict:
@@ -51,12 +52,12 @@ def measure(batch: int, repeats: int, warmup: int, min_time: float) -> dict:
     device = torch.device("cpu")
     case = Case(batch=batch, width=1000)
     built = {n: build_variant(n, case, device, modes=("step",)) for n in ("fastmlp-all", "plain")}
-    op_step = built["fastmlp-all"].run["step"]
-    direct_built = build_variant("fastmlp-all", case, device, modes=("step",))
+    direct_step = built["fastmlp-all"].run["step"]
+    op_built = build_variant("fastmlp-all", case, device, modes=("step",))
 
-    def direct_step() -> None:
-        with _direct_calls():
-            direct_built.run["step"]()
+    def op_step() -> None:
+        with _through_dispatcher():
+            op_built.run["step"]()
 
     fns = {"op": op_step, "direct": direct_step, "plain": built["plain"].run["step"]}
     res, inner = interleaved(fns, repeats=repeats, warmup=warmup, device=device, min_time=min_time)
