@@ -86,10 +86,10 @@ ACT_IDS = {
 #: Ids of the activations whose derivative needs the pre-activation ``z``: the forward
 #: kernel stores ``z`` beside ``h`` for them and the backward reads ``z`` instead of ``h``.
 FROM_INPUT = (5, 6, 7)
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_C = 0.044715
+# GELU's constants are written out inside the jitted functions: Triton 3.6 (the GPU
+# image's) refuses plain float globals there, and the 3.8 interpreter mishandles constexpr
+# ones: 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327,
+# sqrt(2/pi) = 0.7978845608028654, and the tanh approximation's 0.044715.
 
 _deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
 
@@ -164,9 +164,9 @@ def apply_activation(z, ACT: tl.constexpr):
     elif ACT == 4:  # relu (propagates NaN like torch.relu)
         h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
     elif ACT == 5:  # gelu, exact: z * Phi(z)
-        h = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+        h = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 6:  # gelu, tanh approximation (PyTorch's approximate="tanh")
-        h = 0.5 * z * (1.0 + _tanh(_GELU_K * (z + _GELU_C * z * z * z)))
+        h = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 7:  # silu: z * sigmoid(z)
         h = z / (1.0 + tl.exp(-z))
     else:
@@ -206,12 +206,12 @@ def activation_backward(dh, h, ACT: tl.constexpr):
     elif ACT == 4:
         dz = tl.where(h <= 0.0, 0.0, dh)
     elif ACT == 5:  # h is z here: Phi(z) + z * phi(z)
-        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
-        dz = dh * (cdf + h * (_INV_SQRT_2PI * tl.exp(-0.5 * h * h)))
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        dz = dh * (cdf + h * (0.3989422804014327 * tl.exp(-0.5 * h * h)))
     elif ACT == 6:  # h is z here
         z2 = h * h
-        t = _tanh(_GELU_K * (h + _GELU_C * z2 * h))
-        inner = _GELU_K * (1.0 + 3.0 * _GELU_C * z2)
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * z2 * h))
+        inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z2)
         dz = dh * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * inner)
     elif ACT == 7:  # h is z here: s * (1 + z * (1 - s))
         sg = 1.0 / (1.0 + tl.exp(-h))
