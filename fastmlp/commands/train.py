@@ -30,67 +30,8 @@ from fastmlp.train import (
 __all__ = ["register", "run"]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
-
-
-def path_arg(text: str) -> str:
-    """argparse type: a non-empty path (an empty one would mean the current directory)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
-    return text
-
-
-def device_arg(text: str) -> str:
-    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    import torch
-
-    if text == "auto":
-        return text
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"expected auto, cpu, cuda or cuda:N, got {text!r}"
-        ) from None
-    return text
-
-
-# Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = resumable_fields()
-
-
 def _arg_type(kind: Kind):
-    """An argparse type from a field's kind (its message says what was expected)."""
+    """An argparse type from a config kind (its message says what was expected)."""
 
     def parse(text: str):
         try:
@@ -99,6 +40,18 @@ def _arg_type(kind: Kind):
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+# argparse types, one per kind of value (fastmlp.config.KINDS)
+positive_int = _arg_type(KINDS["positive"])
+non_negative_int = _arg_type(KINDS["count"])
+positive_float = _arg_type(KINDS["rate"])
+path_arg = _arg_type(KINDS["path"])
+device_arg = _arg_type(KINDS["device"])
+
+
+# Flags that may change when resuming (everything else comes from the run's config.json).
+RESUMABLE = resumable_fields()
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
