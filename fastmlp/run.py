@@ -37,6 +37,7 @@ import math
 import os
 import pickle
 import sys
+import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -206,6 +207,11 @@ def _lock(path: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = _pid_in(fd)
+            for _ in range(20):  # the holder writes its pid just after taking the lock
+                if pid:
+                    break
+                time.sleep(0.01)
+                pid = _pid_in(fd)
             os.close(fd)
             who = f"process {pid}" if pid else "another process"
             raise RunDirBusy(
