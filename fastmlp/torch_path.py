@@ -375,9 +375,10 @@ def record(
     ``total`` returns the sum of ``x``; ``factors`` ``(a, b)`` say that ``x = a.T @ b``. Both
     are shortcuts the CPU path may take instead of passes over ``x``.
     """
-    if not bufs.state[CALIBRATED, q]:
+    calibrated = bufs.state.numpy()[CALIBRATED]  # the host-side buffer, read without ops
+    if not calibrated[q]:
         calibrate(bufs, settings, q, x)
-        if not bufs.state[CALIBRATED, q]:  # nothing finite (or nothing at all) yet
+        if not calibrated[q]:  # nothing finite (or nothing at all) yet
             bufs.acc[q, NONFINITE] += x.numel()
             return
     accumulate(bufs, settings, q, x, total, factors)
