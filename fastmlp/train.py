@@ -150,17 +150,6 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def _due_any(step: int, config: TrainConfig) -> bool:
-    """Whether anything (evaluation, probe, Jacobian, checkpoint) reads the host at ``step``."""
-    jac, ckpt = config.jacobian_every, config.checkpoint_every
-    return (
-        _due(step, config.eval_every, config.steps)
-        or _due(step, config.probe_every, config.steps)
-        or (jac >= 0 and (step in (0, config.steps) or (jac > 0 and step % jac == 0)))
-        or (ckpt is not None and _due(step, ckpt, config.steps))
-    )
-
-
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Train as ``config`` says; returns the run directory.
 
@@ -399,12 +388,18 @@ class _Monitor:
 
     def __call__(self, step: int) -> None:
         config, run, model, is_main = self.config, self.run, self.model, self.is_main
-        self._check_tripwire(step)
-        logged = False
-        if _due(step, config.eval_every, config.steps):
+        due_eval = _due(step, config.eval_every, config.steps)
+        due_probe = _due(step, config.probe_every, config.steps)
+        jac = config.jacobian_every
+        due_jac = jac >= 0 and (step in (0, config.steps) or (jac > 0 and step % jac == 0))
+        every = config.checkpoint_every
+        logged = due_eval or due_probe or due_jac
+        due_ckpt = logged if every is None else _due(step, every, config.steps)
+        if logged or due_ckpt:  # the host is read at this step anyway
+            self._check_tripwire(step)
+        if due_eval:
             self._evaluate(step)
-            logged = True
-        if _due(step, config.probe_every, config.steps):
+        if due_probe:
             if is_main:
                 with _stats_switched(model, "histograms", config.probe_histograms):
                     self.last_probe = probe(model, *self.probe_set)
@@ -414,22 +409,15 @@ class _Monitor:
                 model.stats.reset()
                 if self.wire is not None:
                     self.wire.rebase()
-            logged = True
-        jac = config.jacobian_every
-        if jac >= 0 and (step in (0, config.steps) or (jac > 0 and step % jac == 0)):
-            if is_main:
-                n_jac = min(config.jacobian_examples, self.probe_set[0].shape[0])
-                x_probe = self.probe_set[0]
-                run.log_jacobian(step, jacobian_singular_values(model, x_probe, max_examples=n_jac))
-            logged = True
-        every = config.checkpoint_every
-        if (every is None and logged) or (
-            every is not None and (step % every == 0 or step == config.steps)
-        ):
+        if due_jac and is_main:
+            n_jac = min(config.jacobian_examples, self.probe_set[0].shape[0])
+            x_probe = self.probe_set[0]
+            run.log_jacobian(step, jacobian_singular_values(model, x_probe, max_examples=n_jac))
+        if due_ckpt:
             self.checkpoint(step)
 
     def _check_tripwire(self, step: int) -> None:
-        if self.wire is None or not _due_any(step, self.config):
+        if self.wire is None:
             return
         hit = self.wire.read()
         if hit is None or hit == self.reported:
