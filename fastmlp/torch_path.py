@@ -253,29 +253,27 @@ def _slot_counts(x: torch.Tensor, scale: float, offset: int, slots: int, clamp: 
     """Counts of the slots ``floor(x * scale) + offset`` (clamped to ``[0, slots)`` when
     ``clamp``), as int64 numpy.
 
-    Where the ``slots**2`` table of pairs is smaller than the work it saves (and its indices
-    are exact in ``x``'s dtype), the two halves of ``x`` are counted as pairs ``a * slots + b``
-    and folded back: half the serial ``bincount`` work of counting each value.
+    The floored values are converted to the narrowest integer type that holds every index
+    (int16 for the default 64 bins: less to write, and to read for ``bincount``'s three
+    passes). Where the ``slots**2`` table of pairs is smaller than the work it saves, the two
+    halves of ``x`` are counted as pairs ``a * slots + b`` (integer arithmetic, exact) and
+    folded back: half the serial ``bincount`` work of counting each value.
     """
     n = x.numel()
     m = n // 2
-    exact = 2**24 if x.dtype == torch.float32 else 2**53
-    pairs = slots * slots <= min(m, exact)
+    pairs = slots * slots <= m
     k = 2 * m if pairs else n
     t = torch.mul(x if n == k else x[:k], scale, out=scratch(k, x.dtype, x.device))
     t.floor_()
     if clamp:
         t.clamp_(-offset, slots - 1 - offset)
-    if pairs:
-        t = torch.add(t[m:], t[:m], alpha=slots, out=scratch(m, x.dtype, x.device, slot=1))
-        t.add_(offset * (slots + 1))
-    else:
-        t.add_(offset)
-    # Converted in place (an integer type of the same width): one buffer stays in cache.
-    idx = t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
-    idx.copy_(t)
+    width = slots * slots if pairs else slots  # indices lie in [0, width) and [-width, 0)
+    itype = next(d for d in (torch.int16, torch.int32, torch.int64) if width <= torch.iinfo(d).max)
+    idx = scratch(k, itype, x.device, slot=1).copy_(t)  # exact: small integers
     if not pairs:
-        return torch.bincount(idx, minlength=slots).numpy()
+        return torch.bincount(idx.add_(offset), minlength=slots).numpy()
+    idx = torch.add(idx[m:], idx[:m], alpha=slots, out=scratch(m, itype, x.device, slot=2))
+    idx.add_(offset * (slots + 1))
     table = torch.bincount(idx, minlength=slots * slots).numpy().reshape(slots, slots)
     counts = table.sum(0) + table.sum(1)
     if n % 2:
