@@ -255,13 +255,15 @@ def _slot_counts(x: torch.Tensor, scale: float, offset: int, slots: int, clamp: 
 
     The floored values are converted to the narrowest integer type that holds every index
     (int16 for the default 64 bins: less to write, and to read for ``bincount``'s three
-    passes). Where the ``slots**2`` table of pairs is smaller than the work it saves, the two
-    halves of ``x`` are counted as pairs ``a * slots + b`` (integer arithmetic, exact) and
-    folded back: half the serial ``bincount`` work of counting each value.
+    passes). Where the table of pairs (``slots**2`` entries) is at most a quarter of the
+    pairs, the two halves of ``x`` are counted as pairs ``a * slots + b`` (integer arithmetic,
+    exact) and folded back: half the serial ``bincount`` work of counting each value (with a
+    larger table, clearing and folding it costs more than that saves; 64 bins: pairs from 34k
+    values on).
     """
     n = x.numel()
     m = n // 2
-    pairs = slots * slots <= m
+    pairs = 4 * slots * slots <= m
     k = 2 * m if pairs else n
     t = torch.mul(x if n == k else x[:k], scale, out=scratch(k, x.dtype, x.device))
     t.floor_()
