@@ -66,6 +66,22 @@ def _kernels() -> ModuleType | None:
 MOCK_GPU_DEVICE_TYPES: set[str] = set()
 
 
+# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
+# (``Tensor.numpy()`` costs more than the rest of a route); the entry holds the tensor, so
+# its id is not reused while cached. Cleared when large (layers come and go with probes).
+_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, object]] = {}
+
+
+def _calibration_flags(state: torch.Tensor):
+    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view."""
+    entry = _CALIBRATION_VIEWS.get(id(state))
+    if entry is None or entry[0] is not state:
+        if len(_CALIBRATION_VIEWS) >= 4096:
+            _CALIBRATION_VIEWS.clear()
+        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
+    return entry[1]
+
+
 def route(
     backend: str,
     x: torch.Tensor,
@@ -81,7 +97,8 @@ def route(
     calibrated runs on the PyTorch path, which calibrates them.
     """
     if backend == "torch" or (
-        backend == "auto" and not (x.is_cuda or x.device.type in MOCK_GPU_DEVICE_TYPES)
+        backend == "auto"
+        and not (x.is_cuda or (MOCK_GPU_DEVICE_TYPES and x.device.type in MOCK_GPU_DEVICE_TYPES))
     ):
         return "torch"
     kernels = _kernels()
@@ -94,7 +111,7 @@ def route(
                 )
         return "torch"
     if enabled:
-        flags = bufs.state.numpy()[CALIBRATED]  # host-side buffer: no device read
+        flags = _calibration_flags(bufs.state)  # host-side buffer: no device read
         if not (flags[quantities[0]] and flags[quantities[1]]):
             return "torch"
     return "triton"
@@ -120,6 +137,52 @@ def _settings(
 
 
 # ----------------------------------------------------------------------------- the ops
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    settings: Settings,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward pass behind :func:`dense_forward` (and eager mode's direct call):
+    ``(h, z)``, ``z`` ``None`` where the activation's backward does not need it."""
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), settings.enabled)
+    if how == "triton":
+        kernels = _kernels()
+        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
+    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+
+
+def _backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    saved: torch.Tensor,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    settings: Settings,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward pass behind :func:`dense_backward` (and eager mode's direct call):
+    ``(dx, dW, db)``, ``None`` where not needed."""
+    how = route(
+        backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), settings.enabled
+    )
+    if how == "triton":
+        kernels = _kernels()
+        act_id = kernels.ACT_IDS[activation]
+        return kernels.backward(
+            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b
+        )
+    act = get_activation(activation)
+    return torch_path.backward(dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b)
 
 
 def _dense_forward(
@@ -161,12 +224,7 @@ def _dense_forward(
         per_unit,
         exponents,
     )
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled)
-    if how == "triton":
-        kernels = _kernels()
-        h, z = kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
-    else:
-        h, z = torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+    h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
     return h, x.new_empty(0) if z is None else z
 
 
@@ -225,18 +283,9 @@ def _dense_backward(
         per_unit,
         exponents,
     )
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
-    if how == "triton":
-        kernels = _kernels()
-        act_id = kernels.ACT_IDS[activation]
-        grads = kernels.backward(
-            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b
-        )
-    else:
-        act = get_activation(activation)
-        grads = torch_path.backward(
-            dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b
-        )
+    grads = _backward(
+        dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings
+    )
     # Outputs must not alias each other: a fresh empty tensor for each one not needed.
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
@@ -294,34 +343,18 @@ class DenseFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
-    def backward(ctx, dh, dz_unused):  # type: ignore[override]
+    def backward(ctx, dh, *unused):  # type: ignore[override]
+        # (``unused``: the gradient of ``z``, an output of DenseFunction only)
         x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
-        fn = _dense_backward if _eager() else BACKWARD_OP
-        with torch.no_grad():
-            dx, dw, db = fn(
-                dh,
-                x,
-                weight,
-                saved,
-                *ctx.bufs,
-                ctx.activation,
-                ctx.backend,
-                need_x,
-                need_w,
-                need_b,
-                *_flags(ctx.settings),
-            )
-        return (
-            dx if need_x else None,
-            dw if need_w else None,
-            db if need_b else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                dx, dw, db = _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b)
+        else:
+            dx, dw, db = _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b)
+        return dx, dw, db, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, *args):  # type: ignore[override]
@@ -335,16 +368,45 @@ class DenseFunction(torch.autograd.Function):
 class _EagerDenseFunction(torch.autograd.Function):
     """:class:`DenseFunction` for plain eager mode, in the ``forward(ctx, ...)`` style: its
     ``apply`` skips the per-call binding of the arguments to ``forward``'s signature (with
-    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward."""
+    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward, called
+    directly (not through the custom ops, see :func:`_eager`), and ``h`` is its one output:
+    ``z`` (GELU, SiLU) is saved for the backward, not returned, so autograd has no second
+    output to wrap in the forward nor a zero gradient to make up for it in the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        out = _dense_forward(x, weight, bias, *bufs, activation, backend, *_flags(settings))
-        inputs = (x, weight, bias, bufs, activation, backend, settings)
-        DenseFunction.setup_context(ctx, inputs, out)
-        return out
+        h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+        ctx.save_for_backward(x, weight, h if z is None else z)
+        ctx.bufs = bufs
+        ctx.activation = activation
+        ctx.backend = backend
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return h
 
     backward = DenseFunction.backward
+
+
+def _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b):
+    """``(dx, dW, db)`` of one backward (``None`` where not needed): the implementation
+    directly in eager mode, else the custom op."""
+    if _eager():
+        bufs, act, backend, settings = ctx.bufs, ctx.activation, ctx.backend, ctx.settings
+        return _backward(dh, x, weight, saved, bufs, act, backend, need_x, need_w, need_b, settings)
+    dx, dw, db = BACKWARD_OP(
+        dh,
+        x,
+        weight,
+        saved,
+        *ctx.bufs,
+        ctx.activation,
+        ctx.backend,
+        need_x,
+        need_w,
+        need_b,
+        *_flags(ctx.settings),
+    )
+    return dx if need_x else None, dw if need_w else None, db if need_b else None
 
 
 def _eager() -> bool:
@@ -386,5 +448,6 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
-    fn = _EagerDenseFunction if _eager() else DenseFunction
-    return fn.apply(x, weight, bias, bufs, activation, backend, settings)[0]
+    if _eager():
+        return _EagerDenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
+    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]
