@@ -62,7 +62,8 @@ def _kernels() -> ModuleType | None:
 
 
 #: Device types routed like CUDA by ``backend="auto"``: empty, except while ``bench.host``
-#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked (a change
+#: must be followed by :func:`routes_changed`).
 MOCK_GPU_DEVICE_TYPES: set[str] = set()
 
 
@@ -82,6 +83,19 @@ def _calibration_flags(state: torch.Tensor):
     return entry[1]
 
 
+# Route's verdict on all but the calibration flags, per pass key (see _forward and
+# _backward: the key determines every input that verdict reads), so that a pass like an
+# earlier one does not check again what the kernels take. The device types routed like
+# CUDA (MOCK_GPU_DEVICE_TYPES, fastmlp.kernels.GPU_DEVICE_TYPES) are read too: whoever
+# changes them calls routes_changed().
+_STATIC_ROUTES: dict[tuple, str] = {}
+
+
+def routes_changed() -> None:
+    """Forget the kept routing verdicts (after changing the device types routed like CUDA)."""
+    _STATIC_ROUTES.clear()
+
+
 def route(
     backend: str,
     x: torch.Tensor,
@@ -90,12 +104,37 @@ def route(
     bufs: Buffers,
     quantities: tuple[int, int],
     enabled: bool,
+    key: tuple | None = None,
 ) -> str:
     """``"triton"`` or ``"torch"``: the implementation of one pass (see the module docstring).
 
     ``quantities``: the two quantities the pass records; a pass whose quantities are not all
-    calibrated runs on the PyTorch path, which calibrates them.
+    calibrated runs on the PyTorch path, which calibrates them. ``key``: a tuple that
+    determines ``backend``, ``activation``, the histogram size and the shapes, dtypes and
+    devices of ``x`` and ``weight``; the verdict on all but the calibration flags is then
+    kept under it.
     """
+    static = None if key is None else _STATIC_ROUTES.get(key)
+    if static is None:
+        static = _route_inputs(backend, x, weight, activation, bufs)
+        if key is not None:
+            if len(_STATIC_ROUTES) >= 4096:
+                _STATIC_ROUTES.clear()
+            _STATIC_ROUTES[key] = static
+    if static == "torch":
+        return "torch"
+    if enabled:
+        flags = _calibration_flags(bufs.state)  # host-side buffer: no device read
+        if not (flags[quantities[0]] and flags[quantities[1]]):
+            return "torch"
+    return "triton"
+
+
+def _route_inputs(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, activation: str, bufs: Buffers
+) -> str:
+    """:func:`route` without the calibration flags: ``"torch"``, or ``"triton"`` where the
+    backend and device ask for the kernels and they take the inputs."""
     if backend == "torch" or (
         backend == "auto"
         and not (x.is_cuda or (MOCK_GPU_DEVICE_TYPES and x.device.type in MOCK_GPU_DEVICE_TYPES))
@@ -110,10 +149,6 @@ def route(
                     "before triton is imported, or use backend='torch'"
                 )
         return "torch"
-    if enabled:
-        flags = _calibration_flags(bufs.state)  # host-side buffer: no device read
-        if not (flags[quantities[0]] and flags[quantities[1]]):
-            return "torch"
     return "triton"
 
 
@@ -150,10 +185,27 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The forward pass behind :func:`dense_forward` (and eager mode's direct call):
     ``(h, z)``, ``z`` ``None`` where the activation's backward does not need it."""
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), settings.enabled)
+    # What makes one pass like another, for route and for the kernels' launch plans.
+    key = (
+        activation,
+        backend,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        bias is None,
+        settings,
+        bufs.hist.shape,
+    )
+    enabled = settings.enabled
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled, key)
     if how == "triton":
         kernels = _kernels()
-        return kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
+        act_id = kernels.ACT_IDS[activation]
+        return kernels.forward(x, weight, bias, act_id, bufs, settings, key)
     return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
 
 
@@ -172,14 +224,31 @@ def _backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward pass behind :func:`dense_backward` (and eager mode's direct call):
     ``(dx, dW, db)``, ``None`` where not needed."""
-    how = route(
-        backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), settings.enabled
+    key = (
+        activation,
+        backend,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        dh.stride(),
+        saved.stride(),
+        need_x,
+        need_w,
+        need_b,
+        settings,
+        bufs.hist.shape,
     )
+    quantities = (PREACTIVATION_GRAD, WEIGHT_GRAD)
+    how = route(backend, x, weight, activation, bufs, quantities, settings.enabled, key)
     if how == "triton":
         kernels = _kernels()
         act_id = kernels.ACT_IDS[activation]
         return kernels.backward(
-            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b
+            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b, key
         )
     act = get_activation(activation)
     return torch_path.backward(dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b)

@@ -795,6 +795,9 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}
+# The forward plans again, under the op's key of a pass (with deterministic mode and the
+# dot precision): see forward's ``pass_key``.
+_PASS_PLANS: dict[tuple, _Plan] = {}
 
 
 def _first_launch(plan_key, kernel, tuned, grid_fn, args, meta, det, key, n_head) -> _Plan | None:
@@ -884,6 +887,7 @@ def forward(
     act_id: int,
     bufs: Buffers,
     settings: Settings,
+    pass_key: tuple | None = None,
 ) -> torch.Tensor:
     """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
     activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
@@ -892,6 +896,10 @@ def forward(
 
     The launch is prepared once per shape and variant (:class:`_Plan`); a call then
     allocates ``h`` (and ``z``) and launches the compiled kernel with the prepared arguments.
+    ``pass_key``: the caller's key of this pass, a tuple that determines the shapes, strides,
+    dtypes and device of ``x`` and ``weight``, whether there is a bias, ``act_id``,
+    ``settings`` and the histogram size (the op's, see ``fastmlp.op``): the plan is then
+    found under it, without making the plan's own key.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -899,22 +907,6 @@ def forward(
     det = stats and is_deterministic()
     precision = dot_precision(x.dtype)
     device = x.device
-    plan_key = (
-        "fwd",
-        M,
-        N,
-        K,
-        x.stride(),
-        weight.stride(),
-        x.dtype,
-        device,
-        act_id,
-        bias is None,
-        settings,
-        bufs.hist.shape[-1],
-        det,
-        precision,
-    )
     h = torch.empty(M, N, dtype=x.dtype, device=device)
     z = torch.empty_like(h) if act_id in FROM_INPUT else None
     # The arguments that change from call to call (the plan's head).
@@ -931,8 +923,31 @@ def forward(
         bufs.units if stats and settings.per_unit else h,
         bufs.exp_hist,
     )
+    by_pass = None if pass_key is None else (pass_key, det, precision)
+    plan = None if by_pass is None else _PASS_PLANS.get(by_pass)
+    if plan is not None:
+        plan(head)
+        return h, z
+    plan_key = (
+        "fwd",
+        M,
+        N,
+        K,
+        x.stride(),
+        weight.stride(),
+        x.dtype,
+        device,
+        act_id,
+        bias is None,
+        settings,
+        bufs.hist.shape[-1],
+        det,
+        precision,
+    )
     plan = _PLANS.get(plan_key)
     if plan is not None:
+        if by_pass is not None:
+            _PASS_PLANS[by_pass] = plan
         plan(head)
         return h, z
     store_z = z is not None
@@ -982,7 +997,9 @@ def forward(
         **smeta,
     )
     key = (m_bucket(M), N, K, x.dtype, x.device)
-    _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
+    plan = _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
+    if plan is not None and by_pass is not None:
+        _PASS_PLANS[by_pass] = plan
     return h, z
 
 
@@ -997,43 +1014,78 @@ def backward(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    pass_key: tuple | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
     ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
-    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`."""
+    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`.
+    ``pass_key``: as for :func:`forward`, and it determines ``dh``'s and ``h``'s strides and
+    ``need_x``, ``need_w``, ``need_b`` as well."""
     M, K = x.shape
     N = weight.shape[0]
     stats = settings.enabled
     det = stats and is_deterministic()
     precision = dot_precision(x.dtype)
-    strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
     device = x.device
-    key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
-    key += (bufs.hist.shape[-1], det, precision)
-    pair = _BWD_PLANS.get(key)
-    if pair is None:
+    by_pass = None if pass_key is None else (pass_key, det, precision)
+    entry = None if by_pass is None else _BWD_PASS_PLANS.get(by_pass)
+    if entry is None:
+        strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
+        key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
+        key += (bufs.hist.shape[-1], det, precision)
+        entry = _BWD_PLANS.get(key)
+        if entry is not None and by_pass is not None:
+            _BWD_PASS_PLANS[by_pass] = entry
+    if entry is None:
         grads = _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
         if not INTERPRET:
             dx_key = ("dx", M, N, K, strides, x.dtype, device, act_id, precision)
             dw_key = ("dw", *key[:6], act_id, need_w, need_b, *key[10:])
             plans = (_PLANS.get(dx_key) if need_x else None, _PLANS.get(dw_key))
-            _BWD_PLANS[key] = plans
+            # dX and dW are allocated contiguous; like x and W when these are contiguous
+            # (``empty_like`` then gives the same layout, with less argument parsing).
+            entry = (*plans, strides[2] == (K, 1), strides[3] == (K, 1))
+            _BWD_PLANS[key] = entry
+            if by_pass is not None:
+                _BWD_PASS_PLANS[by_pass] = entry
         return grads
-    dx_plan, dw_plan = pair
+    dx_plan, dw_plan, x_dense, w_dense = entry
     dx = dw = db = None
     if dx_plan is not None:
-        dx = torch.empty(M, K, dtype=x.dtype, device=device)
+        if x_dense:
+            dx = torch.empty_like(x)
+        else:
+            dx = torch.empty(M, K, dtype=x.dtype, device=device)
         dx_plan((dh, h, weight, dx))
     if dw_plan is not None:
-        dw = torch.empty(N, K, dtype=weight.dtype, device=device) if need_w else None
+        if need_w:
+            if w_dense:
+                dw = torch.empty_like(weight)
+            else:
+                dw = torch.empty(N, K, dtype=weight.dtype, device=device)
         db = torch.empty(N, dtype=weight.dtype, device=device) if need_b else None
-        dw_head = (dh, h, x, dw if dw is not None else x, db if db is not None else x)
-        dw_plan((*dw_head, *bufs[:4], bufs.exp_hist))
+        dw_plan(
+            (
+                dh,
+                h,
+                x,
+                x if dw is None else dw,
+                x if db is None else db,
+                bufs.acc,
+                bufs.shift,
+                bufs.hist,
+                bufs.hist_range,
+                bufs.exp_hist,
+            )
+        )
     return dx, dw, db
 
 
-# Per backward variant: its (dX plan or None, dW plan or None), once both are prepared.
-_BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None]] = {}
+# Per backward variant: its dX plan or None, dW plan or None, and whether x and W are
+# contiguous, once both plans are prepared.
+_BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None, bool, bool]] = {}
+# The same under the op's key of a pass (see backward's ``pass_key``).
+_BWD_PASS_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None, bool, bool]] = {}
 
 
 def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b):
