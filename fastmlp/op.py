@@ -403,26 +403,24 @@ class DenseFunction(torch.autograd.Function):
         h, z = output
         ctx.mark_non_differentiable(z)
         ctx.save_for_backward(x, weight, z if get_activation(activation).from_input else h)
-        # The buffers are mutated by every pass: kept as attributes, not saved tensors
+        # The buffers are mutated by every pass: kept as an attribute, not saved tensors
         # (whose version check would fail when a later pass has updated them).
-        ctx.bufs = bufs
-        ctx.activation = activation
-        ctx.backend = backend
-        ctx.settings = settings
-        ctx.has_bias = bias is not None
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None)
 
     @staticmethod
     def backward(ctx, dh, *unused):  # type: ignore[override]
         # (``unused``: the gradient of ``z``, an output of DenseFunction only)
         x, weight, saved = ctx.saved_tensors
+        bufs, activation, backend, settings, has_bias = ctx.pass_args
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
+        args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w)
+        args += (need_b and has_bias, settings)
         # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
         if torch.is_grad_enabled():
             with torch.no_grad():
-                dx, dw, db = _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b)
+                dx, dw, db = _backward_pass(*args)
         else:
-            dx, dw, db = _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b)
+            dx, dw, db = _backward_pass(*args)
         return dx, dw, db, None, None, None, None
 
     @staticmethod
@@ -446,34 +444,32 @@ class _EagerDenseFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
         h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
         ctx.save_for_backward(x, weight, h if z is None else z)
-        ctx.bufs = bufs
-        ctx.activation = activation
-        ctx.backend = backend
-        ctx.settings = settings
-        ctx.has_bias = bias is not None
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None)
         return h
 
     backward = DenseFunction.backward
 
 
-def _backward_pass(ctx, dh, x, weight, saved, need_x, need_w, need_b):
+def _backward_pass(
+    dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings
+):
     """``(dx, dW, db)`` of one backward (``None`` where not needed): the implementation
     directly in eager mode, else the custom op."""
     if _eager():
-        bufs, act, backend, settings = ctx.bufs, ctx.activation, ctx.backend, ctx.settings
-        return _backward(dh, x, weight, saved, bufs, act, backend, need_x, need_w, need_b, settings)
+        args = (bufs, activation, backend, need_x, need_w, need_b, settings)
+        return _backward(dh, x, weight, saved, *args)
     dx, dw, db = BACKWARD_OP(
         dh,
         x,
         weight,
         saved,
-        *ctx.bufs,
-        ctx.activation,
-        ctx.backend,
+        *bufs,
+        activation,
+        backend,
         need_x,
         need_w,
         need_b,
-        *_flags(ctx.settings),
+        *_flags(settings),
     )
     return dx if need_x else None, dw if need_w else None, db if need_b else None
 
