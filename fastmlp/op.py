@@ -83,17 +83,41 @@ def _calibration_flags(state: torch.Tensor):
     return entry[1]
 
 
-# Route's verdict on all but the calibration flags, per pass key (see _forward and
-# _backward: the key determines every input that verdict reads), so that a pass like an
-# earlier one does not check again what the kernels take. The device types routed like
-# CUDA (MOCK_GPU_DEVICE_TYPES, fastmlp.kernels.GPU_DEVICE_TYPES) are read too: whoever
-# changes them calls routes_changed().
-_STATIC_ROUTES: dict[tuple, str] = {}
+class _PassCache:
+    """What is kept for one kind of pass (one key, see :func:`_pass_key`), so that a pass
+    like an earlier one neither checks again what the kernels take nor looks its launch
+    plan up again: route's verdict on all but the calibration flags (with the routing
+    epoch it was made in), a dict for the kernels' prepared launches, and, for a forward
+    pass, the caches of its backward passes (by the backward's own inputs)."""
+
+    __slots__ = ("verdict", "epoch", "kernels", "backward")
+
+    def __init__(self) -> None:
+        self.verdict: str | None = None
+        self.epoch = -1
+        self.kernels: dict = {}
+        self.backward: dict[tuple, _PassCache] = {}
+
+
+_PASSES: dict[tuple, _PassCache] = {}
+# The device types routed like CUDA (MOCK_GPU_DEVICE_TYPES, fastmlp.kernels.
+# GPU_DEVICE_TYPES) enter route's verdicts: whoever changes them calls routes_changed(),
+# which starts a new epoch (verdicts of an older one are made again).
+_EPOCH = [0]
 
 
 def routes_changed() -> None:
     """Forget the kept routing verdicts (after changing the device types routed like CUDA)."""
-    _STATIC_ROUTES.clear()
+    _EPOCH[0] += 1
+
+
+def _pass_cache(key: tuple) -> _PassCache:
+    cache = _PASSES.get(key)
+    if cache is None:
+        if len(_PASSES) >= 4096:  # (shapes come and go: keep it bounded)
+            _PASSES.clear()
+        cache = _PASSES[key] = _PassCache()
+    return cache
 
 
 def route(
@@ -104,23 +128,23 @@ def route(
     bufs: Buffers,
     quantities: tuple[int, int],
     enabled: bool,
-    key: tuple | None = None,
+    cache: _PassCache | None = None,
 ) -> str:
     """``"triton"`` or ``"torch"``: the implementation of one pass (see the module docstring).
 
     ``quantities``: the two quantities the pass records; a pass whose quantities are not all
-    calibrated runs on the PyTorch path, which calibrates them. ``key``: a tuple that
-    determines ``backend``, ``activation``, the histogram size and the shapes, dtypes and
-    devices of ``x`` and ``weight``; the verdict on all but the calibration flags is then
-    kept under it.
+    calibrated runs on the PyTorch path, which calibrates them. ``cache``: the pass's kind
+    (:class:`_PassCache`, whose key determines ``backend``, ``activation``, the histogram
+    size and the shapes, dtypes and devices of ``x`` and ``weight``): the verdict on all but
+    the calibration flags is kept there.
     """
-    static = None if key is None else _STATIC_ROUTES.get(key)
-    if static is None:
+    if cache is None:
         static = _route_inputs(backend, x, weight, activation, bufs)
-        if key is not None:
-            if len(_STATIC_ROUTES) >= 4096:
-                _STATIC_ROUTES.clear()
-            _STATIC_ROUTES[key] = static
+    elif cache.epoch == _EPOCH[0]:
+        static = cache.verdict
+    else:
+        static = cache.verdict = _route_inputs(backend, x, weight, activation, bufs)
+        cache.epoch = _EPOCH[0]
     if static == "torch":
         return "torch"
     if enabled:
@@ -174,19 +198,18 @@ def _settings(
 # ----------------------------------------------------------------------------- the ops
 
 
-def _forward(
+def _pass_key(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    has_bias: bool | None,
     bufs: Buffers,
     activation: str,
     backend: str,
     settings: Settings,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The forward pass behind :func:`dense_forward` (and eager mode's direct call):
-    ``(h, z)``, ``z`` ``None`` where the activation's backward does not need it."""
-    # What makes one pass like another, for route and for the kernels' launch plans.
-    key = (
+) -> tuple:
+    """What makes one forward pass like another, for :func:`route` and the kernels' launch
+    plans (a backward's key adds its own; ``has_bias`` is ``None`` where unknown)."""
+    return (
         activation,
         backend,
         x.shape,
@@ -196,17 +219,33 @@ def _forward(
         weight.shape,
         weight.stride(),
         weight.dtype,
-        bias is None,
+        has_bias,
         settings,
         bufs.hist.shape,
     )
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    settings: Settings,
+) -> tuple[torch.Tensor, torch.Tensor | None, _PassCache]:
+    """The forward pass behind :func:`dense_forward` (and eager mode's direct call):
+    ``(h, z, cache)``, ``z`` ``None`` where the activation's backward does not need it,
+    ``cache`` the pass's kind (:class:`_PassCache`; its backward's is found there)."""
+    cache = _pass_cache(_pass_key(x, weight, bias is not None, bufs, activation, backend, settings))
     enabled = settings.enabled
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled, key)
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled, cache)
     if how == "triton":
         kernels = _kernels()
         act_id = kernels.ACT_IDS[activation]
-        return kernels.forward(x, weight, bias, act_id, bufs, settings, key)
-    return torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+        return (*kernels.forward(x, weight, bias, act_id, bufs, settings, cache.kernels), cache)
+    act = get_activation(activation)
+    return (*torch_path.forward(x, weight, bias, act, bufs, settings), cache)
 
 
 def _backward(
@@ -221,34 +260,24 @@ def _backward(
     need_w: bool,
     need_b: bool,
     settings: Settings,
+    forward: _PassCache | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward pass behind :func:`dense_backward` (and eager mode's direct call):
-    ``(dx, dW, db)``, ``None`` where not needed."""
-    key = (
-        activation,
-        backend,
-        x.shape,
-        x.stride(),
-        x.dtype,
-        x.device,
-        weight.shape,
-        weight.stride(),
-        weight.dtype,
-        dh.stride(),
-        saved.stride(),
-        need_x,
-        need_w,
-        need_b,
-        settings,
-        bufs.hist.shape,
-    )
+    ``(dx, dW, db)``, ``None`` where not needed. ``forward``: the kind of the forward pass
+    whose ``x`` and ``weight`` these are, where known."""
+    if forward is None:
+        forward = _pass_cache(_pass_key(x, weight, None, bufs, activation, backend, settings))
+    key = (dh.stride(), saved.stride(), need_x, need_w, need_b)
+    cache = forward.backward.get(key)
+    if cache is None:
+        cache = forward.backward[key] = _PassCache()
     quantities = (PREACTIVATION_GRAD, WEIGHT_GRAD)
-    how = route(backend, x, weight, activation, bufs, quantities, settings.enabled, key)
+    how = route(backend, x, weight, activation, bufs, quantities, settings.enabled, cache)
     if how == "triton":
         kernels = _kernels()
         act_id = kernels.ACT_IDS[activation]
         return kernels.backward(
-            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b, key
+            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b, cache.kernels
         )
     act = get_activation(activation)
     return torch_path.backward(dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b)
@@ -293,7 +322,7 @@ def _dense_forward(
         per_unit,
         exponents,
     )
-    h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+    h, z, _ = _forward(x, weight, bias, bufs, activation, backend, settings)
     return h, x.new_empty(0) if z is None else z
 
 
@@ -405,23 +434,11 @@ class DenseFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, z if get_activation(activation).from_input else h)
         # The buffers are mutated by every pass: kept as an attribute, not saved tensors
         # (whose version check would fail when a later pass has updated them).
-        ctx.pass_args = (bufs, activation, backend, settings, bias is not None)
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None, None)
 
     @staticmethod
-    def backward(ctx, dh, *unused):  # type: ignore[override]
-        # (``unused``: the gradient of ``z``, an output of DenseFunction only)
-        x, weight, saved = ctx.saved_tensors
-        bufs, activation, backend, settings, has_bias = ctx.pass_args
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w)
-        args += (need_b and has_bias, settings)
-        # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                dx, dw, db = _backward_pass(*args)
-        else:
-            dx, dw, db = _backward_pass(*args)
-        return dx, dw, db, None, None, None, None
+    def backward(ctx, dh, dz_unused):  # type: ignore[override]
+        return (*_backward_grads(ctx, dh), None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, *args):  # type: ignore[override]
@@ -430,6 +447,23 @@ class DenseFunction(torch.autograd.Function):
             "accumulate over the whole batch. Call the model on the batch directly, or switch "
             "statistics off (model.stats.enabled = False) and vmap a plain copy of the model."
         )
+
+
+def _backward_grads(ctx, dh: torch.Tensor) -> tuple:
+    """``(dx, dW, db)`` (``None`` where not needed) of a :class:`DenseFunction` or
+    :class:`_EagerDenseFunction` node, from the gradient ``dh`` of its output ``h``."""
+    x, weight, saved = ctx.saved_tensors
+    bufs, activation, backend, settings, has_bias, forward = ctx.pass_args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w)
+    args += (need_b and has_bias, settings, forward)
+    # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            dx, dw, db = _backward_pass(*args)
+    else:
+        dx, dw, db = _backward_pass(*args)
+    return dx, dw, db
 
 
 class _EagerDenseFunction(torch.autograd.Function):
@@ -441,22 +475,28 @@ class _EagerDenseFunction(torch.autograd.Function):
     output to wrap in the forward nor a zero gradient to make up for it in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+    def forward(ctx, x, weight, bias, rest):  # type: ignore[override]
+        # (``rest``: bufs, activation, backend, settings; one argument, as apply costs a
+        # little per argument)
+        bufs, activation, backend, settings = rest
+        h, z, cache = _forward(x, weight, bias, bufs, activation, backend, settings)
         ctx.save_for_backward(x, weight, h if z is None else z)
-        ctx.pass_args = (bufs, activation, backend, settings, bias is not None)
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None, cache)
         return h
 
-    backward = DenseFunction.backward
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        return (*_backward_grads(ctx, dh), None)
 
 
 def _backward_pass(
-    dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings
+    dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings, forward
 ):
     """``(dx, dW, db)`` of one backward (``None`` where not needed): the implementation
-    directly in eager mode, else the custom op."""
+    directly in eager mode (``forward``: the forward pass's kind, or ``None``), else the
+    custom op."""
     if _eager():
-        args = (bufs, activation, backend, need_x, need_w, need_b, settings)
+        args = (bufs, activation, backend, need_x, need_w, need_b, settings, forward)
         return _backward(dh, x, weight, saved, *args)
     dx, dw, db = BACKWARD_OP(
         dh,
@@ -514,5 +554,5 @@ def dense(
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
     if _eager():
-        return _EagerDenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
+        return _EagerDenseFunction.apply(x, weight, bias, (bufs, activation, backend, settings))
     return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]

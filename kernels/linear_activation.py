@@ -795,9 +795,6 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}
-# The forward plans again, under the op's key of a pass (with deterministic mode and the
-# dot precision): see forward's ``pass_key``.
-_PASS_PLANS: dict[tuple, _Plan] = {}
 
 
 def _first_launch(plan_key, kernel, tuned, grid_fn, args, meta, det, key, n_head) -> _Plan | None:
@@ -887,7 +884,7 @@ def forward(
     act_id: int,
     bufs: Buffers,
     settings: Settings,
-    pass_key: tuple | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
     activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
@@ -896,10 +893,11 @@ def forward(
 
     The launch is prepared once per shape and variant (:class:`_Plan`); a call then
     allocates ``h`` (and ``z``) and launches the compiled kernel with the prepared arguments.
-    ``pass_key``: the caller's key of this pass, a tuple that determines the shapes, strides,
-    dtypes and device of ``x`` and ``weight``, whether there is a bias, ``act_id``,
-    ``settings`` and the histogram size (the op's, see ``fastmlp.op``): the plan is then
-    found under it, without making the plan's own key.
+    ``cache``: a dict the caller keeps for one kind of pass, the same for every call whose
+    ``x`` and ``weight`` have the same shapes, strides, dtypes and device and whose bias
+    presence, ``act_id``, ``settings`` and histogram size are the same (the op's, see
+    ``fastmlp.op``): the plan is kept there too (per deterministic mode and dot precision)
+    and found without making the plan's own key.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -923,8 +921,8 @@ def forward(
         bufs.units if stats and settings.per_unit else h,
         bufs.exp_hist,
     )
-    by_pass = None if pass_key is None else (pass_key, det, precision)
-    plan = None if by_pass is None else _PASS_PLANS.get(by_pass)
+    variant = (det, precision)
+    plan = None if cache is None else cache.get(variant)
     if plan is not None:
         plan(head)
         return h, z
@@ -946,8 +944,8 @@ def forward(
     )
     plan = _PLANS.get(plan_key)
     if plan is not None:
-        if by_pass is not None:
-            _PASS_PLANS[by_pass] = plan
+        if cache is not None:
+            cache[variant] = plan
         plan(head)
         return h, z
     store_z = z is not None
@@ -998,8 +996,8 @@ def forward(
     )
     key = (m_bucket(M), N, K, x.dtype, x.device)
     plan = _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
-    if plan is not None and by_pass is not None:
-        _PASS_PLANS[by_pass] = plan
+    if plan is not None and cache is not None:
+        cache[variant] = plan
     return h, z
 
 
@@ -1014,28 +1012,28 @@ def backward(
     need_x: bool,
     need_w: bool,
     need_b: bool,
-    pass_key: tuple | None = None,
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
     ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
     ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`.
-    ``pass_key``: as for :func:`forward`, and it determines ``dh``'s and ``h``'s strides and
-    ``need_x``, ``need_w``, ``need_b`` as well."""
+    ``cache``: as for :func:`forward`, for calls with the same ``dh`` and ``h`` strides and
+    ``need_x``, ``need_w``, ``need_b`` as well (bias presence aside)."""
     M, K = x.shape
     N = weight.shape[0]
     stats = settings.enabled
     det = stats and is_deterministic()
     precision = dot_precision(x.dtype)
     device = x.device
-    by_pass = None if pass_key is None else (pass_key, det, precision)
-    entry = None if by_pass is None else _BWD_PASS_PLANS.get(by_pass)
+    variant = (det, precision)
+    entry = None if cache is None else cache.get(variant)
     if entry is None:
         strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
         key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
         key += (bufs.hist.shape[-1], det, precision)
         entry = _BWD_PLANS.get(key)
-        if entry is not None and by_pass is not None:
-            _BWD_PASS_PLANS[by_pass] = entry
+        if entry is not None and cache is not None:
+            cache[variant] = entry
     if entry is None:
         grads = _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
         if not INTERPRET:
@@ -1046,8 +1044,8 @@ def backward(
             # (``empty_like`` then gives the same layout, with less argument parsing).
             entry = (*plans, strides[2] == (K, 1), strides[3] == (K, 1))
             _BWD_PLANS[key] = entry
-            if by_pass is not None:
-                _BWD_PASS_PLANS[by_pass] = entry
+            if cache is not None:
+                cache[variant] = entry
         return grads
     dx_plan, dw_plan, x_dense, w_dense = entry
     dx = dw = db = None
@@ -1084,8 +1082,6 @@ def backward(
 # Per backward variant: its dX plan or None, dW plan or None, and whether x and W are
 # contiguous, once both plans are prepared.
 _BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None, bool, bool]] = {}
-# The same under the op's key of a pass (see backward's ``pass_key``).
-_BWD_PASS_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None, bool, bool]] = {}
 
 
 def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b):

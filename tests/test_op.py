@@ -316,7 +316,7 @@ def test_route_keeps_its_verdict_but_reads_the_calibration_flags_every_pass():
     layer = InstrumentedLinear(7, 5, "tanh", backend="triton")
     bufs, x = layer.stats.buffers_tuple(), torch.randn(6, 7)
     args = ("triton", x, layer.weight, "tanh", bufs, (PREACTIVATION, ACTIVATION))
-    key = ("a pass like this one",)
+    key = op._PassCache()  # (the kind of these passes)
     assert op.route(*args, True, key) == "torch"  # not calibrated: the PyTorch path
     layer.stats.calibrated = [True, True, False, False]
     assert op.route(*args, True, key) == "triton"
@@ -337,7 +337,7 @@ def test_routes_changed_forgets_the_kept_verdicts():
     layer = InstrumentedLinear(7, 5, "tanh", backend="auto")
     layer.stats.calibrated = [True] * 4
     args = ("auto", torch.randn(6, 7), layer.weight, "tanh", layer.stats.buffers_tuple())
-    args += ((PREACTIVATION, ACTIVATION), True, ("another pass",))
+    args += ((PREACTIVATION, ACTIVATION), True, op._PassCache())
     assert op.route(*args) == "torch"  # CPU tensors, backend auto
     op.MOCK_GPU_DEVICE_TYPES.add("cpu")
     try:
