@@ -120,39 +120,29 @@ class InstrumentedLinear(nn.Module):
         if bias is None:
             bias = self.bias
         # (autocast knows no meta device: meta tensors, e.g. for shape checks, run as is)
-        if (
+        autocast = (
             torch._C._is_any_autocast_enabled()
             and (device_type := x.device.type) != "meta"
             and torch.is_autocast_enabled(device_type)
-        ):
+        )
+        if autocast:
             # Computed in the autocast dtype, the op itself outside autocast.
             dt = torch.get_autocast_dtype(device_type)
             x2, weight = x2.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                h = self._dense(x2, weight, bias)
         elif x2.dtype != weight.dtype:
             raise TypeError(
                 f"input dtype {x2.dtype} does not match the layer's parameters ({weight.dtype}); "
                 "cast the input or the model, or use torch.autocast"
             )
-        else:
-            h = self._dense(x2, weight, bias)
-        return h if flat else h.reshape(*x.shape[:-1], self.out_features)
-
-    def _dense(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
         stats = self._modules["stats"]
-        return dense(
-            x,
-            weight,
-            bias,
-            stats.buffers_tuple(),
-            self.activation.name,
-            self.backend,
-            stats.settings(),
-        )
+        args = (x2, weight, bias, stats.buffers_tuple(), self.activation.name, self.backend)
+        if autocast:
+            with torch.autocast(device_type, enabled=False):
+                h = dense(*args, stats.settings())
+        else:
+            h = dense(*args, stats.settings())
+        return h if flat else h.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

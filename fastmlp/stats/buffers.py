@@ -189,14 +189,18 @@ class LayerStats(nn.Module):
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
         b = self._buffers  # (direct: nn.Module.__getattr__ costs about a microsecond a name)
-        return Buffers(
-            b["acc"],
-            b["shift"],
-            b["hist"],
-            b["hist_range"],
-            b["state"],
-            b["unit_counts"],
-            b["exp_hist"],
+        # (tuple.__new__: the NamedTuple without its Python-level __new__, once per pass)
+        return tuple.__new__(
+            Buffers,
+            (
+                b["acc"],
+                b["shift"],
+                b["hist"],
+                b["hist_range"],
+                b["state"],
+                b["unit_counts"],
+                b["exp_hist"],
+            ),
         )
 
     def settings(self) -> Settings:
