@@ -431,6 +431,9 @@ class DenseFunction(torch.autograd.Function):
         x, weight, bias, bufs, activation, backend, settings = inputs
         h, z = output
         ctx.mark_non_differentiable(z)
+        # z gets no gradient: none is made up for it (a zeros kernel per backward). h always
+        # has one when the backward runs (z is not differentiable).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, z if get_activation(activation).from_input else h)
         # The buffers are mutated by every pass: kept as an attribute, not saved tensors
         # (whose version check would fail when a later pass has updated them).
