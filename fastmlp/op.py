@@ -23,6 +23,12 @@ Which implementation runs is decided in one place, :func:`route`, for every pass
 
 Inside the op the calibration flags are read from the host-side ``state`` buffer, so no
 pass synchronises with a GPU.
+
+Host cost: a pass's kind (:func:`_pass_key`: the inputs' shapes, strides, dtypes and
+device, bias, activation, backend, settings, histogram size) is looked up once per pass
+and holds a :class:`_PassCache`: route's verdict on all but the calibration flags (which
+are read every pass) and the kernels' launch plans; a backward's is found in its
+forward's. Nothing is derived again for a pass like an earlier one.
 """
 
 from __future__ import annotations
