@@ -163,6 +163,7 @@ def mock_gpu() -> Iterator[MockCudaDriver]:
     driver.set_active(mock)
     op.MOCK_GPU_DEVICE_TYPES.add("cpu")
     kutils.GPU_DEVICE_TYPES.add("cpu")
+    op.routes_changed()
     # Autotuning cannot time anything here: every candidate "takes" the same time, so the
     # first one is chosen (a first-call cost; the steady state measured is the same).
     bench = autotuner.Autotuner._bench
@@ -173,6 +174,7 @@ def mock_gpu() -> Iterator[MockCudaDriver]:
         autotuner.Autotuner._bench = bench
         kutils.GPU_DEVICE_TYPES.discard("cpu")
         op.MOCK_GPU_DEVICE_TYPES.discard("cpu")
+        op.routes_changed()
         driver._active = previous  # (reset_active() would look for a real GPU)
 
 

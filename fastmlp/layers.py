@@ -107,40 +107,42 @@ class InstrumentedLinear(nn.Module):
             raise ValueError(
                 f"expected input of shape [..., {self.in_features}], got {tuple(x.shape)}"
             )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        weight, bias = self.weight, self.bias
-        device_type = x.device.type
+        flat = x.dim() == 2  # (no reshape, so no view nodes in the autograd graph)
+        x2 = x if flat else x.reshape(-1, self.in_features)
+        # The parameters and statistics directly from the module's dicts (nn.Module's
+        # __getattr__ costs about half a microsecond a name); a parametrized weight or bias
+        # is not in them and is read as the attribute it then is.
+        params = self._parameters
+        weight = params.get("weight")
+        if weight is None:
+            weight = self.weight
+        bias = params.get("bias")
+        if bias is None:
+            bias = self.bias
         # (autocast knows no meta device: meta tensors, e.g. for shape checks, run as is)
-        if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        autocast = (
+            torch._C._is_any_autocast_enabled()
+            and (device_type := x.device.type) != "meta"
+            and torch.is_autocast_enabled(device_type)
+        )
+        if autocast:
             # Computed in the autocast dtype, the op itself outside autocast.
             dt = torch.get_autocast_dtype(device_type)
             x2, weight = x2.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                h = self._dense(x2, weight, bias)
         elif x2.dtype != weight.dtype:
             raise TypeError(
                 f"input dtype {x2.dtype} does not match the layer's parameters ({weight.dtype}); "
                 "cast the input or the model, or use torch.autocast"
             )
+        stats = self._modules["stats"]
+        args = (x2, weight, bias, stats.buffers_tuple(), self.activation.name, self.backend)
+        if autocast:
+            with torch.autocast(device_type, enabled=False):
+                h = dense(*args, stats.settings())
         else:
-            h = self._dense(x2, weight, bias)
-        return h.reshape(*lead, self.out_features)
-
-    def _dense(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        stats = self.stats
-        return dense(
-            x,
-            weight,
-            bias,
-            stats.buffers_tuple(),
-            self.activation.name,
-            self.backend,
-            stats.settings(),
-        )
+            h = dense(*args, stats.settings())
+        return h if flat else h.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,12 @@ Which implementation runs is decided in one place, :func:`route`, for every pass
 
 Inside the op the calibration flags are read from the host-side ``state`` buffer, so no
 pass synchronises with a GPU.
+
+Host cost: a pass's kind (:func:`_pass_key`: the inputs' shapes, strides, dtypes and
+device, bias, activation, backend, settings, histogram size) is looked up once per pass
+and holds a :class:`_PassCache`: route's verdict on all but the calibration flags (which
+are read every pass) and the kernels' launch plans; a backward's is found in its
+forward's. Nothing is derived again for a pass like an earlier one.
 """
 
 from __future__ import annotations
@@ -62,8 +68,62 @@ def _kernels() -> ModuleType | None:
 
 
 #: Device types routed like CUDA by ``backend="auto"``: empty, except while ``bench.host``
-#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked (a change
+#: must be followed by :func:`routes_changed`).
 MOCK_GPU_DEVICE_TYPES: set[str] = set()
+
+
+# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
+# (``Tensor.numpy()`` costs more than the rest of a route); the entry holds the tensor, so
+# its id is not reused while cached. Cleared when large (layers come and go with probes).
+_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, object]] = {}
+
+
+def _calibration_flags(state: torch.Tensor):
+    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view."""
+    entry = _CALIBRATION_VIEWS.get(id(state))
+    if entry is None or entry[0] is not state:
+        if len(_CALIBRATION_VIEWS) >= 4096:
+            _CALIBRATION_VIEWS.clear()
+        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
+    return entry[1]
+
+
+class _PassCache:
+    """What is kept for one kind of pass (one key, see :func:`_pass_key`), so that a pass
+    like an earlier one neither checks again what the kernels take nor looks its launch
+    plan up again: route's verdict on all but the calibration flags (with the routing
+    epoch it was made in), a dict for the kernels' prepared launches, and, for a forward
+    pass, the caches of its backward passes (by the backward's own inputs)."""
+
+    __slots__ = ("verdict", "epoch", "kernels", "backward")
+
+    def __init__(self) -> None:
+        self.verdict: str | None = None
+        self.epoch = -1
+        self.kernels: dict = {}
+        self.backward: dict[tuple, _PassCache] = {}
+
+
+_PASSES: dict[tuple, _PassCache] = {}
+# The device types routed like CUDA (MOCK_GPU_DEVICE_TYPES, fastmlp.kernels.
+# GPU_DEVICE_TYPES) enter route's verdicts: whoever changes them calls routes_changed(),
+# which starts a new epoch (verdicts of an older one are made again).
+_EPOCH = [0]
+
+
+def routes_changed() -> None:
+    """Forget the kept routing verdicts (after changing the device types routed like CUDA)."""
+    _EPOCH[0] += 1
+
+
+def _pass_cache(key: tuple) -> _PassCache:
+    cache = _PASSES.get(key)
+    if cache is None:
+        if len(_PASSES) >= 4096:  # (shapes come and go: keep it bounded)
+            _PASSES.clear()
+        cache = _PASSES[key] = _PassCache()
+    return cache
 
 
 def route(
@@ -74,14 +134,40 @@ def route(
     bufs: Buffers,
     quantities: tuple[int, int],
     enabled: bool,
+    cache: _PassCache | None = None,
 ) -> str:
     """``"triton"`` or ``"torch"``: the implementation of one pass (see the module docstring).
 
     ``quantities``: the two quantities the pass records; a pass whose quantities are not all
-    calibrated runs on the PyTorch path, which calibrates them.
+    calibrated runs on the PyTorch path, which calibrates them. ``cache``: the pass's kind
+    (:class:`_PassCache`, whose key determines ``backend``, ``activation``, the histogram
+    size and the shapes, dtypes and devices of ``x`` and ``weight``): the verdict on all but
+    the calibration flags is kept there.
     """
+    if cache is None:
+        static = _route_inputs(backend, x, weight, activation, bufs)
+    elif cache.epoch == _EPOCH[0]:
+        static = cache.verdict
+    else:
+        static = cache.verdict = _route_inputs(backend, x, weight, activation, bufs)
+        cache.epoch = _EPOCH[0]
+    if static == "torch":
+        return "torch"
+    if enabled:
+        flags = _calibration_flags(bufs.state)  # host-side buffer: no device read
+        if not (flags[quantities[0]] and flags[quantities[1]]):
+            return "torch"
+    return "triton"
+
+
+def _route_inputs(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, activation: str, bufs: Buffers
+) -> str:
+    """:func:`route` without the calibration flags: ``"torch"``, or ``"triton"`` where the
+    backend and device ask for the kernels and they take the inputs."""
     if backend == "torch" or (
-        backend == "auto" and not (x.is_cuda or x.device.type in MOCK_GPU_DEVICE_TYPES)
+        backend == "auto"
+        and not (x.is_cuda or (MOCK_GPU_DEVICE_TYPES and x.device.type in MOCK_GPU_DEVICE_TYPES))
     ):
         return "torch"
     kernels = _kernels()
@@ -93,10 +179,6 @@ def route(
                     "before triton is imported, or use backend='torch'"
                 )
         return "torch"
-    if enabled:
-        flags = bufs.state.numpy()[CALIBRATED]  # host-side buffer: no device read
-        if not (flags[quantities[0]] and flags[quantities[1]]):
-            return "torch"
     return "triton"
 
 
@@ -120,6 +202,91 @@ def _settings(
 
 
 # ----------------------------------------------------------------------------- the ops
+
+
+def _pass_key(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool | None,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    settings: Settings,
+) -> tuple:
+    """What makes one forward pass like another, for :func:`route` and the kernels' launch
+    plans (a backward's key adds its own; ``has_bias`` is ``None`` where unknown)."""
+    return (
+        activation,
+        backend,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        has_bias,
+        settings,
+        bufs.hist.shape,
+    )
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    settings: Settings,
+) -> tuple[torch.Tensor, torch.Tensor | None, _PassCache]:
+    """The forward pass behind :func:`dense_forward` (and eager mode's direct call):
+    ``(h, z, cache)``, ``z`` ``None`` where the activation's backward does not need it,
+    ``cache`` the pass's kind (:class:`_PassCache`; its backward's is found there)."""
+    cache = _pass_cache(_pass_key(x, weight, bias is not None, bufs, activation, backend, settings))
+    enabled = settings.enabled
+    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled, cache)
+    if how == "triton":
+        kernels = _kernels()
+        act_id = kernels.ACT_IDS[activation]
+        return (*kernels.forward(x, weight, bias, act_id, bufs, settings, cache.kernels), cache)
+    act = get_activation(activation)
+    return (*torch_path.forward(x, weight, bias, act, bufs, settings), cache)
+
+
+def _backward(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    saved: torch.Tensor,
+    bufs: Buffers,
+    activation: str,
+    backend: str,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    settings: Settings,
+    forward: _PassCache | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward pass behind :func:`dense_backward` (and eager mode's direct call):
+    ``(dx, dW, db)``, ``None`` where not needed. ``forward``: the kind of the forward pass
+    whose ``x`` and ``weight`` these are, where known."""
+    if forward is None:
+        forward = _pass_cache(_pass_key(x, weight, None, bufs, activation, backend, settings))
+    key = (dh.stride(), saved.stride(), need_x, need_w, need_b)
+    cache = forward.backward.get(key)
+    if cache is None:
+        cache = forward.backward[key] = _PassCache()
+    quantities = (PREACTIVATION_GRAD, WEIGHT_GRAD)
+    how = route(backend, x, weight, activation, bufs, quantities, settings.enabled, cache)
+    if how == "triton":
+        kernels = _kernels()
+        act_id = kernels.ACT_IDS[activation]
+        return kernels.backward(
+            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b, cache.kernels
+        )
+    act = get_activation(activation)
+    return torch_path.backward(dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b)
 
 
 def _dense_forward(
@@ -161,12 +328,7 @@ def _dense_forward(
         per_unit,
         exponents,
     )
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION, ACTIVATION), enabled)
-    if how == "triton":
-        kernels = _kernels()
-        h, z = kernels.forward(x, weight, bias, kernels.ACT_IDS[activation], bufs, settings)
-    else:
-        h, z = torch_path.forward(x, weight, bias, get_activation(activation), bufs, settings)
+    h, z, _ = _forward(x, weight, bias, bufs, activation, backend, settings)
     return h, x.new_empty(0) if z is None else z
 
 
@@ -225,18 +387,9 @@ def _dense_backward(
         per_unit,
         exponents,
     )
-    how = route(backend, x, weight, activation, bufs, (PREACTIVATION_GRAD, WEIGHT_GRAD), enabled)
-    if how == "triton":
-        kernels = _kernels()
-        act_id = kernels.ACT_IDS[activation]
-        grads = kernels.backward(
-            dh, x, weight, saved, act_id, bufs, settings, need_x, need_w, need_b
-        )
-    else:
-        act = get_activation(activation)
-        grads = torch_path.backward(
-            dh, x, weight, saved, act, bufs, settings, need_x, need_w, need_b
-        )
+    grads = _backward(
+        dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings
+    )
     # Outputs must not alias each other: a fresh empty tensor for each one not needed.
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
@@ -284,44 +437,17 @@ class DenseFunction(torch.autograd.Function):
         x, weight, bias, bufs, activation, backend, settings = inputs
         h, z = output
         ctx.mark_non_differentiable(z)
+        # z gets no gradient: none is made up for it (a zeros kernel per backward). h always
+        # has one when the backward runs (z is not differentiable).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, z if get_activation(activation).from_input else h)
-        # The buffers are mutated by every pass: kept as attributes, not saved tensors
+        # The buffers are mutated by every pass: kept as an attribute, not saved tensors
         # (whose version check would fail when a later pass has updated them).
-        ctx.bufs = bufs
-        ctx.activation = activation
-        ctx.backend = backend
-        ctx.settings = settings
-        ctx.has_bias = bias is not None
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None, None)
 
     @staticmethod
     def backward(ctx, dh, dz_unused):  # type: ignore[override]
-        x, weight, saved = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        fn = _dense_backward if _eager() else BACKWARD_OP
-        with torch.no_grad():
-            dx, dw, db = fn(
-                dh,
-                x,
-                weight,
-                saved,
-                *ctx.bufs,
-                ctx.activation,
-                ctx.backend,
-                need_x,
-                need_w,
-                need_b,
-                *_flags(ctx.settings),
-            )
-        return (
-            dx if need_x else None,
-            dw if need_w else None,
-            db if need_b else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_backward_grads(ctx, dh), None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, *args):  # type: ignore[override]
@@ -332,19 +458,69 @@ class DenseFunction(torch.autograd.Function):
         )
 
 
+def _backward_grads(ctx, dh: torch.Tensor) -> tuple:
+    """``(dx, dW, db)`` (``None`` where not needed) of a :class:`DenseFunction` or
+    :class:`_EagerDenseFunction` node, from the gradient ``dh`` of its output ``h``."""
+    x, weight, saved = ctx.saved_tensors
+    bufs, activation, backend, settings, has_bias, forward = ctx.pass_args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w)
+    args += (need_b and has_bias, settings, forward)
+    # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            dx, dw, db = _backward_pass(*args)
+    else:
+        dx, dw, db = _backward_pass(*args)
+    return dx, dw, db
+
+
 class _EagerDenseFunction(torch.autograd.Function):
     """:class:`DenseFunction` for plain eager mode, in the ``forward(ctx, ...)`` style: its
     ``apply`` skips the per-call binding of the arguments to ``forward``'s signature (with
-    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward."""
+    ``inspect``) that a separate ``setup_context`` costs. Same forward and backward, called
+    directly (not through the custom ops, see :func:`_eager`), and ``h`` is its one output:
+    ``z`` (GELU, SiLU) is saved for the backward, not returned, so autograd has no second
+    output to wrap in the forward nor a zero gradient to make up for it in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        out = _dense_forward(x, weight, bias, *bufs, activation, backend, *_flags(settings))
-        inputs = (x, weight, bias, bufs, activation, backend, settings)
-        DenseFunction.setup_context(ctx, inputs, out)
-        return out
+    def forward(ctx, x, weight, bias, rest):  # type: ignore[override]
+        # (``rest``: bufs, activation, backend, settings; one argument, as apply costs a
+        # little per argument)
+        bufs, activation, backend, settings = rest
+        h, z, cache = _forward(x, weight, bias, bufs, activation, backend, settings)
+        ctx.save_for_backward(x, weight, h if z is None else z)
+        ctx.pass_args = (bufs, activation, backend, settings, bias is not None, cache)
+        return h
 
-    backward = DenseFunction.backward
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        return (*_backward_grads(ctx, dh), None)
+
+
+def _backward_pass(
+    dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b, settings, forward
+):
+    """``(dx, dW, db)`` of one backward (``None`` where not needed): the implementation
+    directly in eager mode (``forward``: the forward pass's kind, or ``None``), else the
+    custom op."""
+    if _eager():
+        args = (bufs, activation, backend, need_x, need_w, need_b, settings, forward)
+        return _backward(dh, x, weight, saved, *args)
+    dx, dw, db = BACKWARD_OP(
+        dh,
+        x,
+        weight,
+        saved,
+        *bufs,
+        activation,
+        backend,
+        need_x,
+        need_w,
+        need_b,
+        *_flags(settings),
+    )
+    return dx if need_x else None, dw if need_w else None, db if need_b else None
 
 
 def _eager() -> bool:
@@ -386,5 +562,6 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
-    fn = _EagerDenseFunction if _eager() else DenseFunction
-    return fn.apply(x, weight, bias, bufs, activation, backend, settings)[0]
+    if _eager():
+        return _EagerDenseFunction.apply(x, weight, bias, (bufs, activation, backend, settings))
+    return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]

@@ -691,6 +691,21 @@ def _launch(kernel, tuned, grid_fn, args: tuple, meta: dict, deterministic: bool
     return best
 
 
+def _direct_launch(run) -> tuple | None:
+    """The C launch function and its fixed arguments, where ``run`` (the kernel's launcher)
+    is Triton 3.8's ``CudaLauncher`` and its ``__call__`` would only forward to it: no
+    global or profiling scratch memory to allocate, no sanitizer. ``None`` otherwise (other
+    Triton versions, other backends): the launcher is called as ``JITFunction.run`` does."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    if not (triton.__version__.startswith("3.8.") and type(run) is CudaLauncher):
+        return None
+    if run.global_scratch_size or run.profile_scratch_size or run.gsan_enabled:
+        return None
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    return run.launch, coop, pdl, run.arg_annotations, run.kernel_signature
+
+
 class _Plan:
     """One kernel launch prepared once per shape and variant: the compiled kernel, its
     grid and every argument after the per-call tensors, in the kernel's order
@@ -698,7 +713,10 @@ class _Plan:
 
     :meth:`__call__` does what ``JITFunction.run`` does on a cache hit, minus the work
     that cannot change for this shape (binding and specialising the arguments, the cache
-    key, re-checking the kernel's global constants, computing the grid).
+    key, re-checking the kernel's global constants, computing the grid). Under Triton 3.8
+    it calls the launcher's C launch function itself with the arguments that
+    ``CudaLauncher.__call__`` would pass it (:func:`_direct_launch`); profilers' launch
+    hooks, when any are set, still get their launch metadata.
     """
 
     __slots__ = (
@@ -710,6 +728,7 @@ class _Plan:
         "tail",
         "device",
         "stream",
+        "direct",
     )
 
     def __init__(self, jit_fn, grid: tuple, args: tuple, meta: dict, cfg, warps, stages, n_head):
@@ -728,18 +747,41 @@ class _Plan:
         self.tail = tuple(bound.values())[n_head:]
         self.device = driver.active.get_current_device()
         self.stream = driver.active.get_current_stream
+        self.direct = _direct_launch(run)
 
-    def __call__(self, *head) -> None:
+    def __call__(self, head: tuple) -> None:
+        """Launch with the per-call tensors ``head`` (the kernel's first arguments)."""
         stream = self.stream(self.device)
-        args = (*head, *self.tail)
-        g = self.grid
+        args = head + self.tail
         hooks = knobs.runtime
         enter = hooks.launch_enter_hook
         # Launch metadata only for profilers' hooks (an empty hook chain reads none of it).
         calls = getattr(enter, "calls", True)
-        meta = self.kernel.launch_metadata(g, stream, *args) if calls else None
+        meta = self.kernel.launch_metadata(self.grid, stream, *args) if calls else None
+        direct = self.direct
+        if direct is not None:
+            launch, coop, pdl, annotations, signature = direct
+            launch(
+                self.grid[0],
+                1,
+                1,
+                stream,
+                self.function,
+                coop,
+                pdl,
+                self.packed,
+                meta,
+                enter,
+                hooks.launch_exit_hook,
+                None,  # global scratch
+                None,  # profiling scratch
+                annotations,
+                signature,
+                args,
+            )
+            return
         self.run(
-            g[0],
+            self.grid[0],
             1,
             1,
             stream,
@@ -842,6 +884,7 @@ def forward(
     act_id: int,
     bufs: Buffers,
     settings: Settings,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``(h, z)``: ``h = f(x W^T + b)`` for ``x [M, K]``, ``weight [N, K]``, and ``z`` for the
     activations that need it in the backward (:data:`FROM_INPUT`; else ``None``); records
@@ -850,15 +893,39 @@ def forward(
 
     The launch is prepared once per shape and variant (:class:`_Plan`); a call then
     allocates ``h`` (and ``z``) and launches the compiled kernel with the prepared arguments.
+    ``cache``: a dict the caller keeps for one kind of pass, the same for every call whose
+    ``x`` and ``weight`` have the same shapes, strides, dtypes and device and whose bias
+    presence, ``act_id``, ``settings`` and histogram size are the same (the op's, see
+    ``fastmlp.op``): the plan is kept there too (per deterministic mode and dot precision)
+    and found without making the plan's own key.
     """
     M, K = x.shape
     N = weight.shape[0]
     stats = settings.enabled
     det = stats and is_deterministic()
     precision = dot_precision(x.dtype)
-    h = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    store_z = act_id in FROM_INPUT
-    z = torch.empty_like(h) if store_z else None
+    device = x.device
+    h = torch.empty(M, N, dtype=x.dtype, device=device)
+    z = torch.empty_like(h) if act_id in FROM_INPUT else None
+    # The arguments that change from call to call (the plan's head).
+    head = (
+        x,
+        weight,
+        x if bias is None else bias,
+        h,
+        h if z is None else z,
+        bufs.acc,
+        bufs.shift,
+        bufs.hist,
+        bufs.hist_range,
+        bufs.units if stats and settings.per_unit else h,
+        bufs.exp_hist,
+    )
+    variant = (det, precision)
+    plan = None if cache is None else cache.get(variant)
+    if plan is not None:
+        plan(head)
+        return h, z
     plan_key = (
         "fwd",
         M,
@@ -867,7 +934,7 @@ def forward(
         x.stride(),
         weight.stride(),
         x.dtype,
-        x.device,
+        device,
         act_id,
         bias is None,
         settings,
@@ -875,14 +942,13 @@ def forward(
         det,
         precision,
     )
-    units = bufs.units if stats and settings.per_unit else h
-    # The arguments that change from call to call (the plan's head).
-    head = (x, weight, bias if bias is not None else x, h, z if store_z else h, *bufs[:4])
-    head += (units, bufs.exp_hist)
     plan = _PLANS.get(plan_key)
     if plan is not None:
-        plan(*head)
+        if cache is not None:
+            cache[variant] = plan
+        plan(head)
         return h, z
+    store_z = z is not None
     smeta = _stats_meta(bufs, settings)
 
     def grid(cfg):
@@ -929,7 +995,9 @@ def forward(
         **smeta,
     )
     key = (m_bucket(M), N, K, x.dtype, x.device)
-    _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
+    plan = _first_launch(plan_key, _fwd_kernel, _fwd_tuned, grid, args, meta, det, key, len(head))
+    if plan is not None and cache is not None:
+        cache[variant] = plan
     return h, z
 
 
@@ -944,43 +1012,76 @@ def backward(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dW, db)`` from ``dh`` (``None`` where not needed); records
     ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
-    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`."""
+    ``h`` is the forward's output, or its ``z`` for the activations of :data:`FROM_INPUT`.
+    ``cache``: as for :func:`forward`, for calls with the same ``dh`` and ``h`` strides and
+    ``need_x``, ``need_w``, ``need_b`` as well (bias presence aside)."""
     M, K = x.shape
     N = weight.shape[0]
     stats = settings.enabled
     det = stats and is_deterministic()
     precision = dot_precision(x.dtype)
-    strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
     device = x.device
-    key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
-    key += (bufs.hist.shape[-1], det, precision)
-    pair = _BWD_PLANS.get(key)
-    if pair is None:
+    variant = (det, precision)
+    entry = None if cache is None else cache.get(variant)
+    if entry is None:
+        strides = (dh.stride(), h.stride(), x.stride(), weight.stride())
+        key = (M, N, K, strides, x.dtype, device, act_id, need_x, need_w, need_b, settings)
+        key += (bufs.hist.shape[-1], det, precision)
+        entry = _BWD_PLANS.get(key)
+        if entry is not None and cache is not None:
+            cache[variant] = entry
+    if entry is None:
         grads = _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b)
         if not INTERPRET:
             dx_key = ("dx", M, N, K, strides, x.dtype, device, act_id, precision)
             dw_key = ("dw", *key[:6], act_id, need_w, need_b, *key[10:])
             plans = (_PLANS.get(dx_key) if need_x else None, _PLANS.get(dw_key))
-            _BWD_PLANS[key] = plans
+            # dX and dW are allocated contiguous; like x and W when these are contiguous
+            # (``empty_like`` then gives the same layout, with less argument parsing).
+            entry = (*plans, strides[2] == (K, 1), strides[3] == (K, 1))
+            _BWD_PLANS[key] = entry
+            if cache is not None:
+                cache[variant] = entry
         return grads
-    dx_plan, dw_plan = pair
+    dx_plan, dw_plan, x_dense, w_dense = entry
     dx = dw = db = None
     if dx_plan is not None:
-        dx = torch.empty(M, K, dtype=x.dtype, device=device)
-        dx_plan(dh, h, weight, dx)
+        if x_dense:
+            dx = torch.empty_like(x)
+        else:
+            dx = torch.empty(M, K, dtype=x.dtype, device=device)
+        dx_plan((dh, h, weight, dx))
     if dw_plan is not None:
-        dw = torch.empty(N, K, dtype=weight.dtype, device=device) if need_w else None
+        if need_w:
+            if w_dense:
+                dw = torch.empty_like(weight)
+            else:
+                dw = torch.empty(N, K, dtype=weight.dtype, device=device)
         db = torch.empty(N, dtype=weight.dtype, device=device) if need_b else None
-        dw_head = (dh, h, x, dw if dw is not None else x, db if db is not None else x)
-        dw_plan(*dw_head, *bufs[:4], bufs.exp_hist)
+        dw_plan(
+            (
+                dh,
+                h,
+                x,
+                x if dw is None else dw,
+                x if db is None else db,
+                bufs.acc,
+                bufs.shift,
+                bufs.hist,
+                bufs.hist_range,
+                bufs.exp_hist,
+            )
+        )
     return dx, dw, db
 
 
-# Per backward variant: its (dX plan or None, dW plan or None), once both are prepared.
-_BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None]] = {}
+# Per backward variant: its dX plan or None, dW plan or None, and whether x and W are
+# contiguous, once both plans are prepared.
+_BWD_PLANS: dict[tuple, tuple[_Plan | None, _Plan | None, bool, bool]] = {}
 
 
 def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, need_b):
@@ -997,7 +1098,7 @@ def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, ne
         head = (dh, h, weight, dx)
         plan = _PLANS.get(plan_key)
         if plan is not None:
-            plan(*head)
+            plan(head)
         else:
 
             def grid_dx(cfg):
@@ -1053,7 +1154,7 @@ def _backward_first(dh, x, weight, h, act_id, bufs, settings, need_x, need_w, ne
     head += (bufs.exp_hist,)
     plan = _PLANS.get(plan_key)
     if plan is not None:
-        plan(*head)
+        plan(head)
         return dx, dw, db
     smeta = _stats_meta(bufs, settings)
 
@@ -1109,5 +1210,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor, activation: str, bins: int)
         and weight.dtype == x.dtype
         and activation in ACT_IDS
         and x.shape[0] > 0
-        and (x.device.type in GPU_DEVICE_TYPES or (INTERPRET and x.device.type == "cpu"))
+        and (
+            x.is_cuda or x.device.type in GPU_DEVICE_TYPES or (INTERPRET and x.device.type == "cpu")
+        )
     )

@@ -69,7 +69,8 @@ __all__ = [
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Device types whose tensors the kernels launch on. ``bench.host`` adds ``"cpu"`` while it
-#: times the CUDA path's host work on CPU tensors with Triton's driver mocked.
+#: times the CUDA path's host work on CPU tensors with Triton's driver mocked (and tells
+#: the op, which keeps its routing verdicts, that it did).
 GPU_DEVICE_TYPES: set[str] = {"cuda"}
 
 #: Activation name -> constexpr id used by the kernels.

@@ -255,3 +255,120 @@ def test_checkpoint_written_before_the_op_still_loads():
     assert all(model.layers[0].stats.calibrated)
     model(torch.rand(2, a["in_features"])).sum().backward()
     assert model.stats.snapshot()[1]["activation"].count == meta["rows"][1]["count"] + 14
+
+
+# ----------------------------------------------------------------------------- eager mode
+
+
+_REFERENCE_ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("activation", sorted(_REFERENCE_ACTIVATIONS))
+def test_eager_gradients_match_plain_pytorch(activation: str, backend: str):
+    """Eager mode's autograd function (one output; GELU and SiLU save z instead of
+    returning it) gives plain PyTorch's gradients, on the PyTorch path (the first,
+    calibrating pass) and on the kernels (the second pass, under the interpreter)."""
+    from fastmlp.op import _eager
+
+    assert _eager()
+    g = torch.Generator().manual_seed(3)
+    layer = InstrumentedLinear(7, 5, activation, init="pytorch", backend=backend, generator=g)
+    weight = layer.weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    for _ in range(2):
+        x = torch.randn(6, 7, generator=g, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        dh = torch.randn(6, 5, generator=g)
+        layer.zero_grad()
+        h = layer(x)
+        assert isinstance(h, torch.Tensor) and h.shape == (6, 5)
+        h.backward(dh)
+        h_ref = _REFERENCE_ACTIVATIONS[activation](F.linear(x_ref, weight, bias))
+        weight.grad = bias.grad = None
+        h_ref.backward(dh)
+        torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-5, atol=1e-6)
+    assert layer.stats.calibrated == [True] * 4
+
+
+def _kernels_or_skip():
+    from fastmlp import op
+
+    kernels = op._kernels()
+    if kernels is None or not kernels.INTERPRET:
+        pytest.skip("needs the kernels under TRITON_INTERPRET=1")
+    return kernels
+
+
+def test_route_keeps_its_verdict_but_reads_the_calibration_flags_every_pass():
+    from fastmlp import op
+    from fastmlp.stats.layout import ACTIVATION, PREACTIVATION
+
+    _kernels_or_skip()
+    layer = InstrumentedLinear(7, 5, "tanh", backend="triton")
+    bufs, x = layer.stats.buffers_tuple(), torch.randn(6, 7)
+    args = ("triton", x, layer.weight, "tanh", bufs, (PREACTIVATION, ACTIVATION))
+    key = op._PassCache()  # (the kind of these passes)
+    assert op.route(*args, True, key) == "torch"  # not calibrated: the PyTorch path
+    layer.stats.calibrated = [True, True, False, False]
+    assert op.route(*args, True, key) == "triton"
+    layer.stats.calibrated = [True, False, False, False]
+    assert op.route(*args, True, key) == "torch"
+    assert op.route(*args, False, key) == "triton"  # statistics off: nothing to calibrate
+    layer.stats.reset()
+    assert op.route(*args, True, key) == "torch"
+
+
+def test_routes_changed_forgets_the_kept_verdicts():
+    """The device types routed like CUDA are read when a verdict is made: after changing
+    them (as bench.host does), routes_changed() makes route read them again."""
+    from fastmlp import op
+    from fastmlp.stats.layout import ACTIVATION, PREACTIVATION
+
+    _kernels_or_skip()
+    layer = InstrumentedLinear(7, 5, "tanh", backend="auto")
+    layer.stats.calibrated = [True] * 4
+    args = ("auto", torch.randn(6, 7), layer.weight, "tanh", layer.stats.buffers_tuple())
+    args += ((PREACTIVATION, ACTIVATION), True, op._PassCache())
+    assert op.route(*args) == "torch"  # CPU tensors, backend auto
+    op.MOCK_GPU_DEVICE_TYPES.add("cpu")
+    try:
+        assert op.route(*args) == "torch"  # the kept verdict
+        op.routes_changed()
+        assert op.route(*args) == "triton"
+    finally:
+        op.MOCK_GPU_DEVICE_TYPES.discard("cpu")
+        op.routes_changed()
+    assert op.route(*args) == "torch"
+
+
+def test_layer_settings_follow_every_switch():
+    """LayerStats.settings() is kept between passes and made again after any switch."""
+    stats = InstrumentedLinear(3, 2, "tanh").stats
+    first = stats.settings()
+    assert stats.settings() is first and first.enabled and first.histograms
+    switches = [
+        ("enabled", False, lambda s: not s.enabled),
+        ("histograms", False, lambda s: not s.histograms),
+        ("saturation", False, lambda s: not s.saturation),
+        ("zeros", True, lambda s: s.zeros),
+        ("moments4", True, lambda s: s.moments4),
+        ("per_unit", True, lambda s: s.per_unit),
+        ("exponents", True, lambda s: s.exponents),
+        ("thresholds", (-0.5, 0.25), lambda s: (s.sat_low, s.sat_high) == (-0.5, 0.25)),
+    ]
+    for name, value, holds in switches:
+        before = stats.settings()
+        assert not holds(before), name
+        setattr(stats, name, value)
+        assert holds(stats.settings()), name
+    # a copy keeps them
+    assert copy.deepcopy(stats).settings() == stats.settings()

@@ -189,20 +189,31 @@ class LayerStats(nn.Module):
     def buffers_tuple(self) -> Buffers:
         """The buffers, in the order the op takes them."""
         b = self._buffers  # (direct: nn.Module.__getattr__ costs about a microsecond a name)
-        return Buffers(
-            b["acc"],
-            b["shift"],
-            b["hist"],
-            b["hist_range"],
-            b["state"],
-            b["unit_counts"],
-            b["exp_hist"],
+        # (tuple.__new__: the NamedTuple without its Python-level __new__, once per pass)
+        return tuple.__new__(
+            Buffers,
+            (
+                b["acc"],
+                b["shift"],
+                b["hist"],
+                b["hist_range"],
+                b["state"],
+                b["unit_counts"],
+                b["exp_hist"],
+            ),
         )
 
     def settings(self) -> Settings:
         """What a pass records now (switches and thresholds)."""
+        # Made once and kept until an attribute is set (``__setattr__``: every switch and
+        # threshold is an attribute or a property), as each layer pass asks for it; not
+        # while compiling (the graph would guard on the cache, not on the switches).
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self.__dict__.get("_settings")
+        if cached is not None:
+            return cached
         lo, hi = self.thresholds if self.thresholds is not None else (0.0, 0.0)
-        return Settings(
+        settings = Settings(
             bool(self.enabled),
             bool(self.histograms),
             self.saturation_active,
@@ -214,6 +225,13 @@ class LayerStats(nn.Module):
             self.per_unit,
             self.exponents,
         )
+        if not compiling:
+            self.__dict__["_settings"] = settings
+        return settings
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_settings"] = None  # (after a property's setter too)
 
     def hint_centers_from_shift(self) -> None:
         """Restart the CPU path's centring hints from ``shift`` (after loading buffers)."""
