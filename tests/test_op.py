@@ -182,6 +182,30 @@ def test_torch_func_grad_equals_autograd():
     assert model.stats.snapshot()[1]["weight_grad"].count == 2 * 8 * 10
 
 
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])  # gelu: z is saved, not h
+def test_ops_pass_torch_library_opcheck(activation):
+    """Schema (the declared mutations and no aliasing), fake implementations and AOT dispatch
+    of both ops agree with what the real implementations do."""
+    from fastmlp.op import _flags
+
+    g = torch.Generator().manual_seed(3)
+    layer = InstrumentedLinear(6, 5, activation, generator=g)
+    for group in ("zeros", "moments4", "per_unit", "exponents"):
+        setattr(layer.stats, group, True)  # every buffer written
+    x, dh = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+    with torch.no_grad():
+        layer(x)  # calibrated: the ops then accumulate
+    bufs, flags = layer.stats.buffers_tuple(), _flags(layer.stats.settings())
+    w, b = layer.weight.detach(), layer.bias.detach()
+    fwd = (x, w, b, *bufs, activation, "torch", *flags)
+    h, z = torch.ops.fastmlp.dense_forward.default(*fwd)
+    saved = z if z.numel() else h
+    bwd = (dh, x, w, saved, *bufs, activation, "torch", True, True, True, *flags)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastmlp.dense_forward.default, fwd, test_utils=tests)
+    torch.library.opcheck(torch.ops.fastmlp.dense_backward.default, bwd, test_utils=tests)
+
+
 def test_vmap_fails_with_a_clear_message():
     layer = InstrumentedLinear(5, 4, "tanh")
     with pytest.raises(NotImplementedError, match="do not support torch.func.vmap"):
