@@ -2,12 +2,12 @@
 
 This is what PyTorch sees of fastmlp: two ``torch.library`` custom ops,
 ``fastmlp::dense_forward`` and ``fastmlp::dense_backward``, that mutate the layer's
-statistics buffers (declared in ``mutates_args``, so ``torch.compile(fullgraph=True)``,
-``torch.export`` and CUDA graphs see one node per pass and the statistics keep updating),
-with fake implementations for tracing, and one ``autograd.Function``
-(:class:`DenseFunction`) that calls them. In plain eager mode (no compile, export, fake
-tensors, functorch transform or torch mode: :func:`_eager`) the same implementations are
-called directly, without the dispatcher's few tens of microseconds per call.
+statistics buffers (declared by their schemas' alias annotations, ``Tensor(b0!) acc``, so
+``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA graphs see one node per pass
+and the statistics keep updating), with fake implementations for tracing, and one
+``autograd.Function`` (:class:`DenseFunction`) that calls them. In plain eager mode (no
+compile, export, fake tensors, functorch transform or torch mode: :func:`_eager`) the same
+implementations are called directly, without the dispatcher's few microseconds per call.
 
 Which implementation runs is decided in one place, :func:`route`, for every pass:
 
