@@ -2,10 +2,12 @@
 
 Under ``torch.compile``, ``export``, fake tensors and torch modes every instrumented pass
 is a call of ``torch.ops.fastmlp.dense_forward`` / ``dense_backward`` (PyTorch's
-dispatcher, the schema check, the mutation bookkeeping of ``torch.library``); in plain
-eager mode the layers call the same implementations directly (``fastmlp.op._eager``).
-This times, interleaved in one process, the eager training step of the 5x1000 network
-with every statistic on:
+dispatcher and the autograd function's ``setup_context``); in plain eager mode the layers
+call the same implementations directly (``fastmlp.op._eager``). This times, interleaved in
+one process, the eager training step of the 5-hidden-layer network with every statistic
+on, at width 1000 (the paper's) and at width 4, where the arithmetic is negligible and the
+difference per call is the boundary's own cost (at width 1000 it is within the step's
+noise):
 
 - ``op``: every pass through the custom ops' dispatcher, as a traced model would;
 - ``direct``: as users run eager mode (the implementations called directly);
@@ -47,10 +49,13 @@ def _through_dispatcher() -> Iterator[None]:
         op._eager = saved
 
 
-def measure(batch: int, repeats: int, warmup: int, min_time: float) -> dict:
-    """One batch size: the three variants' step times and the op boundary's cost."""
+def measure(batch: int, repeats: int, warmup: int, min_time: float, width: int = 1000) -> dict:
+    """One batch size and width: the three variants' step times and the op boundary's cost.
+
+    At a width as small as 4 (inputs as wide) the arithmetic is negligible, so the step
+    difference is the boundary's own cost, free of the noise of a 5x1000 step's."""
     device = torch.device("cpu")
-    case = Case(batch=batch, width=1000)
+    case = Case(batch=batch, width=width, in_features=1024 if width >= 64 else width)
     built = {n: build_variant(n, case, device, modes=("step",)) for n in ("fastmlp-all", "plain")}
     direct_step = built["fastmlp-all"].run["step"]
     op_built = build_variant("fastmlp-all", case, device, modes=("step",))
@@ -74,6 +79,8 @@ def measure(batch: int, repeats: int, warmup: int, min_time: float) -> dict:
     _, d, _ = quantiles(delta)
     return {
         "batch": batch,
+        "width": width,
+        "in_features": case.in_features,
         "inner": inner,
         "repeats": repeats,
         "variants": rows,
@@ -86,9 +93,42 @@ def measure(batch: int, repeats: int, warmup: int, min_time: float) -> dict:
     }
 
 
+def dispatch_cost(calls: int = 2000, repeats: int = 15) -> dict:
+    """The dispatcher alone: ``fastmlp::dense_forward`` called through ``torch.ops`` against
+    its implementation called directly, on a width-4 layer (statistics on, calibrated, no
+    autograd), interleaved; microseconds per call (medians over ``repeats`` of ``calls``).
+    This is what a traced graph (compile, export) pays per pass for the boundary."""
+    import time
+
+    from fastmlp import InstrumentedLinear
+
+    layer = InstrumentedLinear(4, 4, "tanh", generator=torch.Generator().manual_seed(0))
+    x = torch.rand(10, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer(x)  # calibrated
+    stats = layer.stats
+    args = (x, layer.weight.detach(), layer.bias.detach(), *stats.buffers_tuple())
+    args += ("tanh", "torch", *op._flags(stats.settings()))
+    fns = {"op": lambda: op.FORWARD_OP(*args), "direct": lambda: op._dense_forward(*args)}
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls)
+    op_s, direct_s = (quantiles(times[n][1:])[1] for n in ("op", "direct"))  # [0]: warm-up
+    per_call = (op_s - direct_s) * 1e6
+    return {"op_us": op_s * 1e6, "direct_us": direct_s * 1e6, "us_per_call": per_call}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.op_boundary", description=__doc__)
     p.add_argument("--batches", default="10,256", help="comma-separated batch sizes")
+    p.add_argument(
+        "--widths", default="1000,4", help="comma-separated widths (4: the boundary alone)"
+    )
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
@@ -97,14 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
-        if any(b < 1 for b in batches):
+        widths = [int(w) for w in args.widths.split(",")]
+        if any(v < 1 for v in batches + widths):
             raise ValueError
     except ValueError:
-        print(f"bench.op_boundary: --batches must be positive integers, got {args.batches!r}",
-              file=sys.stderr)  # fmt: skip
+        print("bench.op_boundary: --batches and --widths must be positive integers, got "
+              f"{args.batches!r} and {args.widths!r}", file=sys.stderr)  # fmt: skip
         return 2
     info = machine_info(torch.device("cpu"))
-    rows = [measure(b, args.repeats, args.warmup, args.min_time) for b in batches]
+    rows = [
+        measure(b, args.repeats, args.warmup, args.min_time, width=w)
+        for w in widths
+        for b in batches
+    ]
     result = {
         "schema": "fastmlp-op-boundary/1",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -112,18 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "machine": info,
         "rows": rows,
+        "dispatch": dispatch_cost(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"op-boundary-{machine_slug(info)}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{info.get('cpu', 'cpu')}, {torch.get_num_threads()} threads; written to {path}")
-    print("batch  op ms  direct ms  plain ms  op/direct  us per op call")
+    print("width  batch   op ms  direct ms  plain ms  op/direct  us per op call")
     for r in rows:
         v = r["variants"]
         print(
-            f"{r['batch']:5d}  {v['op']['ms']:5.1f}  {v['direct']['ms']:9.1f}  "
-            f"{v['plain']['ms']:8.1f}  {r['op_over_direct']:9.3f}  {r['us_per_op_call']:14.1f}"
+            f"{r['width']:5d}  {r['batch']:5d}  {v['op']['ms']:6.2f}  {v['direct']['ms']:9.2f}  "
+            f"{v['plain']['ms']:8.2f}  {r['op_over_direct']:9.3f}  {r['us_per_op_call']:14.1f}"
         )
+    d = result["dispatch"]
+    print(
+        f"dispatcher alone (what a traced graph pays): {d['us_per_call']:.1f} us per call "
+        f"({d['op_us']:.1f} through torch.ops, {d['direct_us']:.1f} direct)"
+    )
     return 0
 
 

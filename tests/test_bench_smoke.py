@@ -168,3 +168,18 @@ def test_interleaved_drops_a_variant_that_recompiles_while_timed():
     )
     assert res["steady"].ok and len(res["steady"].times) == 3
     assert not res["thrash"].ok and "recompiled 1 graph" in res["thrash"].error
+
+
+def test_op_boundary_writes_json_per_width_and_batch(tmp_path, capsys):
+    from fastmlp.bench import op_boundary
+
+    argv = ["--batches", "2,3", "--widths", "4", "--repeats", "2", "--warmup", "1"]
+    assert op_boundary.main([*argv, "--min-time", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("op-boundary-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["width"], r["batch"]) for r in rows] == [(4, 2), (4, 3)]
+    for r in rows:
+        assert r["op_calls_per_step"] == 12 and r["variants"]["op"]["ms"] > 0
+    assert json.loads(path.read_text())["dispatch"]["op_us"] > 0
+    assert op_boundary.main(["--widths", "0", "--out", str(tmp_path)]) == 2
+    assert "--batches and --widths must be positive integers" in capsys.readouterr().err
