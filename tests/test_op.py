@@ -162,6 +162,18 @@ def test_export_matches_eager_and_keeps_recording():
     torch.testing.assert_close(acc, twin.layers[0].stats.acc)
 
 
+def test_exported_program_saves_and_loads():
+    """An exported program with the ops survives torch.export.save/load (the ops are found
+    by name when fastmlp is imported) and computes what the model computes."""
+    model = MLP(16, 4, depth=2, width=12, seed=5)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(model, (x,)), buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf).module()
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_torch_func_grad_equals_autograd():
     from torch.func import functional_call, grad
 
