@@ -42,7 +42,6 @@ from fastmlp import torch_path
 from fastmlp.activations import get_activation
 from fastmlp.stats.layout import (
     ACTIVATION,
-    CALIBRATED,
     PREACTIVATION,
     PREACTIVATION_GRAD,
     WEIGHT_GRAD,
@@ -71,22 +70,6 @@ def _kernels() -> ModuleType | None:
 #: times the CUDA path's host work on CPU tensors with Triton's driver mocked (a change
 #: must be followed by :func:`routes_changed`).
 MOCK_GPU_DEVICE_TYPES: set[str] = set()
-
-
-# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
-# (``Tensor.numpy()`` costs more than the rest of a route); the entry holds the tensor, so
-# its id is not reused while cached. Cleared when large (layers come and go with probes).
-_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, object]] = {}
-
-
-def _calibration_flags(state: torch.Tensor):
-    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view."""
-    entry = _CALIBRATION_VIEWS.get(id(state))
-    if entry is None or entry[0] is not state:
-        if len(_CALIBRATION_VIEWS) >= 4096:
-            _CALIBRATION_VIEWS.clear()
-        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
-    return entry[1]
 
 
 class _PassCache:
@@ -154,7 +137,7 @@ def route(
     if static == "torch":
         return "torch"
     if enabled:
-        flags = _calibration_flags(bufs.state)  # host-side buffer: no device read
+        flags = torch_path.calibration_flags(bufs.state)  # host-side: no device read
         if not (flags[quantities[0]] and flags[quantities[1]]):
             return "torch"
     return "triton"

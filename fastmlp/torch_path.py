@@ -56,7 +56,15 @@ from fastmlp.stats.layout import (
     saturation_bounds,
 )
 
-__all__ = ["accumulate", "backward", "calibrate", "forward", "record", "update"]
+__all__ = [
+    "accumulate",
+    "backward",
+    "calibrate",
+    "calibration_flags",
+    "forward",
+    "record",
+    "update",
+]
 
 
 def accumulate(
@@ -362,6 +370,23 @@ def calibrate(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> Non
     bufs.state[CALIBRATED, q] = 1.0
 
 
+# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
+# (``Tensor.numpy()`` costs more than the rest of a route; every pass asks for the row, in
+# route and in record). The entry holds the tensor, so its id is not reused while cached.
+# Cleared when large (layers come and go with probes).
+_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, object]] = {}
+
+
+def calibration_flags(state: torch.Tensor) -> np.ndarray:
+    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view."""
+    entry = _CALIBRATION_VIEWS.get(id(state))
+    if entry is None or entry[0] is not state:
+        if len(_CALIBRATION_VIEWS) >= 4096:
+            _CALIBRATION_VIEWS.clear()
+        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
+    return entry[1]
+
+
 def record(
     bufs: Buffers,
     settings: Settings,
@@ -375,7 +400,7 @@ def record(
     ``total`` returns the sum of ``x``; ``factors`` ``(a, b)`` say that ``x = a.T @ b``. Both
     are shortcuts the CPU path may take instead of passes over ``x``.
     """
-    calibrated = bufs.state.numpy()[CALIBRATED]  # the host-side buffer, read without ops
+    calibrated = calibration_flags(bufs.state)  # the host-side buffer, read without ops
     if not calibrated[q]:
         calibrate(bufs, settings, q, x)
         if not calibrated[q]:  # nothing finite (or nothing at all) yet
