@@ -76,7 +76,7 @@ def ddp_train_worker(rank: int, world_size: int, port: int, out: str) -> None:
         },
         Path(out) / f"rank{rank}.pt",
     )
-    distributed.cleanup()
+    distributed.cleanup(wait=True)  # a rank leaving while its peer still works can abort it
 
 
 def hang_worker(out: str) -> None:
