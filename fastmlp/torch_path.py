@@ -242,7 +242,7 @@ def _histogram_on_host(bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: fl
     offset = int(-lo * scale)
     inside = mn >= lo and mx <= hi
     # Slot ``bins`` holds x == hi (or values rounding just below it): the last bin is closed.
-    counts = _slot_counts(x, scale, offset, bins + 1, clamp=not inside)
+    counts = _slot_counts(x, scale, offset, bins + 1, mn, mx)
     row = hist[q]
     row[1 : bins + 1] += counts[:bins]
     row[bins] += counts[bins]
@@ -257,39 +257,73 @@ def _histogram_on_host(bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: fl
         grow_range_(bufs, q, torch.tensor(max(abs(mn), abs(mx)), dtype=torch.float64))
 
 
-def _slot_counts(x: torch.Tensor, scale: float, offset: int, slots: int, clamp: bool) -> np.ndarray:
-    """Counts of the slots ``floor(x * scale) + offset`` (clamped to ``[0, slots)`` when
-    ``clamp``), as int64 numpy.
+def _slot_counts(
+    x: torch.Tensor, scale: float, offset: int, slots: int, mn: float, mx: float
+) -> np.ndarray:
+    """Counts of the slots ``floor(x * scale) + offset``, clamped to ``[0, slots)``, as int64
+    numpy; ``mn`` and ``mx`` are ``x``'s extremes.
 
-    The floored values are converted to the narrowest integer type that holds every index
-    (int16 for the default 64 bins: less to write, and to read for ``bincount``'s three
-    passes). Where the table of pairs (``slots**2`` entries) is at most a quarter of the
-    pairs, the two halves of ``x`` are counted as pairs ``a * slots + b`` (integer arithmetic,
-    exact) and folded back: half the serial ``bincount`` work of counting each value (with a
-    larger table, clearing and folding it costs more than that saves; 64 bins: pairs from 34k
-    values on).
+    Only the span of slots between the extremes' is counted (a few slots for a weight
+    gradient, whose values crowd the middle bins). ``k`` consecutive chunks of ``x`` are
+    packed into one index in base ``span`` (integer arithmetic, exact), so the serial
+    ``bincount`` reads ``n / k`` indices; ``k`` grows while the indices it saves cost more
+    than the larger table of ``span**k`` counts to clear and fold, and while the packing
+    fits int16 (half the bytes of int32 to write and read).
     """
     n = x.numel()
-    m = n // 2
-    pairs = 4 * slots * slots <= m
-    k = 2 * m if pairs else n
-    t = torch.mul(x if n == k else x[:k], scale, out=scratch(k, x.dtype, x.device))
+    with np.errstate(over="ignore"):  # as the pass rounds, to an infinity where it does
+        ends = np.floor(np.array([mn, mx], dtype=_NUMPY_FLOAT[x.dtype]) * scale) + offset
+    first, last = (int(e) for e in np.clip(ends, 0, slots - 1))
+    span = last - first + 1
+    counts = np.zeros(slots, dtype=np.int64)
+    if span == 1:  # every value in one slot: nothing to count
+        counts[first] = n
+        return counts
+    low = first - offset  # the floored value of slot ``first``
+    k, itype = _packing(span, n, max(abs(low), abs(low + span - 1)))
+    t = torch.mul(x, scale, out=scratch(n, x.dtype, x.device))
     t.floor_()
-    if clamp:
-        t.clamp_(-offset, slots - 1 - offset)
-    width = slots * slots if pairs else slots  # indices lie in [0, width) and [-width, 0)
-    itype = next(d for d in (torch.int16, torch.int32, torch.int64) if width <= torch.iinfo(d).max)
-    idx = scratch(k, itype, x.device, slot=1).copy_(t)  # exact: small integers
-    if not pairs:
-        return torch.bincount(idx.add_(offset), minlength=slots).numpy()
-    idx = torch.add(idx[m:], idx[:m], alpha=slots, out=scratch(m, itype, x.device, slot=2))
-    idx.add_(offset * (slots + 1))
-    table = torch.bincount(idx, minlength=slots * slots).numpy().reshape(slots, slots)
-    counts = table.sum(0) + table.sum(1)
-    if n % 2:
-        last = int(torch.mul(x[-1:], scale).floor_()) + offset  # rounded as t above
-        counts[min(max(last, 0), slots - 1)] += 1
+    if ends[0] < first or ends[1] > last:
+        t.clamp_(low, low + span - 1)
+    idx = scratch(n, itype, x.device, slot=1).copy_(t)  # exact: small integers
+    m = n // k
+    packed = idx[:m]
+    for j in range(1, k):  # Horner: packed = packed * span + chunk j
+        packed = torch.add(
+            idx[j * m : (j + 1) * m], packed, alpha=span, out=scratch(m, itype, x.device, slot=2)
+        )
+    # Every chunk's floored value v stands for slot v - low: take low * (1 + span + ...) off.
+    packed.sub_(low * (span**k - 1) // (span - 1))
+    table = torch.bincount(packed, minlength=span**k)
+    part = torch.from_numpy(counts[first : last + 1])
+    for _ in range(1, k):  # peel the last digit off: its counts, and the table of the rest
+        table = table.view(-1, span)
+        part += table.sum(0)
+        table = table.sum(1)
+    part += table
+    if n > k * m:  # the n % k values left over
+        part += torch.bincount(idx[k * m :].to(torch.int64) - low, minlength=span)
     return counts
+
+
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+_INT16_MAX = torch.iinfo(torch.int16).max
+
+
+def _packing(span: int, n: int, largest: int) -> tuple[int, torch.dtype]:
+    """``(k, dtype)`` for :func:`_slot_counts`: values to pack per index, and the index dtype
+    (holding both the packed indices and the floored values, of magnitude ``largest``)."""
+    k = 1
+    # One more value per index saves n / (k (k + 1)) indices, at about 4 times the cost
+    # of one index per table entry added (bincount's clearing, the fold).
+    while k < 8 and 4 * k * (k + 1) * span ** (k + 1) <= n:
+        k += 1
+    while k > 1 and max(largest * (span**k - 1) // (span - 1), span**k - 1) > _INT16_MAX:
+        k -= 1
+    if k > 1:
+        return k, torch.int16
+    itype = next(d for d in (torch.int16, torch.int32) if max(largest, span) <= torch.iinfo(d).max)
+    return 1, itype
 
 
 def _count(flags: torch.Tensor) -> int:

@@ -599,6 +599,36 @@ def test_histogram_exact_for_every_bin_count(bins):
     np.testing.assert_array_equal(qs.hist_counts, expect)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_slot_counts_exact_for_crowded_spans_remainders_and_clamping(seed):
+    """The CPU path's slot counting (values packed several to an index over the span of
+    slots between the extremes) equals floor binning in the data's own precision: spans of
+    1 to 65 slots, lengths leaving every remainder, values on the edges, values far
+    outside the range (clamped), float32 and float64."""
+    from fastmlp.torch_path import _slot_counts
+
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        n = int(rng.choice([1, 2, 3, 7, 1001, 33_333, 200_001, 1_000_003]))
+        dtype = (torch.float32, torch.float64)[trial % 2]
+        bins = int(rng.choice([2, 8, 64, 1000]))
+        r = 2.0 ** int(rng.integers(-5, 5))
+        spread = r * float(rng.choice([1e-4, 0.02, 0.3, 1.0, 3.0]))  # a few slots to all
+        centre = float(rng.choice([0.0, 0.2, -0.7])) * r
+        x = torch.from_numpy(rng.standard_normal(n) * spread + centre).to(dtype)
+        if trial % 3 == 0:
+            edges = torch.linspace(-r, r, bins + 1, dtype=dtype)[: min(n, bins + 1)]
+            x[: edges.numel()] = edges
+        if trial % 5 == 0 and n > 2:
+            x[:2] = torch.tensor([1e30, -1e30], dtype=dtype)
+        scale, offset, slots = bins / (2 * r), bins // 2, bins + 1
+        mn, mx = (float(v) for v in torch.aminmax(x))
+        got = _slot_counts(x, scale, offset, slots, mn, mx)
+        v = x.numpy()
+        idx = np.clip(np.floor(v * v.dtype.type(scale)) + offset, 0, slots - 1).astype(np.int64)
+        np.testing.assert_array_equal(got, np.bincount(idx, minlength=slots), err_msg=str(trial))
+
+
 def test_bins_beyond_the_limit_are_refused():
     from fastmlp.stats.buffers import MAX_BINS
 
