@@ -215,9 +215,11 @@ def _factored_moments(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     Exact to float64 rounding for the product of the float32 factors (``P`` itself is that
     product rounded to float32, a relative difference of float32's epsilon per element).
     """
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    s1 = float(torch.dot(a64.sum(1), b64.sum(1)))
-    s2 = float(torch.mul(a64 @ a64.t(), b64 @ b64.t()).sum())
+    # NumPy's BLAS for the small float64 products: 27 us against ATen's 46 us for 10 x 1000
+    # factors (2-core EPYC), a per-call cost.
+    a64, b64 = (v.detach().to(torch.float64).numpy() for v in (a, b))
+    s1 = float(a64.sum(1) @ b64.sum(1))
+    s2 = float(np.vdot(a64 @ a64.T, b64 @ b64.T))
     return s1, s2
 
 
