@@ -273,9 +273,9 @@ def _slot_counts(
     fits int16 (half the bytes of int32 to write and read).
     """
     n = x.numel()
-    with np.errstate(over="ignore"):  # as the pass rounds, to an infinity where it does
-        ends = np.floor(np.array([mn, mx], dtype=_NUMPY_FLOAT[x.dtype]) * scale) + offset
-    first, last = (int(e) for e in np.clip(ends, 0, slots - 1))
+    first, last = (_slot_of(v, scale, offset, x.dtype) for v in (mn, mx))
+    clamp = first < 0 or last >= slots
+    first, last = (min(max(e, 0), slots - 1) for e in (first, last))
     span = last - first + 1
     counts = np.zeros(slots, dtype=np.int64)
     if span == 1:  # every value in one slot: nothing to count
@@ -285,7 +285,7 @@ def _slot_counts(
     k, itype = _packing(span, n, max(abs(low), abs(low + span - 1)))
     t = torch.mul(x, scale, out=scratch(n, x.dtype, x.device))
     t.floor_()
-    if ends[0] < first or ends[1] > last:
+    if clamp:
         t.clamp_(low, low + span - 1)
     idx = scratch(n, itype, x.device, slot=1).copy_(t)  # exact: small integers
     m = n // k
@@ -296,19 +296,29 @@ def _slot_counts(
         )
     # Every chunk's floored value v stands for slot v - low: take low * (1 + span + ...) off.
     packed.sub_(low * (span**k - 1) // (span - 1))
-    table = torch.bincount(packed, minlength=span**k)
-    part = torch.from_numpy(counts[first : last + 1])
+    table = torch.bincount(packed, minlength=span**k).numpy()
+    part = counts[first : last + 1]
     for _ in range(1, k):  # peel the last digit off: its counts, and the table of the rest
-        table = table.view(-1, span)
+        table = table.reshape(-1, span)
         part += table.sum(0)
         table = table.sum(1)
     part += table
     if n > k * m:  # the n % k values left over
-        part += torch.bincount(idx[k * m :].to(torch.int64) - low, minlength=span)
+        part += np.bincount(idx[k * m :].numpy().astype(np.int64) - low, minlength=span)
     return counts
 
 
-_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+def _slot_of(v: float, scale: float, offset: int, dtype: torch.dtype) -> int:
+    """``floor(v * scale) + offset`` with the product rounded in ``dtype`` as the pass over
+    the tensor rounds it (far outside any slot: a value far outside, of the same sign)."""
+    p = v * scale
+    if not -(2.0**40) < p < 2.0**40:
+        return -(2**40) if p < 0 else 2**40
+    if dtype == torch.float32:
+        p = float(np.float32(v) * np.float32(scale))
+    return math.floor(p) + offset
+
+
 _INT16_MAX = torch.iinfo(torch.int16).max
 _PACK_OPS = 2**15
 
