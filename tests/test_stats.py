@@ -629,6 +629,24 @@ def test_slot_counts_exact_for_crowded_spans_remainders_and_clamping(seed):
         np.testing.assert_array_equal(got, np.bincount(idx, minlength=slots), err_msg=str(trial))
 
 
+def test_float64_values_beyond_float32_keep_a_finite_centre():
+    """A float64 quantity whose mean lies beyond float32's range: the centre hint (a float32
+    number) is float32's largest, not an infinity, and the moments stay exact."""
+    from fastmlp.stats import PREACTIVATION
+    from fastmlp.stats.layout import CENTER
+
+    stats = InstrumentedLinear(4, 4, "identity").stats
+    g = torch.Generator().manual_seed(5)
+    xs = [1e50 * (1 + 0.01 * torch.randn(5000, generator=g, dtype=torch.float64)) for _ in range(3)]
+    for x in xs:
+        update(stats, PREACTIVATION, x)
+        assert math.isfinite(stats.state[CENTER, PREACTIVATION].item())
+    qs = Snapshot.from_layers([(1, stats)])[1]["preactivation"]
+    v = torch.cat(xs).numpy()
+    assert qs.mean == pytest.approx(v.mean(), rel=1e-12)
+    assert qs.var == pytest.approx(v.var(), rel=1e-8)
+
+
 def test_bins_beyond_the_limit_are_refused():
     from fastmlp.stats.buffers import MAX_BINS
 

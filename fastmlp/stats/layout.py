@@ -162,8 +162,12 @@ def empty_acc(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def as_float32(value: float) -> float:
-    """``value`` rounded to float32: a centre that ``x - c`` uses exactly in any float dtype."""
-    return float(np.float32(value))
+    """``value`` rounded to float32: a centre that ``x - c`` uses exactly in any float dtype
+    (beyond float32's range, its largest finite number of that sign: a centre stays finite)."""
+    return float(np.float32(min(max(value, -_F32_MAX), _F32_MAX)))
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @functools.cache
