@@ -88,7 +88,7 @@ def accumulate(
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     if settings.exponents:
-        record_exponents(bufs, q, x)
+        (_exponents_on_host if x.device.type == "cpu" else record_exponents)(bufs, q, x)
     if x.device.type == "cpu":
         mn, mx = (float(v) for v in torch.aminmax(x))
         # aminmax propagates NaN and returns an infinity if there is one: finite extremes
@@ -107,6 +107,41 @@ def record_exponents(bufs: Buffers, q: int, x: torch.Tensor) -> None:
     slot = torch.where(x == 0, 0, slot)
     slot = torch.where(torch.isfinite(x), slot, NEXP)  # non-finite: a dropped extra slot
     bufs.exp_hist[q] += torch.bincount(slot.reshape(-1), minlength=NEXP + 1)[:NEXP]
+
+
+# The exponent field of float32 and float64: (bits shifted right, mask, bias: frexp's
+# exponent of a normal number is the field minus the bias).
+_EXPONENT_FIELD = {
+    torch.float32: (torch.int32, 23, 0xFF, 126),
+    torch.float64: (torch.int64, 52, 0x7FF, 1022),
+}
+
+
+def _exponents_on_host(bufs: Buffers, q: int, x: torch.Tensor) -> None:
+    """:func:`record_exponents` for a CPU ``x`` (float32 or float64), from the exponent bits:
+    two integer passes and a packed ``bincount`` over the exponents present, instead of
+    ``frexp`` (not vectorised on the CPU: 4.6 ms for a million float32 values here)."""
+    itype, shift, top, bias = _EXPONENT_FIELD[x.dtype]
+    n = x.numel()
+    field = torch.bitwise_right_shift(
+        x.view(itype), shift, out=scratch(n, torch.int16, x.device, slot=1)
+    )
+    field.bitwise_and_(top)  # the sign bit off: the biased exponent, 0 .. top
+    lo, hi = (int(v) for v in torch.aminmax(field))
+    k, _ = _packing(hi - lo + 1, n, hi)
+    counts = _packed_counts(field, lo, hi - lo + 1, k)
+    biased = np.arange(lo, hi + 1)
+    normal = (biased > 0) & (biased < top)  # top: infinities and NaN, not counted
+    slots = np.clip(biased - bias, EXP_MIN, EXP_MAX) - (EXP_MIN - 1)
+    row = bufs.exp_hist.numpy()[q]
+    np.add.at(row, slots[normal], counts[normal])
+    if lo == 0 and counts[0]:  # zeros and subnormal numbers
+        zeros = _count(torch.eq(x, 0, out=scratch(n, x.dtype, x.device)))
+        row[0] += zeros
+        if counts[0] > zeros:  # subnormals: rare, each exponent from frexp
+            tiny = x[(x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)]
+            _, e = torch.frexp(tiny)
+            np.add.at(row, e.clamp_(EXP_MIN, EXP_MAX).numpy() - (EXP_MIN - 1), 1)
 
 
 def _accumulate_finite_on_host(
@@ -288,16 +323,25 @@ def _slot_counts(
     if clamp:
         t.clamp_(low, low + span - 1)
     idx = scratch(n, itype, x.device, slot=1).copy_(t)  # exact: small integers
+    counts[first : last + 1] = _packed_counts(idx, low, span, k)
+    return counts
+
+
+def _packed_counts(idx: torch.Tensor, low: int, span: int, k: int) -> np.ndarray:
+    """Counts (int64 numpy) of the values ``low .. low + span - 1`` of the 1-D integer
+    ``idx``, a work buffer (overwritten), counted ``k`` to an index (:func:`_packing`)."""
+    n = idx.numel()
+    if span == 1:
+        return np.array([n], dtype=np.int64)
     m = n // k
     packed = idx[:m]
     for j in range(1, k):  # Horner: packed = packed * span + chunk j
-        packed = torch.add(
-            idx[j * m : (j + 1) * m], packed, alpha=span, out=scratch(m, itype, x.device, slot=2)
-        )
-    # Every chunk's floored value v stands for slot v - low: take low * (1 + span + ...) off.
+        work = scratch(m, idx.dtype, idx.device, slot=2)
+        packed = torch.add(idx[j * m : (j + 1) * m], packed, alpha=span, out=work)
+    # Every chunk's value v stands for v - low: take low * (1 + span + ...) off.
     packed.sub_(low * (span**k - 1) // (span - 1))
     table = torch.bincount(packed, minlength=span**k).numpy()
-    part = counts[first : last + 1]
+    part = np.zeros(span, dtype=np.int64)
     for _ in range(1, k):  # peel the last digit off: its counts, and the table of the rest
         table = table.reshape(-1, span)
         part += table.sum(0)
@@ -305,7 +349,7 @@ def _slot_counts(
     part += table
     if n > k * m:  # the n % k values left over
         part += np.bincount(idx[k * m :].numpy().astype(np.int64) - low, minlength=span)
-    return counts
+    return part
 
 
 def _slot_of(v: float, scale: float, offset: int, dtype: torch.dtype) -> int:

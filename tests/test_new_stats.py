@@ -379,6 +379,36 @@ def test_exponent_bins_at_powers_of_two_and_format_limits(backend):
     assert a.row()["formats"] == a.formats
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 1001, 300_001, 1_000_003])
+def test_exponent_counts_of_large_tensors_match_frexp(dtype, n):
+    """The CPU path's exponent histogram (read from the exponent bits, packed counting)
+    equals frexp's on large tensors: many binades or a single one, zeros, subnormals,
+    infinities and NaN (not counted), float64 exponents beyond the histogram (clamped)."""
+    from fastmlp.stats import PREACTIVATION
+    from fastmlp.torch_path import update
+
+    rng = np.random.default_rng(n)
+    for spread in (0.0, 2.0, 40.0):  # one binade (of a power of two) to many
+        mags = np.exp2(np.round(rng.normal(-10, spread, n)) if spread else np.full(n, -3.0))
+        v = mags * rng.choice([-1.0, 1.0], n)
+        if spread:
+            v *= rng.uniform(1, 2, n)
+        if n > 10:
+            v[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-300 if dtype == torch.float64 else 0]
+            v[6:9] = (
+                [2.0**-149, -(2.0**-140), 3e-39]
+                if dtype == torch.float32
+                else [1e60, 5e-324, 1e-310]
+            )
+        x = torch.from_numpy(v).to(dtype)
+        layer = InstrumentedLinear(4, 4, "identity")
+        layer.stats.exponents = True
+        update(layer.stats, PREACTIVATION, x)
+        qs = ModelStats(layer).snapshot()[1]["preactivation"]
+        assert qs.exponent_counts == _frexp_counts(x.double().numpy()), spread
+
+
 def test_exponent_counts_merge_across_ranks():
     parts, whole = [], None
     g = torch.Generator().manual_seed(12)
