@@ -119,8 +119,9 @@ _EXPONENT_FIELD = {
 
 def _exponents_on_host(bufs: Buffers, q: int, x: torch.Tensor) -> None:
     """:func:`record_exponents` for a CPU ``x`` (float32 or float64), from the exponent bits:
-    two integer passes and a packed ``bincount`` over the exponents present, instead of
-    ``frexp`` (not vectorised on the CPU: 4.6 ms for a million float32 values here)."""
+    two integer passes and a packed ``bincount`` over the exponents present (0.5 ms for a
+    million float32 values on a 2-core EPYC), instead of ``frexp``, which the CPU computes
+    one value at a time (2.6 ms for the same values, 6.8 ms with the rest of that path)."""
     itype, shift, top, bias = _EXPONENT_FIELD[x.dtype]
     n = x.numel()
     field = torch.bitwise_right_shift(
