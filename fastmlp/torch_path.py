@@ -7,7 +7,8 @@ first pass after a reset and accumulates it. On the CPU, host reads are free, so
 cheap shortcuts: no non-finite masks when a batch's min and max are finite, float32 sums
 centred where they stay accurate (float64 merges, squares summed by ATen's cascade sum),
 the moments of dW from its factors where that is cheaper than a pass over it, scalars
-updated through NumPy views of the buffers, histogram slots counted in pairs by one
+updated through NumPy views of the buffers, histogram slots (over the span between the
+extremes) and exponents (read from the exponent bits) counted several to an index by one
 ``bincount``, no range bookkeeping when nothing left the histogram range; float32 matmuls
 in oneDNN (the activation fused when nothing needs the pre-activation) or ``addmm``,
 whichever measured faster for the shape. On other devices it never reads device values
@@ -369,8 +370,9 @@ _PACK_OPS = 2**15
 
 
 def _packing(span: int, n: int, largest: int) -> tuple[int, torch.dtype]:
-    """``(k, dtype)`` for :func:`_slot_counts`: values to pack per index, and the index dtype
-    (holding both the packed indices and the floored values, of magnitude ``largest``)."""
+    """``(k, dtype)`` for :func:`_packed_counts` over ``n`` values spanning ``span``: values
+    to pack per index, and the index dtype (holding both the packed indices and the values,
+    of magnitude up to ``largest``)."""
     k = 1
     # One more value per index saves n / (k (k + 1)) indices, at about 4 times the cost of
     # one index per table entry added (bincount's clearing, the fold), and adds a few small
