@@ -374,6 +374,8 @@ def _packing(span: int, n: int, largest: int) -> tuple[int, torch.dtype]:
     to pack per index, and the index dtype (holding both the packed indices and the values,
     of magnitude up to ``largest``)."""
     k = 1
+    if span == 1:  # one value: nothing to pack
+        return 1, torch.int16 if largest <= _INT16_MAX else torch.int32
     # One more value per index saves n / (k (k + 1)) indices, at about 4 times the cost of
     # one index per table entry added (bincount's clearing, the fold), and adds a few small
     # ops, which cost as much as about 2**15 indices (on a 2-core EPYC: 10k values took 24 us
