@@ -77,6 +77,7 @@ def ddp_train_worker(rank: int, world_size: int, port: int, out: str) -> None:
         Path(out) / f"rank{rank}.pt",
     )
     distributed.cleanup(wait=True)  # a rank leaving while its peer still works can abort it
+    distributed.exit_rank(0)  # as the trainer's ranks do (the interpreter's teardown can abort)
 
 
 def hang_worker(out: str) -> None:

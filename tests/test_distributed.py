@@ -566,6 +566,26 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
+def test_exit_rank_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path: Path) -> None:
+    """A rank's process ends with the status given, its atexit handlers run and what it wrote
+    to stdout reaches the reader (the interpreter's teardown is what it skips)."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, sys\n"
+        "from fastmlp import distributed\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.stdout.write('unflushed line')\n"
+        "distributed.exit_rank(3)\n"
+        "print('not reached')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout == "unflushed line"
+    assert marker.read_text() == "yes"
+
+
 def test_setup_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastmlp import distributed
 

@@ -252,7 +252,8 @@ def _checkpoint_note(run_dir: Path) -> str:
 
 
 def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
-    """Train here; as one rank of a torchrun job when ``world`` is set."""
+    """Train here; as one rank of a torchrun job when ``world`` is set (whose process then
+    ends in :func:`fastmlp.distributed.exit_rank`)."""
     if world is None:
         run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
         try:
@@ -267,14 +268,16 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
         return 0
     distributed.setup(device=None if config.device == "auto" else config.device)
     finished = False
+    status = 0
     try:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
         finished = True
     except KeyboardInterrupt:  # rank 0 says where the run stands; the agent reports the rest
         if os.environ.get("RANK") == "0" and config.out is not None:
-            return _interrupted(Path(config.out))
-        return EXIT_INTERRUPTED
+            status = _interrupted(Path(config.out))
+        else:
+            status = EXIT_INTERRUPTED
     finally:
         distributed.cleanup(wait=finished)  # every rank leaves the group together
-    return 0
+    distributed.exit_rank(status)  # (without the interpreter's teardown: see there)
