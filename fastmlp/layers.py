@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from fastmlp.activations import Activation, get_activation
 from fastmlp.init import initialize_
-from fastmlp.op import BACKENDS, dense
+from fastmlp.op import BACKENDS, _eager, dense
 from fastmlp.stats.buffers import LayerStats
 
-__all__ = ["BACKENDS", "InstrumentedLinear", "check_float_tensor"]
+__all__ = ["BACKENDS", "InstrumentedLinear", "chain_passes", "check_float_tensor"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -150,3 +151,61 @@ class InstrumentedLinear(nn.Module):
             f"activation={self.activation.name}, init={self.init}, "
             f"bias={self.bias is not None}, backend={self.backend}, layer={self.layer_index}"
         )
+
+
+_GLOBAL_HOOKS = tuple(
+    getattr(_module, f"_global_{name}", None)
+    for name in (
+        "forward_hooks",
+        "forward_pre_hooks",
+        "backward_hooks",
+        "backward_pre_hooks",
+        "forward_hooks_always_called",
+    )
+)
+
+
+def chain_passes(
+    layers: nn.ModuleList, x: torch.Tensor
+) -> tuple[list[torch.Tensor | None], tuple[tuple, ...]] | None:
+    """The passes of ``layers`` applied in turn to ``x``, as :func:`fastmlp.op.dense_chain`
+    takes them: ``(params, passes)``, each layer's weight and bias, and its ``(buffers,
+    activation, backend, settings)``. ``None`` where a layer's own call must run: a layer
+    that is not exactly an :class:`InstrumentedLinear` (a subclass, a parametrized weight,
+    a patched ``forward``), any module hook, autocast, an input that is not a 2-D tensor of
+    the layers' dtype and width (the layer's call checks and reports it), mismatched
+    widths, or outside plain eager mode (compile, export, functorch, torch modes: those
+    see one op node a pass)."""
+    if (
+        not _eager()
+        or not isinstance(x, torch.Tensor)
+        or x.dim() != 2
+        or torch._C._is_any_autocast_enabled()
+        or any(_GLOBAL_HOOKS)
+    ):
+        return None
+    params: list[torch.Tensor | None] = []
+    passes = []
+    width, dtype = x.shape[1], x.dtype
+    # (the modules' dicts directly: nn.Module's __getattr__ costs about half a microsecond
+    # a name, and this runs for every layer of every step)
+    for layer in layers._modules.values():
+        d = layer.__dict__
+        if (
+            type(layer) is not InstrumentedLinear
+            or "forward" in d
+            or d["_forward_hooks"]
+            or d["_forward_pre_hooks"]
+            or d["_backward_hooks"]
+            or d["_backward_pre_hooks"]
+        ):
+            return None
+        p = d["_parameters"]
+        weight = p.get("weight")
+        if weight is None or weight.dtype != dtype or d["in_features"] != width:
+            return None
+        stats = d["_modules"]["stats"]
+        params += (weight, p.get("bias"))
+        passes.append((stats.buffers_tuple(), d["activation"].name, d["backend"], stats.settings()))
+        width = d["out_features"]
+    return params, tuple(passes)

@@ -7,7 +7,9 @@ statistics buffers (declared by their schemas' alias annotations, ``Tensor(b0!) 
 and the statistics keep updating), with fake implementations for tracing, and one
 ``autograd.Function`` (:class:`DenseFunction`) that calls them. In plain eager mode (no
 compile, export, fake tensors, functorch transform or torch mode: :func:`_eager`) the same
-implementations are called directly, without the dispatcher's few microseconds per call.
+implementations are called directly, without the dispatcher's few microseconds per call,
+and :func:`dense_chain` runs a whole network's passes as one autograd node
+(:class:`_EagerChainFunction`, what :class:`fastmlp.MLP` uses).
 
 Which implementation runs is decided in one place, :func:`route`, for every pass:
 
@@ -34,6 +36,7 @@ forward's. Nothing is derived again for a pass like an earlier one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -49,7 +52,7 @@ from fastmlp.stats.layout import (
     Settings,
 )
 
-__all__ = ["BACKENDS", "DenseFunction", "dense", "route"]
+__all__ = ["BACKENDS", "DenseFunction", "dense", "dense_chain", "route"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -465,13 +468,16 @@ def _backward_grads(ctx, dh: torch.Tensor) -> tuple:
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w)
     args += (need_b and has_bias, settings, forward)
+    return _without_graph(_backward_pass, *args)
+
+
+def _without_graph(fn: Callable[..., tuple], *args) -> tuple:
+    """``fn(*args)`` recording no autograd graph: backward passes support no double backward."""
     # Backward runs without grad mode unless create_graph: no no_grad() to enter then.
     if torch.is_grad_enabled():
         with torch.no_grad():
-            dx, dw, db = _backward_pass(*args)
-    else:
-        dx, dw, db = _backward_pass(*args)
-    return dx, dw, db
+            return fn(*args)
+    return fn(*args)
 
 
 class _EagerDenseFunction(torch.autograd.Function):
@@ -549,6 +555,74 @@ def _flags(s: Settings) -> tuple:
         s.per_unit,
         s.exponents,
     )
+
+
+class _EagerChainFunction(torch.autograd.Function):
+    """Several dense passes one after another (each pass's ``h`` the next one's ``x``) as
+    one autograd node, in plain eager mode: the same forward and backward implementations
+    as :class:`_EagerDenseFunction`, called in a loop, with one ``apply`` and one call from
+    the autograd engine for the whole chain instead of one per pass (about 8 us a pass of
+    host time, ``python -m bench.host``). Arguments: ``x``, the passes' ``(bufs,
+    activation, backend, settings)``, then each pass's ``weight`` and ``bias``."""
+
+    @staticmethod
+    def forward(ctx, x, passes, *params):  # type: ignore[override]
+        saved: list[torch.Tensor] = []
+        kinds = []
+        for i, (bufs, activation, backend, settings) in enumerate(passes):
+            weight, bias = params[2 * i], params[2 * i + 1]
+            h, z, cache = _forward(x, weight, bias, bufs, activation, backend, settings)
+            saved += (x, weight, h if z is None else z)
+            kinds.append((bufs, activation, backend, settings, bias is not None, cache))
+            x = h
+        ctx.save_for_backward(*saved)
+        ctx.pass_args = kinds
+        return x
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        return _without_graph(_chain_backward, ctx, dh)
+
+
+def _chain_backward(ctx, dh: torch.Tensor) -> tuple:
+    """The gradients of an :class:`_EagerChainFunction` node's inputs, from ``dh``."""
+    tensors = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # (x, passes, weight 1, bias 1, weight 2, ...)
+    kinds = ctx.pass_args
+    # A pass's input needs a gradient where the chain's input or a parameter of an earlier
+    # pass does; a pass runs its backward where that or its own parameters need one: what
+    # separate nodes, one a pass, would do (records included).
+    upstream = [needs[0]]
+    for i in range(len(kinds) - 1):
+        upstream.append(upstream[i] or needs[2 + 2 * i] or needs[3 + 2 * i])
+    grads: list[torch.Tensor | None] = [None] * (2 * len(kinds))
+    run = _backward if _eager() else _backward_pass  # (the same arguments)
+    for i in reversed(range(len(kinds))):
+        bufs, activation, backend, settings, has_bias, cache = kinds[i]
+        need_x, need_w, need_b = upstream[i], needs[2 + 2 * i], needs[3 + 2 * i] and has_bias
+        if not (need_x or need_w or need_b):
+            break  # nor does any earlier pass need anything
+        x, weight, saved = tensors[3 * i : 3 * i + 3]
+        args = (dh, x, weight, saved, bufs, activation, backend, need_x, need_w, need_b)
+        dh, grads[2 * i], grads[2 * i + 1] = run(*args, settings, cache)
+    return (dh if needs[0] else None, None, *grads)
+
+
+def dense_chain(
+    x: torch.Tensor,
+    params: list[torch.Tensor | None],
+    passes: tuple[tuple[Buffers, str, str, Settings], ...],
+) -> torch.Tensor:
+    """:func:`dense` applied pass after pass to the 2-D ``x``: pass ``i`` with weight
+    ``params[2 i]``, bias ``params[2 i + 1]`` and ``passes[i] = (bufs, activation, backend,
+    settings)``; the same values, gradients and statistics. In plain eager mode it is one
+    autograd node for the whole chain; otherwise one :func:`dense` a pass (what tracing and
+    modes see is the same either way: one op node a pass)."""
+    if not _eager():
+        for i, (bufs, activation, backend, settings) in enumerate(passes):
+            x = dense(x, params[2 * i], params[2 * i + 1], bufs, activation, backend, settings)
+        return x
+    return _EagerChainFunction.apply(x, passes, *params)
 
 
 def dense(

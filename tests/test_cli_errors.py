@@ -378,6 +378,10 @@ def test_debug_shows_the_traceback(finished: Path, tmp_path: Path, capsys) -> No
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("fastmlp train: error:")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_the_checkpoint_is_intact(tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) mid-training: exit 130, one line saying which checkpoint is intact and
     how to continue; --resume then goes on from it."""
@@ -385,8 +389,10 @@ def test_ctrl_c_says_the_checkpoint_is_intact(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "fastmlp", "train", *FLAGS, "--steps", "100000000",
            "--out", str(run)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal delivers it, also when this suite runs as a background job
+    # (whose children inherit an ignored SIGINT from the shell)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=_default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoint.pt").exists():

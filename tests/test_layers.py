@@ -354,3 +354,155 @@ def test_inference_mode_then_training_records_everything():
     snap = model.stats.snapshot()
     assert snap[1]["activation"].count == 3 * 4 * 8
     assert snap[1]["weight_grad"].count == 8 * 10
+
+
+# ---------------------------------------------------------------- one node for the network
+
+
+def _graph_nodes(t: torch.Tensor) -> list[str]:
+    """Names of the autograd nodes that ``t`` depends on."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+def _twins(act: str, bias: bool, **kw) -> tuple[MLP, MLP, list[int]]:
+    """Two equal networks: the first runs as one autograd node, the second layer by layer
+    (a forward hook on each layer, which counts its calls)."""
+    chained = MLP(12, 4, depth=3, width=[9, 7, 5], activation=act, bias=bias, seed=5, **kw)
+    layered = MLP(12, 4, depth=3, width=[9, 7, 5], activation=act, bias=bias, seed=5, **kw)
+    calls = [0]
+
+    def hook(module, inputs, output):
+        calls[0] += 1
+
+    for layer in layered.layers:
+        layer.register_forward_hook(hook)
+    return chained, layered, calls
+
+
+def _assert_same_statistics(a: MLP, b: MLP) -> None:
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for name, buf in la.stats.named_buffers():
+            assert torch.equal(buf, lb.stats.get_buffer(name)), (la.layer_index, name)
+
+
+@pytest.mark.parametrize("act, bias", [("tanh", True), ("gelu", True), ("relu", False)])
+def test_mlp_runs_as_one_node_with_the_per_layer_values_gradients_and_statistics(act, bias):
+    chained, layered, calls = _twins(act, bias, zero_bias=False)
+    chained.stats.histograms = layered.stats.histograms = True
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (chained, layered)]
+    g = torch.Generator().manual_seed(11)
+    for step in range(4):
+        x = torch.randn(6, 12, generator=g)
+        y = torch.randint(0, 4, (6,), generator=g)
+        xs = [x.clone().requires_grad_(step % 2 == 1) for _ in range(2)]
+        outs = [m(xi) for m, xi in zip((chained, layered), xs, strict=True)]
+        if step == 0:
+            nodes = _graph_nodes(outs[0])
+            assert nodes.count("_EagerChainFunctionBackward") == 1
+            assert not any(n.startswith("_EagerDenseFunction") for n in nodes)
+            assert _graph_nodes(outs[1]).count("_EagerDenseFunctionBackward") == 4
+        assert torch.equal(outs[0], outs[1])
+        for out, opt in zip(outs, opts, strict=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(out, y).backward()
+        for pa, pb in zip(chained.parameters(), layered.parameters(), strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+        if step % 2 == 1:
+            assert torch.equal(xs[0].grad, xs[1].grad)
+        for opt in opts:
+            opt.step()
+    assert calls[0] == 4 * 4  # the hooked twin ran layer by layer
+    _assert_same_statistics(chained, layered)
+    assert chained.stats.snapshot()[1]["weight_grad"].count == 4 * 9 * 12
+
+
+def test_frozen_first_layers_record_and_return_what_separate_layers_would():
+    for x_grad in (False, True):
+        chained, layered, _ = _twins("tanh", True)
+        for m in (chained, layered):
+            for layer in m.layers[:2]:
+                layer.requires_grad_(False)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(5, 12, generator=g)
+        xs = [x.clone().requires_grad_(x_grad) for _ in range(2)]
+        for m, xi in zip((chained, layered), xs, strict=True):
+            m(xi).square().sum().backward()
+        for pa, pb in zip(chained.parameters(), layered.parameters(), strict=True):
+            assert (pa.grad is None) == (pb.grad is None)
+            if pa.grad is not None:
+                assert torch.equal(pa.grad, pb.grad)
+        if x_grad:
+            assert torch.equal(xs[0].grad, xs[1].grad)
+        _assert_same_statistics(chained, layered)
+        # layer 2's backward runs only where something below it needs a gradient
+        assert chained.stats.snapshot()[2]["preactivation_grad"].count == (35 if x_grad else 0)
+
+
+def test_mlp_runs_layer_by_layer_where_a_layer_needs_its_own_call():
+    torch.manual_seed(0)
+    x = torch.randn(3, 12)
+
+    def per_layer_nodes(model: MLP) -> int:
+        return _graph_nodes(model(x)).count("_EagerDenseFunctionBackward")
+
+    model = MLP(12, 4, depth=2, width=6)
+    assert per_layer_nodes(model) == 0
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert per_layer_nodes(model) == 3
+    finally:
+        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert per_layer_nodes(model) == 3
+    model.layers[1].register_full_backward_hook(lambda m, gi, go: None)
+    assert per_layer_nodes(model) == 3
+    model = MLP(12, 4, depth=2, width=6)
+    torch.nn.utils.parametrize.register_parametrization(model.layers[0], "weight", nn.Identity())
+    assert per_layer_nodes(model) == 3
+    # wrong input: the layer's own call reports it
+    with pytest.raises(TypeError):
+        model(torch.randn(3, 12, dtype=torch.float64))
+
+
+def test_mlp_chain_under_no_grad_records_the_forward():
+    chained, layered, _ = _twins("tanh", True)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(chained(x), layered(x))
+    with torch.inference_mode():
+        assert torch.equal(chained(x), layered(x))
+    _assert_same_statistics(chained, layered)
+    assert chained.stats.snapshot()[3]["activation"].count == 2 * 4 * 5
+
+
+def test_mlp_chain_through_the_kernels_under_the_interpreter(monkeypatch):
+    """backend="triton" on CPU (TRITON_INTERPRET=1): the chain's passes take the kernels
+    after calibration and give what separate layers give."""
+    from fastmlp import kernels
+
+    if not kernels.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without CUDA)")
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+    chained, layered, _ = _twins("tanh", True, backend="triton")
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(6, 12, generator=g)
+        for m in (chained, layered):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        for pa, pb in zip(chained.parameters(), layered.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-6, atol=1e-7)
+    # steps 2 and 3, both twins: four forward and four backward passes each
+    assert calls.count("forward") == calls.count("backward") == 2 * 2 * 4
+    _assert_same_statistics(chained, layered)
