@@ -506,3 +506,28 @@ def test_mlp_chain_through_the_kernels_under_the_interpreter(monkeypatch):
     # steps 2 and 3, both twins: four forward and four backward passes each
     assert calls.count("forward") == calls.count("backward") == 2 * 2 * 4
     _assert_same_statistics(chained, layered)
+
+
+@pytest.mark.gpu
+def test_mlp_chain_on_cuda_equals_separate_layers():
+    """On CUDA (the kernels, deterministic statistics): the one-node network and the same
+    network layer by layer give the same gradients and statistics."""
+    import fastmlp.kernels as K
+
+    K.set_deterministic(True)
+    try:
+        chained, layered, calls = _twins("tanh", True)
+        chained, layered = chained.cuda(), layered.cuda()
+        g = torch.Generator(device="cuda").manual_seed(6)
+        for _ in range(3):
+            x = torch.randn(64, 12, device="cuda", generator=g)
+            for m in (chained, layered):
+                m.zero_grad()
+                m(x).square().sum().backward()
+            for pa, pb in zip(chained.parameters(), layered.parameters(), strict=True):
+                torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-6, atol=1e-7)
+        torch.cuda.synchronize()
+        assert calls[0] == 3 * 4
+        _assert_same_statistics(chained, layered)
+    finally:
+        K.set_deterministic(False)
