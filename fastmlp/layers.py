@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as _dist
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -174,14 +175,18 @@ def chain_passes(
     that is not exactly an :class:`InstrumentedLinear` (a subclass, a parametrized weight,
     a patched ``forward``), any module hook, autocast, an input that is not a 2-D tensor of
     the layers' dtype and width (the layer's call checks and reports it), mismatched
-    widths, or outside plain eager mode (compile, export, functorch, torch modes: those
-    see one op node a pass)."""
+    widths, outside plain eager mode (compile, export, functorch, torch modes: those see
+    one op node a pass), or in a process of a ``torch.distributed`` group: there DDP's
+    (or FSDP's) gradient hooks start each bucket's all-reduce as soon as its layers'
+    backward is done, overlapping communication with the rest of the backward, which one
+    node for the network (all gradients at its end) would serialise."""
     if (
         not _eager()
         or not isinstance(x, torch.Tensor)
         or x.dim() != 2
         or torch._C._is_any_autocast_enabled()
         or any(_GLOBAL_HOOKS)
+        or (_dist.is_available() and _dist.is_initialized())
     ):
         return None
     params: list[torch.Tensor | None] = []

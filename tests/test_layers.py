@@ -446,7 +446,7 @@ def test_frozen_first_layers_record_and_return_what_separate_layers_would():
         assert chained.stats.snapshot()[2]["preactivation_grad"].count == (35 if x_grad else 0)
 
 
-def test_mlp_runs_layer_by_layer_where_a_layer_needs_its_own_call():
+def test_mlp_runs_layer_by_layer_where_a_layer_needs_its_own_call(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(3, 12)
 
@@ -462,6 +462,10 @@ def test_mlp_runs_layer_by_layer_where_a_layer_needs_its_own_call():
         handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert per_layer_nodes(model) == 3
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert per_layer_nodes(model) == 3  # (DDP's buckets overlap with the backward)
+    monkeypatch.undo()
+    assert per_layer_nodes(model) == 0
     model.layers[1].register_full_backward_hook(lambda m, gi, go: None)
     assert per_layer_nodes(model) == 3
     model = MLP(12, 4, depth=2, width=6)
