@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-__all__ = ["cpu_model", "machine_info", "machine_slug"]
+__all__ = ["cpu_id", "cpu_model", "cpu_summary", "machine_info", "machine_slug"]
 
 
 def cpu_model() -> str:
@@ -22,6 +22,82 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# Instruction-set levels, best first: the /proc/cpuinfo flag that marks each.
+_ISA_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
+_CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def cpu_id(cpuinfo: str | None = None, cache_dir: str = _CACHE_DIR) -> dict:
+    """What tells two CPUs of one model name apart (virtual machines often report only
+    "AMD EPYC"): vendor, family, model and stepping numbers, the best vector instruction
+    set, PyTorch's CPU kernel level, and the L2 and L3 sizes. ``cpuinfo``: the text of
+    ``/proc/cpuinfo`` (read if ``None``); fields it lacks are left out."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():  # the first processor
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    out: dict = {}
+    for key, name in (("vendor_id", "vendor"), ("cpu family", "family"), ("model", "model")):
+        if key in fields:
+            out[name] = fields[key]
+    if "stepping" in fields:
+        out["stepping"] = fields["stepping"]
+    flags = set(fields.get("flags", "").split())
+    isa = next((label for flag, label in _ISA_LEVELS if flag in flags), None)
+    if isa:
+        out["isa"] = isa
+    get_capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    if get_capability is not None:
+        out["torch_cpu_capability"] = get_capability()
+    for level in (2, 3):
+        size = _cache_size(cache_dir, level)
+        if size:
+            out[f"l{level}"] = size
+    return out
+
+
+def _cache_size(cache_dir: str, level: int) -> str | None:
+    """The size of cpu0's unified level-``level`` cache (``1024K``), from sysfs."""
+    try:
+        entries = sorted(os.listdir(cache_dir))
+    except OSError:
+        return None
+    for entry in entries:
+        path = os.path.join(cache_dir, entry)
+        try:
+            with open(os.path.join(path, "level"), encoding="utf-8") as f:
+                if int(f.read().strip()) != level:
+                    continue
+            with open(os.path.join(path, "size"), encoding="utf-8") as f:
+                return f.read().strip()
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def cpu_summary(info: dict) -> str:
+    """``AMD EPYC (family 26 model 2, AVX-512, L2 1024K, L3 32768K)`` from a
+    :func:`machine_info` dict; results recorded before the CPU's numbers were say so."""
+    ident = info.get("cpu_id")
+    if ident is None:
+        return f"{info['cpu']} (family and model not recorded)"
+    parts = []
+    if "family" in ident:
+        parts.append(f"family {ident['family']} model {ident.get('model', '?')}")
+    parts += [ident[k] for k in ("isa",) if k in ident]
+    parts += [f"{k.upper()} {ident[k]}" for k in ("l2", "l3") if k in ident]
+    return f"{info['cpu']} ({', '.join(parts)})" if parts else str(info["cpu"])
 
 
 def _cores() -> int:
@@ -45,6 +121,7 @@ def machine_info(device: torch.device) -> dict:
     info: dict = {
         "device_type": device.type,
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_cores": _cores(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -78,7 +155,12 @@ def _slug(text: str) -> str:
 
 
 def machine_slug(info: dict) -> str:
-    """A file-name-safe machine name: ``cpu-<model>-<cores>c`` or ``cuda-<gpu>``."""
+    """A file-name-safe machine name: ``cpu-<model>[-f<family>m<model>]-<cores>c`` or
+    ``cuda-<gpu>``."""
     if info.get("device_type") == "cuda" and info.get("gpu"):
         return f"cuda-{_slug(info['gpu'])}"
-    return f"cpu-{_slug(info['cpu'])}-{info['cpu_cores']}c"
+    ident = info.get("cpu_id") or {}
+    numbers = ""
+    if "family" in ident:
+        numbers = f"-f{_slug(ident['family'])}m{_slug(str(ident.get('model', 'x')))}"
+    return f"cpu-{_slug(info['cpu'])}{numbers}-{info['cpu_cores']}c"

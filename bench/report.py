@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from .machine import cpu_summary
+
 __all__ = ["RESULTS_DIR", "load", "render", "render_all", "update_readme", "main"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,11 +53,11 @@ def _ratio(row: dict | None, key: str = "ratio") -> str:
 
 
 def machine_label(doc: dict) -> str:
-    """``NVIDIA H200`` or ``AMD EPYC, 2 cores``."""
+    """``NVIDIA H200`` or ``AMD EPYC (family 26 model 2, AVX-512, ...), 2 cores``."""
     m = doc["machine"]
     if m.get("device_type") == "cuda" and m.get("gpu"):
         return str(m["gpu"])
-    return f"{m['cpu']}, {m['cpu_cores']} cores"
+    return f"{cpu_summary(m)}, {m['cpu_cores']} cores"
 
 
 def _header(doc: dict) -> list[str]:

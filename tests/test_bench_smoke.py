@@ -183,3 +183,52 @@ def test_op_boundary_writes_json_per_width_and_batch(tmp_path, capsys):
     assert json.loads(path.read_text())["dispatch"]["op_us"] > 0
     assert op_boundary.main(["--widths", "0", "--out", str(tmp_path)]) == 2
     assert "--batches and --widths must be positive integers" in capsys.readouterr().err
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 49
+model name\t: AMD EPYC
+stepping\t: 0
+flags\t\t: fpu sse sse2 sse4_2 avx avx2 fma
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+flags\t\t: avx512f
+"""
+
+
+def test_cpu_id_tells_two_cpus_of_one_model_name_apart(tmp_path):
+    from fastmlp.bench.machine import cpu_id, cpu_summary, machine_slug
+
+    for level, kind, size in ((1, "Data", "32K"), (2, "Unified", "512K"), (3, "Unified", "16384K")):
+        d = tmp_path / f"index{level}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    ident = cpu_id(_CPUINFO, cache_dir=str(tmp_path))
+    # the first processor's fields only; the best vector instruction set among its flags
+    assert {k: ident[k] for k in ("vendor", "family", "model", "stepping", "isa", "l2", "l3")} == {
+        "vendor": "AuthenticAMD",
+        "family": "23",
+        "model": "49",
+        "stepping": "0",
+        "isa": "AVX2",
+        "l2": "512K",
+        "l3": "16384K",
+    }
+    info = {"device_type": "cpu", "cpu": "AMD EPYC", "cpu_cores": 2, "cpu_id": ident}
+    assert machine_slug(info) == "cpu-amd-epyc-f23m49-2c"
+    assert cpu_summary(info) == "AMD EPYC (family 23 model 49, AVX2, L2 512K, L3 16384K)"
+    doc = {"machine": info}
+    assert report.machine_label(doc).endswith(", 2 cores")
+    # results written before the numbers were recorded say so, and keep their file names
+    old = {"device_type": "cpu", "cpu": "AMD EPYC", "cpu_cores": 2}
+    assert machine_slug(old) == "cpu-amd-epyc-2c"
+    assert "not recorded" in cpu_summary(old)
+    # no /proc/cpuinfo (macOS, Windows): nothing made up
+    bare = cpu_id("", cache_dir=str(tmp_path / "absent"))
+    assert not {"vendor", "family", "model", "isa", "l2", "l3"} & set(bare)
