@@ -26,8 +26,7 @@ def cpu_model() -> str:
 
 # Instruction-set levels, best first: the /proc/cpuinfo flag that marks each.
 _ISA_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
-
-
+# Where Linux describes cpu0's caches.
 _CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 
 
@@ -88,7 +87,7 @@ def _cache_size(cache_dir: str, level: int) -> str | None:
 
 def cpu_summary(info: dict) -> str:
     """``AMD EPYC (family 26 model 2, AVX-512, L2 1024K, L3 32768K)`` from a
-    :func:`machine_info` dict; results recorded before the CPU's numbers were say so."""
+    :func:`machine_info` dict; for results recorded without :func:`cpu_id`, it says so."""
     ident = info.get("cpu_id")
     if ident is None:
         return f"{info['cpu']} (family and model not recorded)"
