@@ -36,7 +36,9 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -126,20 +128,47 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` with ``torch.save`` atomically: temporary file, fsync, ``os.replace``.
 
     A reader (or a resumed run) sees either the previous checkpoint or the new
-    one, never a partial file, whenever the writer is killed.
+    one, never a partial file, whenever the writer is killed. Ctrl-C during the write
+    lets it finish and is raised (``KeyboardInterrupt``) after it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with _interrupt_after():
+        try:
+            with tmp.open("wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``.
+
+    ``torch.save`` writes through a C++ writer that turns an exception raised in its
+    Python write call into an unrelated ``RuntimeError`` ("unexpected pos"), so an
+    interrupt in the middle of a write would read as a failure. Only in the main thread
+    with Python's own SIGINT handler installed; elsewhere the block runs as is.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -104,6 +104,42 @@ def test_save_checkpoint_is_atomic_and_weights_only(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
 
 
+def test_ctrl_c_in_the_middle_of_a_checkpoint_write_lets_it_finish(tmp_path, monkeypatch):
+    """SIGINT arriving inside torch.save's write: the C++ writer would turn the interrupt
+    into a RuntimeError ("unexpected pos") and the CLI would report a failure (exit 1);
+    the write finishes, then KeyboardInterrupt is raised, and the new checkpoint is whole."""
+    import fastmlp.run as run_module
+
+    real_save = torch.save
+    sent = []
+
+    class Interrupting:  # a file whose first write gets Ctrl-C, as a user's would
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # the handler runs here, inside the writer's call
+            return self._f.write(data)
+
+        def flush(self):
+            return self._f.flush()
+
+    monkeypatch.setattr(run_module.torch, "save", lambda obj, f: real_save(obj, Interrupting(f)))
+    path = tmp_path / "c.pt"
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"x": x, "step": 9})
+    assert sent
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 9 and torch.equal(state["x"], x)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_open_truncates_rows_written_after_the_checkpoint(tmp_path: Path) -> None:
     run = RunDir(tmp_path, tensorboard=False).open(None)
     run.log_metrics(0, "test", 1.0, 50.0)
