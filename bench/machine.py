@@ -12,16 +12,27 @@ import torch
 __all__ = ["cpu_id", "cpu_model", "cpu_summary", "machine_info", "machine_slug"]
 
 
+def _cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The fields of the first processor in ``/proc/cpuinfo`` (or in the text ``cpuinfo``),
+    keys lower-case; empty where there is no such file."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = _cpuinfo_fields().get("model name")
+    return name or platform.processor() or platform.machine() or "unknown CPU"
 
 
 # Instruction-set levels, best first: the /proc/cpuinfo flag that marks each.
@@ -35,17 +46,7 @@ def cpu_id(cpuinfo: str | None = None, cache_dir: str = _CACHE_DIR) -> dict:
     "AMD EPYC"): vendor, family, model and stepping numbers, the best vector instruction
     set, PyTorch's CPU kernel level, and the L2 and L3 sizes. ``cpuinfo``: the text of
     ``/proc/cpuinfo`` (read if ``None``); fields it lacks are left out."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.split("\n\n", 1)[0].splitlines():  # the first processor
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
+    fields = _cpuinfo_fields(cpuinfo)
     out: dict = {}
     for key, name in (("vendor_id", "vendor"), ("cpu family", "family"), ("model", "model")):
         if key in fields:
