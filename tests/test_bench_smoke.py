@@ -185,6 +185,99 @@ def test_op_boundary_writes_json_per_width_and_batch(tmp_path, capsys):
     assert "--batches and --widths must be positive integers" in capsys.readouterr().err
 
 
+def _computing_calls(fn, *args) -> list[tuple[str, int | None]]:
+    """The PyTorch calls ``fn(*args)`` makes that compute something (``floor._computes``):
+    (name, id of the first argument if it is a tensor)."""
+    import torch
+    from fastmlp.bench.floor import _computes
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if _computes(func, result):
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                seen.append((func.__qualname__, None if first is None else id(first)))
+            return result
+
+    with Log():
+        fn(*args)
+    return seen
+
+
+def test_floor_replays_the_pytorch_calls_a_record_makes_on_its_new_tensors():
+    import torch
+    from fastmlp.bench.floor import CallTape
+
+    from fastmlp import torch_path
+    from fastmlp.activations import get_activation
+    from fastmlp.stats import LayerStats
+    from fastmlp.stats.layout import ACTIVATION
+
+    g = torch.Generator().manual_seed(3)
+    stats = LayerStats(get_activation("tanh"))
+    bufs, settings = stats.buffers_tuple(), stats.settings()
+    x0, x1, y = (torch.tanh(torch.randn(4000, generator=g)) for _ in range(3))
+    torch_path.record(bufs, settings, ACTIVATION, x0)  # calibrated: a steady record
+    tape = CallTape()
+    tape.capturing(torch_path.record)(bufs, settings, ACTIVATION, x1)
+    ((_, n),) = tape.tapes
+    before = [t.clone() for t in stats.buffers()]
+
+    replayed = _computing_calls(tape.replaying(torch_path.record), bufs, settings, ACTIVATION, y)
+    assert tape.recaptures == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, stats.buffers(), strict=True))
+    real = _computing_calls(torch_path.record, bufs, settings, ACTIVATION, y)
+    assert [name for name, _ in replayed] == [name for name, _ in real] and len(real) == n
+    assert {"_VariableFunctionsClass.aminmax", "_VariableFunctionsClass.bincount"} <= {
+        name for name, _ in real
+    }
+    assert replayed[0][1] == id(y)  # on this call's tensor, not the captured one
+
+
+def test_floor_captures_a_record_again_when_its_replay_fails():
+    import torch
+    from fastmlp.bench.floor import CallTape
+
+    from fastmlp import torch_path
+    from fastmlp.activations import get_activation
+    from fastmlp.stats import LayerStats
+    from fastmlp.stats.layout import ACTIVATION
+
+    g = torch.Generator().manual_seed(4)
+    stats = LayerStats(get_activation("tanh"))
+    bufs, settings = stats.buffers_tuple(), stats.settings()
+    narrow = [0.1 + 0.1 * torch.rand(4000, generator=g) for _ in range(2)]
+    torch_path.record(bufs, settings, ACTIVATION, narrow[0])
+    tape = CallTape()
+    tape.capturing(torch_path.record)(bufs, settings, ACTIVATION, narrow[1])
+    wide = torch.rand(4000, generator=g) * 2 - 1  # below the captured slots: bincount fails
+    replay = tape.replaying(torch_path.record)
+    replay(bufs, settings, ACTIVATION, wide)
+    assert tape.recaptures == 1
+    tape.rewind()
+    replay(bufs, settings, ACTIVATION, wide)  # the new capture fits
+    assert tape.recaptures == 1
+
+
+def test_floor_writes_json_with_the_replayed_variant(tmp_path, capsys):
+    from fastmlp.bench import floor
+
+    argv = ["--batches", "3", "--width", "8", "--repeats", "2", "--warmup", "1"]
+    assert floor.main([*argv, "--min-time", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("floor-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert set(row["variants"]) == {"plain", "fastmlp-off", "fastmlp-all", "fastmlp-all-calls"}
+    assert row["records_per_step"] == 24  # 6 layers: z, h, dz, dW
+    assert row["calls_per_step"] > 4 * row["records_per_step"]
+    assert all(v["ms"] > 0 and v["over_plain"] > 0 for v in row["variants"].values())
+    assert "fastmlp-all-calls" in capsys.readouterr().out
+    assert floor.main(["--batches", "ten", "--out", str(tmp_path)]) == 2
+    assert "--batches and --width must be positive integers" in capsys.readouterr().err
+
+
 _CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 23
