@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .args import non_negative_float, non_negative_int, positive_int, positive_ints
 from .machine import machine_slug
 from .report import RESULTS_DIR, summary
 from .suite import BenchConfig, default_config, run_suite
@@ -20,16 +21,10 @@ SECTIONS = ("main", "batch", "width", "kernel", "shapeset")
 
 
 def _ints(text: str) -> list[int]:
+    """Comma-separated integers >= 1, or none (``none`` or nothing: skip)."""
     if text.strip().lower() in ("", "none"):
         return []
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
+    return positive_ints(text)
 
 
 def _names(choices: tuple[str, ...] | list[str]) -> argparse.Action:
@@ -54,18 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help="directory for JSON and PNG (bench/results)"
     )
-    parser.add_argument("--repeats", type=int, help="timed repeats per variant (main table)")
-    parser.add_argument("--curve-repeats", type=int, help="timed repeats per curve point")
-    parser.add_argument("--warmup", type=int, help="untimed rounds before timing")
+    parser.add_argument(
+        "--repeats", type=positive_int, help="timed repeats per variant (main table)"
+    )
+    parser.add_argument("--curve-repeats", type=positive_int, help="timed repeats per curve point")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed rounds before timing")
     parser.add_argument(
         "--variants", type=_names(list(VARIANTS)), help="main-table variants (comma-separated)"
     )
     parser.add_argument("--curve-variants", type=_names(list(VARIANTS)), help="curve variants")
     parser.add_argument("--batch", type=_ints, help="main-table batch size(s), e.g. 256,4096")
-    parser.add_argument("--width", type=int, help="hidden width (default 1000)")
-    parser.add_argument("--depth", type=int, help="hidden layers (default 5)")
-    parser.add_argument("--in-features", type=int, help="input size (default 1024)")
-    parser.add_argument("--out-features", type=int, help="classes (default 10)")
+    parser.add_argument("--width", type=positive_int, help="hidden width (default 1000)")
+    parser.add_argument("--depth", type=positive_int, help="hidden layers (default 5)")
+    parser.add_argument("--in-features", type=positive_int, help="input size (default 1024)")
+    parser.add_argument("--out-features", type=positive_int, help="classes (default 10)")
     parser.add_argument("--batches", type=_ints, help="batch-size curve points ('none' to skip)")
     parser.add_argument("--widths", type=_ints, help="width curve points ('none' to skip)")
     parser.add_argument("--dtypes", type=_names(["fp32", "bf16"]), help="main-table dtypes")
@@ -77,12 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"what to run (default: {','.join(SECTIONS)})",
     )
     parser.add_argument(
-        "--compile-timeout", type=float, help="seconds allowed per torch.compile (then n/a)"
+        "--compile-timeout",
+        type=non_negative_float,
+        help="seconds allowed per torch.compile (then n/a; 0: no limit)",
     )
     parser.add_argument(
-        "--min-time", type=float, help="seconds per measurement (calls are batched to reach it)"
+        "--min-time",
+        type=non_negative_float,
+        help="seconds per measurement (calls are batched to reach it)",
     )
-    parser.add_argument("--shapeset-images", type=int, help="images per Shapeset-3x2 call")
+    parser.add_argument("--shapeset-images", type=positive_int, help="images per Shapeset-3x2 call")
     parser.add_argument(
         "--matmul-precision",
         choices=("highest", "high", "medium"),
@@ -97,8 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _device(text: str) -> str:
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(text)  # raises a clear RuntimeError on nonsense
-    if dev.type not in ("cpu", "cuda"):
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu or cuda[:N], got {text!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested, but PyTorch sees no CUDA device")
@@ -130,8 +134,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    if cfg.repeats < 1 or cfg.curve_repeats < 1 or cfg.warmup < 0:
-        raise SystemExit("--repeats and --curve-repeats must be >= 1, --warmup >= 0")
     if not cfg.main_batches:
         raise SystemExit("--batch needs at least one batch size")
     if "plain" not in cfg.variants:

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastmlp import torch_path
 
+from .args import non_negative_float, non_negative_int, positive_int, positive_ints
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 from .timing import interleaved, quantiles
@@ -261,22 +262,19 @@ def measure(batch: int, repeats: int, warmup: int, min_time: float, width: int =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
-    p.add_argument("--batches", default="10,256", help="comma-separated batch sizes")
-    p.add_argument("--width", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    p.add_argument(
+        "--batches", type=positive_ints, default=[10, 256], help="comma-separated batch sizes"
+    )
+    p.add_argument("--width", type=positive_int, default=1000)
+    p.add_argument("--repeats", type=positive_int, default=30)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument(
+        "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-        if any(v < 1 for v in [*batches, args.width]):
-            raise ValueError
-    except ValueError:
-        print("bench.floor: --batches and --width must be positive integers, got "
-              f"{args.batches!r} and {args.width!r}", file=sys.stderr)  # fmt: skip
-        return 2
+    batches = args.batches
     info = machine_info(torch.device("cpu"))
     rows = [measure(b, args.repeats, args.warmup, args.min_time, args.width) for b in batches]
     result = {

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .args import positive_int, positive_ints
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 
@@ -326,12 +327,20 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="10,256", help="comma-separated batch sizes")
-    parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
-    parser.add_argument("--width", type=int, default=4, help="hidden width of the stand-in")
-    parser.add_argument("--in-features", type=int, default=4, help="inputs of the stand-in")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.host", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--batches", type=positive_ints, default=[10, 256], help="comma-separated batch sizes"
+    )
+    parser.add_argument("--steps", type=positive_int, default=30, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed repeats (median)")
+    parser.add_argument(
+        "--width", type=positive_int, default=4, help="hidden width of the stand-in"
+    )
+    parser.add_argument(
+        "--in-features", type=positive_int, default=4, help="inputs of the stand-in"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     # The mocked kernels leave their outputs uninitialised: no denormal slow paths in the
     # CPU loss on either side.
     torch.set_flush_denormal(True)
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    batches = args.batches
     results = [
         measure(b, args.steps, args.repeats, args.width, 5, args.in_features) for b in batches
     ]

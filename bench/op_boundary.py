@@ -30,6 +30,7 @@ import torch
 
 from fastmlp import op
 
+from .args import non_negative_float, non_negative_int, positive_int, positive_ints
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 from .timing import interleaved, quantiles
@@ -125,25 +126,24 @@ def dispatch_cost(calls: int = 2000, repeats: int = 15) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.op_boundary", description=__doc__)
-    p.add_argument("--batches", default="10,256", help="comma-separated batch sizes")
     p.add_argument(
-        "--widths", default="1000,4", help="comma-separated widths (4: the boundary alone)"
+        "--batches", type=positive_ints, default=[10, 256], help="comma-separated batch sizes"
     )
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
+    p.add_argument(
+        "--widths",
+        type=positive_ints,
+        default=[1000, 4],
+        help="comma-separated widths (4: the boundary alone)",
+    )
+    p.add_argument("--repeats", type=positive_int, default=30)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument(
+        "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-        widths = [int(w) for w in args.widths.split(",")]
-        if any(v < 1 for v in batches + widths):
-            raise ValueError
-    except ValueError:
-        print("bench.op_boundary: --batches and --widths must be positive integers, got "
-              f"{args.batches!r} and {args.widths!r}", file=sys.stderr)  # fmt: skip
-        return 2
+    batches, widths = args.batches, args.widths
     info = machine_info(torch.device("cpu"))
     rows = [
         measure(b, args.repeats, args.warmup, args.min_time, width=w)

@@ -47,6 +47,25 @@ def test_quick_machinery_writes_json_and_markdown(tmp_path, capsys):
     assert "Training step vs batch" in md and "`hooks`" in md
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--width", "0"], "argument --width: expected an integer >= 1, got '0'"),
+        (["--repeats", "x"], "argument --repeats: expected an integer, got 'x'"),
+        (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
+        (["--min-time", "-1"], "argument --min-time: expected a finite number >= 0, got '-1'"),
+        (["--batch", "8,0"], "argument --batch: expected integers >= 1, got '8,0'"),
+        (["--device", "foo"], "--device must be cpu or cuda[:N], got 'foo'"),
+    ],
+)
+def test_bench_options_out_of_range_are_refused_with_one_line(argv, said, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--no-plots"])
+    err = capsys.readouterr().err
+    assert (exit_.value.code == 2 and said in err) or exit_.value.code == said
+    assert "Traceback" not in err
+
+
 def test_report_replaces_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
@@ -181,8 +200,10 @@ def test_op_boundary_writes_json_per_width_and_batch(tmp_path, capsys):
     for r in rows:
         assert r["op_calls_per_step"] == 12 and r["variants"]["op"]["ms"] > 0
     assert json.loads(path.read_text())["dispatch"]["op_us"] > 0
-    assert op_boundary.main(["--widths", "0", "--out", str(tmp_path)]) == 2
-    assert "--batches and --widths must be positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        op_boundary.main(["--widths", "0", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "argument --widths: expected integers >= 1, got '0'" in capsys.readouterr().err
 
 
 def _computing_calls(fn, *args) -> list[tuple[str, int | None]]:
@@ -274,8 +295,14 @@ def test_floor_writes_json_with_the_replayed_variant(tmp_path, capsys):
     assert row["calls_per_step"] > 4 * row["records_per_step"]
     assert all(v["ms"] > 0 and v["over_plain"] > 0 for v in row["variants"].values())
     assert "fastmlp-all-calls" in capsys.readouterr().out
-    assert floor.main(["--batches", "ten", "--out", str(tmp_path)]) == 2
-    assert "--batches and --width must be positive integers" in capsys.readouterr().err
+    for bad, said in (
+        (["--batches", "ten"], "argument --batches: expected comma-separated integers, got 'ten'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+        (["--min-time", "nan"], "argument --min-time: expected a finite number >= 0, got 'nan'"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            floor.main([*bad, "--out", str(tmp_path)])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
 
 
 _CPUINFO = """processor\t: 0
