@@ -14,8 +14,11 @@ the training step of the main table's network (5 hidden layers, tanh, SGD):
 ``fastmlp-all-calls / plain`` is the lowest step ratio the pure-PyTorch path can reach
 on this CPU with the PyTorch calls it makes today: host-side tuning (fewer Python
 lines, no NumPy) can at best remove the difference to ``fastmlp-all``; going lower
-needs fewer or cheaper calls. The replaying variant keeps no statistics; it is a
-measurement, not a mode.
+needs fewer or cheaper calls. NumPy work (the buffers' bookkeeping, the small products
+of the weight gradient's factored moments) is not replayed, so the floor is if anything
+low. A replay that fails because this step's values left the slots of the captured
+histogram captures that record again (``recaptures`` in the JSON counts them). The
+replaying variant keeps no statistics; it is a measurement, not a mode.
 """
 
 from __future__ import annotations

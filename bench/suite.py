@@ -25,6 +25,11 @@ from .machine import machine_info
 from .timing import Measurement, error_text, interleaved, quantiles
 from .variants import VARIANTS, Built, Case, Unavailable, build_variant, dynamo_graphs
 
+# Idle seconds after a round's compiled variants on a CPU, for their spinning OpenMP
+# threads to go to sleep before the next round's eager variants (libgomp spins for well
+# under a millisecond by default; this leaves a wide margin).
+_SETTLE_S = 0.02
+
 __all__ = ["BenchConfig", "default_config", "run_suite", "SCHEMA"]
 
 SCHEMA = "fastmlp-bench/1"
@@ -254,28 +259,21 @@ def measure_case(
         }
         compiled = frozenset(n for n in fns if VARIANTS[n][1] == "compile")
         # On a CPU, OpenMP threads of torch.compile'd kernels keep spinning after each call
-        # and slow down whatever runs next: time the eager variants among themselves first,
-        # then the compiled ones (their ratios then pair repeats of two separate rounds).
-        groups = [fns]
-        if device.type == "cpu" and compiled:
-            groups = [
-                {n: f for n, f in fns.items() if n not in compiled},
-                {n: f for n, f in fns.items() if n in compiled},
-            ]
-        measured: dict[str, Measurement] = {}
-        inner = 0
-        for group in groups:
-            group_measured, group_inner = interleaved(
-                group,
-                repeats=repeats,
-                warmup=cfg.warmup,
-                device=device,
-                min_time=cfg.min_time,
-                recompiles=dynamo_graphs,
-                compiled=compiled & set(group),
-            )
-            measured |= group_measured
-            inner = inner or group_inner
+        # and slow down whatever runs next: every round times the compiled variants after
+        # the eager ones and then idles, so all of them are still timed round by round
+        # (two separate rounds let the machine's drift between them into the ratios).
+        cpu = device.type == "cpu"
+        measured, inner = interleaved(
+            fns,
+            repeats=repeats,
+            warmup=cfg.warmup,
+            device=device,
+            min_time=cfg.min_time,
+            recompiles=dynamo_graphs,
+            compiled=compiled,
+            apart=compiled if cpu else frozenset(),
+            settle=_SETTLE_S if cpu and compiled else 0.0,
+        )
         rows += _rows_for(
             section,
             mode,

@@ -127,6 +127,8 @@ def interleaved(
     max_inner: int = 1000,
     recompiles: Callable[[], int] | None = None,
     compiled: frozenset[str] = frozenset(),
+    apart: frozenset[str] = frozenset(),
+    settle: float = 0.0,
 ) -> tuple[dict[str, Measurement], int]:
     """Time every function in ``fns``, round-robin, ``repeats`` times after ``warmup`` rounds.
 
@@ -138,6 +140,11 @@ def interleaved(
     ``recompiles`` counts compilations so far (e.g. torch._dynamo's graph count):
     a variant in ``compiled`` that compiles again during a timed measurement is
     not in a steady state; it is dropped and reported as such.
+
+    ``apart`` names variants that disturb what runs right after them (on a CPU, the OpenMP
+    threads of ``torch.compile``'d kernels spin on after each call): every round runs them
+    after the others, then idles ``settle`` seconds, so each repeat still times every
+    variant within the same stretch of the machine's time (paired ratios stay paired).
 
     Returns the measurements by name and the ``inner`` count used.
     """
@@ -165,23 +172,38 @@ def interleaved(
             return None
         return t
 
-    for _ in range(max(warmup, 1)):  # at least one untimed call: lazy init, autotuning
-        for name in list(live):
-            run(name, 1, timed=False)
+    def round_order(r: int) -> list[str]:
+        """This round's order: the others, then ``apart``, each group rotated by ``r``."""
+        order = []
+        for group in ([n for n in live if n not in apart], [n for n in live if n in apart]):
+            k = r % len(group) if group else 0
+            order += group[k:] + group[:k]
+        return order
+
+    def one_round(r: int, inner: int, timed: bool) -> None:
+        """Run round ``r`` (a timed one records its times), then settle after ``apart``."""
+        order = round_order(r)
+        for name in order:
+            t = run(name, inner, timed=timed)
+            if timed and t is not None:
+                results[name].times.append(t)
+        if settle > 0 and any(n in apart for n in order):
+            time.sleep(settle)
+
+    for r in range(max(warmup, 1)):  # at least one untimed call: lazy init, autotuning
+        one_round(r, 1, timed=False)
     _sync(device)
 
     inner = 1
     if min_time > 0 and live:
-        probes = [t for name in list(live) if (t := run(name, 1)) is not None]
+        probes = [t for name in round_order(0) if (t := run(name, 1)) is not None]
+        if settle > 0 and apart:
+            time.sleep(settle)
         if probes:
             inner = max(1, min(max_inner, math.ceil(min_time / max(min(probes), 1e-9))))
 
     for r in range(repeats):
-        k = r % len(live) if live else 0
-        for name in live[k:] + live[:k]:
-            t = run(name, inner)
-            if t is not None:
-                results[name].times.append(t)
+        one_round(r, inner, timed=True)
     return results, inner
 
 

@@ -110,6 +110,31 @@ def test_interleaved_reports_failures_and_quantiles():
     assert quantiles([1.0, 2.0, 3.0]) == (1.5, 2.0, 2.5)
 
 
+def test_interleaved_times_apart_variants_last_in_every_round_then_settles(monkeypatch):
+    import time
+
+    import torch
+
+    calls, sleeps = [], []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: (sleeps.append((len(calls), s)), real_sleep(0)))
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "c1", "b", "c2")}
+    res, _ = interleaved(
+        fns,
+        repeats=4,
+        warmup=1,
+        device=torch.device("cpu"),
+        apart=frozenset({"c1", "c2"}),
+        settle=0.5,
+    )
+    assert all(len(m.times) == 4 for m in res.values())
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 5  # the warm-up round, then one a repeat
+    assert all(set(r[:2]) == {"a", "b"} and set(r[2:]) == {"c1", "c2"} for r in rounds)
+    assert {tuple(r[:2]) for r in rounds} == {("a", "b"), ("b", "a")}  # still rotated
+    assert sleeps == [(4 * (i + 1), 0.5) for i in range(5)]  # after each round's apart ones
+
+
 def test_report_renders_gpu_document():
     """The GPU sections (graph/compiled ratios, kernel table, targets) render from JSON."""
 
