@@ -26,8 +26,8 @@ from .timing import Measurement, error_text, interleaved, quantiles
 from .variants import VARIANTS, Built, Case, Unavailable, build_variant, dynamo_graphs
 
 # Idle seconds after a round's compiled variants on a CPU, for their spinning OpenMP
-# threads to go to sleep before the next round's eager variants (libgomp spins for well
-# under a millisecond by default; this leaves a wide margin).
+# threads to go to sleep before the next round's eager variants (libgomp's default spin,
+# 300,000 pauses, lasts a few milliseconds at most).
 _SETTLE_S = 0.02
 
 __all__ = ["BenchConfig", "default_config", "run_suite", "SCHEMA"]
