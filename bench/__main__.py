@@ -1,7 +1,6 @@
 """``python -m bench``: see :mod:`bench.cli` (``--help`` for the options)."""
 
-import sys
-
 from .cli import main
+from .command import entry
 
-sys.exit(main())
+entry("python -m bench", main)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .args import non_negative_float, non_negative_int, positive_int, positive_ints
+from .command import non_negative_float, non_negative_int, output_dir, positive_int, positive_ints
 from .machine import machine_slug
 from .report import RESULTS_DIR, summary
 from .suite import BenchConfig, default_config, run_suite
@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available)"
     )
     parser.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help="directory for JSON and PNG (bench/results)"
+        "--out",
+        type=output_dir,
+        default=RESULTS_DIR,
+        help="directory for JSON and PNG (bench/results)",
     )
     parser.add_argument(
         "--repeats", type=positive_int, help="timed repeats per variant (main table)"

@@ -47,14 +47,13 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .args import positive_int, positive_ints
+from .command import entry, output_dir, positive_int, positive_ints
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 
@@ -341,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--in-features", type=positive_int, default=4, help="inputs of the stand-in"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON")
+    parser.add_argument(
+        "--out", type=output_dir, default=RESULTS_DIR, help="directory for the JSON"
+    )
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -382,4 +383,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry("python -m bench.host", main)

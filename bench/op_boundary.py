@@ -24,13 +24,19 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from fastmlp import op
 
-from .args import non_negative_float, non_negative_int, positive_int, positive_ints
+from .command import (
+    entry,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_int,
+    positive_ints,
+)
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 from .timing import interleaved, quantiles
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out", type=output_dir, default=RESULTS_DIR)
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     batches, widths = args.batches, args.widths
@@ -179,4 +185,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry("python -m bench.op_boundary", main)

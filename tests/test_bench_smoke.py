@@ -66,6 +66,41 @@ def test_bench_options_out_of_range_are_refused_with_one_line(argv, said, capsys
     assert "Traceback" not in err
 
 
+def test_bench_out_is_checked_before_the_run_and_created(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(a_file)])
+    assert exit_.value.code == 2
+    assert f"argument --out: '{a_file}' exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(a_file / "below")])
+    assert "argument --out: cannot create directory" in capsys.readouterr().err
+    from fastmlp.bench.command import output_dir
+
+    assert output_dir(str(tmp_path / "new" / "nested")).is_dir()
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "said"),
+    [
+        (KeyboardInterrupt(), 130, "prog: interrupted"),
+        (FileNotFoundError(2, "No such file or directory", "/x/y"), 2, "prog: error: No such"),
+        (OSError(28, "No space left on device", "/x/y"), 1, "prog: error: No space left"),
+    ],
+)
+def test_bench_entry_reports_ctrl_c_and_os_errors_in_one_line(raised, status, said, capsys):
+    from fastmlp.bench.command import entry
+
+    def main() -> int:
+        raise raised
+
+    with pytest.raises(SystemExit) as exit_:
+        entry("prog", main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == status and err.startswith(said) and err.count("\n") == 1
+
+
 def test_report_replaces_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")

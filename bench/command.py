@@ -1,0 +1,101 @@
+"""What the benchmark commands share on the command line: argparse types, so that a bad
+value is an argparse error (the usage and one line saying what was expected, exit status
+2), and :func:`entry`, which reports Ctrl-C and unusable paths as one line, as ``fastmlp``
+does (:mod:`fastmlp.errors`), never as a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from fastmlp.errors import describe, exit_status
+
+__all__ = [
+    "entry",
+    "non_negative_float",
+    "non_negative_int",
+    "output_dir",
+    "positive_int",
+    "positive_ints",
+]
+
+
+def entry(prog: str, main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s status; Ctrl-C (130) and an ``OSError`` (2 for a path that
+    cannot be used, else 1) are one line on stderr."""
+    try:
+        status = main()
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        status = exit_status(exc)
+    except OSError as exc:
+        print(f"{prog}: error: {describe(exc)}", file=sys.stderr)
+        status = exit_status(exc)
+    sys.exit(status)
+
+
+def output_dir(text: str) -> Path:
+    """A directory the results can be written to, created if missing: checked before a
+    run, so that a long measurement is not lost at the end for want of a place."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"cannot create directory {text!r}: {reason}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a writable directory")
+    return path
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated integers >= 1, at least one."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
