@@ -26,14 +26,15 @@ __all__ = [
 
 
 def entry(prog: str, main: Callable[[], int]) -> NoReturn:
-    """Exit with ``main()``'s status; Ctrl-C (130) and an ``OSError`` (2 for a path that
-    cannot be used, else 1) are one line on stderr."""
+    """Exit with ``main()``'s status; Ctrl-C (130), an ``OSError`` (2 for a path that
+    cannot be used, else 1) and a ``ValueError`` (bad input such as a file that is not
+    JSON: 2) are one line on stderr."""
     try:
         status = main()
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted", file=sys.stderr)
         status = exit_status(exc)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"{prog}: error: {describe(exc)}", file=sys.stderr)
         status = exit_status(exc)
     sys.exit(status)

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from .command import entry
 from .machine import cpu_summary
 
 __all__ = ["RESULTS_DIR", "load", "render", "render_all", "update_readme", "main"]
@@ -29,7 +30,10 @@ START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 def load(path: str | Path) -> dict:
     """Read one result document; raises ``ValueError`` if it is not a bench result."""
     with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON ({exc})") from None
     if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith(SCHEMA_PREFIX):
         raise ValueError(f"{path} is not a fastmlp bench result (no '{SCHEMA_PREFIX}*' schema)")
     return doc
@@ -381,4 +385,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry("python -m bench.report", main)

@@ -170,6 +170,17 @@ def test_interleaved_times_apart_variants_last_in_every_round_then_settles(monke
     assert sleeps == [(4 * (i + 1), 0.5) for i in range(5)]  # after each round's apart ones
 
 
+def test_report_names_the_file_that_is_not_a_result(tmp_path):
+    broken, other = tmp_path / "broken.json", tmp_path / "other.json"
+    broken.write_text("{bad")
+    other.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"broken\.json is not JSON"):
+        report.load(broken)
+    with pytest.raises(ValueError, match=r"other\.json is not a fastmlp bench result"):
+        report.load(other)
+    assert report.result_files(tmp_path) == []  # skipped when looking for results
+
+
 def test_report_renders_gpu_document():
     """The GPU sections (graph/compiled ratios, kernel table, targets) render from JSON."""
 
