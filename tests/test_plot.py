@@ -73,3 +73,18 @@ def test_plot_rejects_a_directory_that_is_not_a_run(
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path / "missing")])
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_plot_out_that_cannot_be_created_is_one_plain_line(
+    runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker / "figs", Path("/proc/no/such/dir")):  # not a directory, missing
+        try:
+            status = main(["plot", str(runs[0]), "--out", str(out)])
+        except SystemExit as e:  # argparse's error()
+            status = e.code
+        last = capsys.readouterr().err.splitlines()[-1]  # (after argparse's usage line)
+        assert status == 2 and last.startswith("fastmlp plot: error: ") and "[Errno" not in last
+        assert str(out).startswith(last.rsplit(": ", 1)[1])  # names the path it could not use

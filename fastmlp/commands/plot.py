@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastmlp plot``."""
+    from fastmlp.errors import describe
     from fastmlp.plot import plot_runs
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         paths = plot_runs(args.runs, out=args.out)
     except FileNotFoundError as e:
-        args._parser.error(str(e))
+        args._parser.error(describe(e))
     for p in paths:
         print(p)
     return 0
