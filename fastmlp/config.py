@@ -197,7 +197,9 @@ class TrainConfig:
     figures: bool = _opt(
         True, "draw the figures into RUN/figures/ at the end", "bool", resumable=True
     )
-    progress: bool = _opt(True, "show a progress bar", "bool", resumable=True)
+    progress: bool = _opt(
+        True, "show the progress bar and the closing summary (stderr)", "bool", resumable=True
+    )
     extra: dict = _opt({}, "free-form labels carried into config.json", "dict", flag=False)
 
     def __post_init__(self) -> None:
