@@ -6,22 +6,26 @@ does (:mod:`fastmlp.errors`), never as a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NoReturn
 
 from fastmlp.errors import describe, exit_status
 
 __all__ = [
+    "add_timing_options",
     "entry",
     "non_negative_float",
     "non_negative_int",
     "output_dir",
     "positive_int",
     "positive_ints",
+    "write_result",
 ]
 
 
@@ -100,3 +104,33 @@ def positive_ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
+
+
+def add_timing_options(parser: argparse.ArgumentParser, results: Path, repeats: int = 30) -> None:
+    """``--repeats``, ``--warmup``, ``--min-time``, ``--out`` (default ``results``) and
+    ``--note``, as the side-by-side benchmarks take them."""
+    parser.add_argument("--repeats", type=positive_int, default=repeats)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument(
+        "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
+    )
+    parser.add_argument("--out", type=output_dir, default=results)
+    parser.add_argument("--note", default="", help="free text stored in the JSON")
+
+
+def write_result(
+    out: Path, name: str, schema: str, prog: str, argv: list[str] | None, note: str, **body
+) -> Path:
+    """Write ``out/name`` as JSON: ``schema``, the time, the command (``prog`` and ``argv``,
+    or this process's arguments), ``note``, then ``body``; returns the path."""
+    doc = {
+        "schema": schema,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([prog, *(sys.argv[1:] if argv is None else argv)]),
+        "note": note,
+        **body,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path

@@ -24,10 +24,7 @@ replaying variant keeps no statistics; it is a measurement, not a mode.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -35,14 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastmlp import torch_path
 
-from .command import (
-    entry,
-    non_negative_float,
-    non_negative_int,
-    output_dir,
-    positive_int,
-    positive_ints,
-)
+from .command import add_timing_options, entry, positive_int, positive_ints, write_result
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 from .timing import interleaved, quantiles
@@ -275,28 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         "--batches", type=positive_ints, default=[10, 256], help="comma-separated batch sizes"
     )
     p.add_argument("--width", type=positive_int, default=1000)
-    p.add_argument("--repeats", type=positive_int, default=30)
-    p.add_argument("--warmup", type=non_negative_int, default=3)
-    p.add_argument(
-        "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
-    )
-    p.add_argument("--out", type=output_dir, default=RESULTS_DIR)
-    p.add_argument("--note", default="")
+    add_timing_options(p, RESULTS_DIR)
     args = p.parse_args(argv)
-    batches = args.batches
     info = machine_info(torch.device("cpu"))
-    rows = [measure(b, args.repeats, args.warmup, args.min_time, args.width) for b in batches]
-    result = {
-        "schema": "fastmlp-floor/1",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.floor " + " ".join(argv or sys.argv[1:]),
-        "note": args.note,
-        "machine": info,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"floor-{machine_slug(info)}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    rows = [measure(b, args.repeats, args.warmup, args.min_time, args.width) for b in args.batches]
+    name = f"floor-{machine_slug(info)}.json"
+    path = write_result(
+        args.out, name, "fastmlp-floor/1", p.prog, argv, args.note, machine=info, rows=rows
+    )
     print(f"{info.get('cpu', 'cpu')}, {torch.get_num_threads()} threads; written to {path}")
     print("batch  variant              step ms  / plain (IQR)")
     for r in rows:

@@ -20,23 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
 
 import torch
 
 from fastmlp import op
 
-from .command import (
-    entry,
-    non_negative_float,
-    non_negative_int,
-    output_dir,
-    positive_int,
-    positive_ints,
-)
+from .command import add_timing_options, entry, positive_ints, write_result
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 from .timing import interleaved, quantiles
@@ -141,33 +131,27 @@ def main(argv: list[str] | None = None) -> int:
         default=[1000, 4],
         help="comma-separated widths (4: the boundary alone)",
     )
-    p.add_argument("--repeats", type=positive_int, default=30)
-    p.add_argument("--warmup", type=non_negative_int, default=3)
-    p.add_argument(
-        "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
-    )
-    p.add_argument("--out", type=output_dir, default=RESULTS_DIR)
-    p.add_argument("--note", default="")
+    add_timing_options(p, RESULTS_DIR)
     args = p.parse_args(argv)
-    batches, widths = args.batches, args.widths
     info = machine_info(torch.device("cpu"))
     rows = [
         measure(b, args.repeats, args.warmup, args.min_time, width=w)
-        for w in widths
-        for b in batches
+        for w in args.widths
+        for b in args.batches
     ]
-    result = {
-        "schema": "fastmlp-op-boundary/1",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.op_boundary " + " ".join(argv or sys.argv[1:]),
-        "note": args.note,
-        "machine": info,
-        "rows": rows,
-        "dispatch": dispatch_cost(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"op-boundary-{machine_slug(info)}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    dispatch = dispatch_cost()
+    name = f"op-boundary-{machine_slug(info)}.json"
+    path = write_result(
+        args.out,
+        name,
+        "fastmlp-op-boundary/1",
+        p.prog,
+        argv,
+        args.note,
+        machine=info,
+        rows=rows,
+        dispatch=dispatch,
+    )
     print(f"{info.get('cpu', 'cpu')}, {torch.get_num_threads()} threads; written to {path}")
     print("width  batch   op ms  direct ms  plain ms  op/direct  us per op call")
     for r in rows:
@@ -176,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['width']:5d}  {r['batch']:5d}  {v['op']['ms']:6.2f}  {v['direct']['ms']:9.2f}  "
             f"{v['plain']['ms']:8.2f}  {r['op_over_direct']:9.3f}  {r['us_per_op_call']:14.1f}"
         )
-    d = result["dispatch"]
+    d = dispatch
     print(
         f"dispatcher alone (what a traced graph pays): {d['us_per_call']:.1f} us per call "
         f"({d['op_us']:.1f} through torch.ops, {d['direct_us']:.1f} direct)"
