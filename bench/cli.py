@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .command import non_negative_float, non_negative_int, output_dir, positive_int, positive_ints
+from .command import (
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_int,
+    positive_ints,
+    write_text_atomically,
+)
 from .machine import machine_slug
 from .report import RESULTS_DIR, summary
 from .suite import BenchConfig, default_config, run_suite
@@ -178,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str], prog: str = "python -m bench"
         except ImportError as exc:
             print(f"plots skipped: {exc} (pip install matplotlib)", file=sys.stderr)
     path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}" + "".join(f", {p}" for p in doc.get("plots", [])), file=sys.stderr)
     print(f"total {doc['elapsed_s']:.0f} s", file=sys.stderr)
     sys.stderr.flush()

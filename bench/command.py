@@ -1,7 +1,9 @@
-"""What the benchmark commands share on the command line: argparse types, so that a bad
-value is an argparse error (the usage and one line saying what was expected, exit status
-2), and :func:`entry`, which reports Ctrl-C and unusable paths as one line, as ``fastmlp``
-does (:mod:`fastmlp.errors`), never as a traceback."""
+"""What the benchmark commands share: argparse types, so that a bad value is an argparse
+error (the usage and one line saying what was expected, exit status 2); :func:`entry`,
+which reports Ctrl-C, unusable paths and unreadable files as one line, as ``fastmlp``
+does (:mod:`fastmlp.errors`), never as a traceback; the timing options and the JSON
+writer of the side-by-side benchmarks; and :func:`write_text_atomically`, so that a
+killed command never leaves a half-written result or README."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ __all__ = [
     "positive_int",
     "positive_ints",
     "write_result",
+    "write_text_atomically",
 ]
 
 
@@ -106,10 +109,10 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
-def add_timing_options(parser: argparse.ArgumentParser, results: Path, repeats: int = 30) -> None:
+def add_timing_options(parser: argparse.ArgumentParser, results: Path) -> None:
     """``--repeats``, ``--warmup``, ``--min-time``, ``--out`` (default ``results``) and
     ``--note``, as the side-by-side benchmarks take them."""
-    parser.add_argument("--repeats", type=positive_int, default=repeats)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument(
         "--min-time", type=non_negative_float, default=0.2, help="seconds per measurement"
@@ -132,5 +135,16 @@ def write_result(
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) through a temporary file beside it: a reader
+    sees the old file or the new one, never a part, whenever the writer is killed."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .command import entry, output_dir, positive_int, positive_ints
+from .command import entry, output_dir, positive_int, positive_ints, write_text_atomically
 from .machine import machine_info, machine_slug
 from .report import RESULTS_DIR
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"host-{machine_slug(info)}.json"
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_text_atomically(path, json.dumps(doc, indent=1) + "\n")
         print(f"wrote {path}")
     ratios = {r["batch"]: r["ratio_fastmlp_over_plain"] for r in results}
     tail = ", ".join(f"batch {b} {ratios[b]:.2f}" for b in batches)

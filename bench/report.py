@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .command import entry
+from .command import entry, write_text_atomically
 from .machine import cpu_summary
 
 __all__ = ["RESULTS_DIR", "load", "render", "render_all", "update_readme", "main"]
@@ -356,7 +356,7 @@ def update_readme(readme: Path, markdown: str) -> None:
         raise ValueError(f"{readme} has no '{START}' ... '{END}' block to replace")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{markdown.rstrip()}\n{END}{tail}", encoding="utf-8")
+    write_text_atomically(readme, f"{head}{START}\n{markdown.rstrip()}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

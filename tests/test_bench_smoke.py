@@ -181,6 +181,24 @@ def test_report_names_the_file_that_is_not_a_result(tmp_path):
     assert report.result_files(tmp_path) == []  # skipped when looking for results
 
 
+def test_a_result_written_atomically_survives_a_writer_killed_mid_write(tmp_path, monkeypatch):
+    import os
+
+    from fastmlp.bench.command import write_text_atomically
+
+    path = tmp_path / "result.json"
+    write_text_atomically(path, '{"old": 1}\n')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomically(path, '{"new": 2}\n')
+    assert path.read_text() == '{"old": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left
+
+
 def test_report_renders_gpu_document():
     """The GPU sections (graph/compiled ratios, kernel table, targets) render from JSON."""
 
