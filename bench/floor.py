@@ -106,7 +106,8 @@ class _Recorder(TorchFunctionMode):
 
 
 # Calls that compute something: those returning tensors, and reads of values to the host.
-# The rest (metadata getters, ``numel``, NumPy views of buffers) is host-side logic.
+# Left out: metadata getters, ``numel``, NumPy views of buffers (host-side logic), and item
+# assignment (returns nothing; the CPU path's steady records assign through NumPy views).
 _READS = frozenset({"__float__", "__int__", "__bool__", "item", "tolist"})
 
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--batches", type=positive_ints, default=[10, 256], help="comma-separated batch sizes"
     )
-    p.add_argument("--width", type=positive_int, default=1000)
+    p.add_argument("--width", type=positive_int, default=1000, help="hidden width")
     add_timing_options(p, RESULTS_DIR)
     args = p.parse_args(argv)
     info = machine_info(torch.device("cpu"))
@@ -276,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info.get('cpu', 'cpu')}, {torch.get_num_threads()} threads; written to {path}")
     print("batch  variant              step ms  / plain (IQR)")
     for r in rows:
-        for name, v in r["variants"].items():
+        for variant, v in r["variants"].items():
             lo, hi = v["over_plain_iqr"]
-            print(f"{r['batch']:5d}  {name:19s} {v['ms']:8.2f}  {v['over_plain']:.3f} "
+            print(f"{r['batch']:5d}  {variant:19s} {v['ms']:8.2f}  {v['over_plain']:.3f} "
                   f"({lo:.3f}-{hi:.3f})")  # fmt: skip
         print(f"       {r['records_per_step']} records, {r['calls_per_step']} PyTorch calls "
               f"a step; {r['recaptures']} replays recaptured")  # fmt: skip
