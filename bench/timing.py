@@ -180,30 +180,30 @@ def interleaved(
             order += group[k:] + group[:k]
         return order
 
-    def one_round(r: int, inner: int, timed: bool) -> None:
-        """Run round ``r`` (a timed one records its times), then settle after ``apart``."""
-        order = round_order(r)
+    def one_round(r: int, inner: int, watch: bool, record: bool) -> list[float]:
+        """Run round ``r`` (``watch``: for recompiles; ``record``: into ``results``), then
+        settle after ``apart``; the times measured."""
+        order, times = round_order(r), []
         for name in order:
-            t = run(name, inner, timed=timed)
-            if timed and t is not None:
-                results[name].times.append(t)
+            if (t := run(name, inner, timed=watch)) is not None:
+                times.append(t)
+                if record:
+                    results[name].times.append(t)
         if settle > 0 and any(n in apart for n in order):
             time.sleep(settle)
+        return times
 
     for r in range(max(warmup, 1)):  # at least one untimed call: lazy init, autotuning
-        one_round(r, 1, timed=False)
+        one_round(r, 1, watch=False, record=False)
     _sync(device)
 
     inner = 1
     if min_time > 0 and live:
-        probes = [t for name in round_order(0) if (t := run(name, 1)) is not None]
-        if settle > 0 and apart:
-            time.sleep(settle)
-        if probes:
+        if probes := one_round(0, 1, watch=True, record=False):
             inner = max(1, min(max_inner, math.ceil(min_time / max(min(probes), 1e-9))))
 
     for r in range(repeats):
-        one_round(r, inner, timed=True)
+        one_round(r, inner, watch=True, record=True)
     return results, inner
 
 
