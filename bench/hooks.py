@@ -1,6 +1,6 @@
 """The baselines: the same statistics gathered with module and tensor hooks on a plain network.
 
-:class:`HookStats` is how a careful user would write it today: forward hooks on
+:class:`HookStats` is how a careful user would write it with PyTorch's hooks: forward hooks on
 ``nn.Linear`` (pre-activation) and on the activation module, a tensor hook on
 the pre-activation for its gradient and a parameter hook for the weight
 gradient; every statistic stays on the device (moments merged with Chan's

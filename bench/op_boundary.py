@@ -6,8 +6,8 @@ dispatcher and the autograd function's ``setup_context``); in plain eager mode t
 call the same implementations directly (``fastmlp.op._eager``). This times, interleaved in
 one process, the eager training step of the 5-hidden-layer network with every statistic
 on, at width 1000 (the paper's) and at width 4, where the arithmetic is negligible and the
-difference per call is the boundary's own cost (at width 1000 it is within the step's
-noise):
+difference per call is the boundary's own cost (at width 1000 the step's own noise can
+hide it; measured: see bench/results/op-boundary-*.json):
 
 - ``op``: every pass through the custom ops' dispatcher, as a traced model would;
 - ``direct``: as users run eager mode (the implementations called directly);

@@ -94,7 +94,8 @@ class BenchConfig:
 
 
 def default_config(device: str = "cpu", quick: bool = False) -> BenchConfig:
-    """The plan for ``device`` (``cpu`` or ``cuda``); ``quick`` fits in ~2 min (CPU) / ~3 (GPU)."""
+    """The plan for ``device`` (``cpu`` or ``cuda``); ``quick`` trims the repeats, curve points
+    and compiled modes to a short run."""
     cuda = device.startswith("cuda")
     cfg = BenchConfig(device=device, quick=quick)
     if cuda:

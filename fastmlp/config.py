@@ -139,8 +139,8 @@ class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``).
 
     The defaults are the main job: Shapeset-3x2, 5 hidden layers of 1000 tanh
-    units with normalized init, SGD on minibatches of 10, sized to finish in a
-    few minutes on a 2-core CPU.
+    units with normalized init, SGD on minibatches of 10, with a step count sized
+    for a short run on a small CPU.
     """
 
     dataset: str = _opt("shapeset", "dataset")

@@ -190,7 +190,7 @@ def setup(
 
 def cleanup(wait: bool = False) -> None:
     """Leave the process group (no-op without one); with ``wait``, after every rank is done
-    (a rank tearing its group down while a peer still works on it was seen to abort)."""
+    (tearing the group down while a peer still works on it can abort a rank)."""
     if dist.is_available() and dist.is_initialized():
         try:
             if wait:
@@ -202,10 +202,9 @@ def cleanup(wait: bool = False) -> None:
 def exit_rank(status: int = 0) -> NoReturn:
     """End this rank's process with exit status ``status``, after :func:`cleanup`: Python's
     exit handlers run and the standard streams are flushed, but the interpreter's own
-    teardown is skipped. In that teardown, gloo's threads were seen to abort ranks that had
-    finished their work ("terminate called without an active exception", SIGABRT, no Python
-    frame left; twice in six runs of the test suite on a 2-core machine), turning a finished
-    run into a failed one.
+    teardown is skipped. In that teardown, gloo's threads can abort a rank that has finished
+    its work ("terminate called without an active exception", SIGABRT, no Python frame
+    left), turning a finished run into a failed one.
     """
     try:
         atexit._run_exitfuncs()

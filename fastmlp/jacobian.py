@@ -6,8 +6,8 @@ Jacobian of the layer's output with respect to its input is, per example,
 weight layout). The paper reports the average singular value: about 0.8 with
 normalized init and about 0.5 with standard init (tanh, width 1000).
 
-One ``svdvals`` of a 1000x1000 matrix costs ~0.1 s on a laptop CPU, so the
-function takes a limited number of examples (``max_examples``).
+Every example needs its own ``svdvals`` of an ``[out, in]`` matrix (cubic in the
+width), so the function takes a limited number of examples (``max_examples``).
 """
 
 from __future__ import annotations

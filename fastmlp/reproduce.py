@@ -9,13 +9,13 @@ reused and interrupted ones resumed, so rerunning the command continues.
 
 Budgets (all with SGD on minibatches of 10, as in the paper):
 
-- ``smoke``: narrow layers (100 units), a few hundred steps; a check that the
-  whole pipeline works (about 1-2 minutes on a 2-core CPU). Its errors say
-  nothing about the paper.
+- ``smoke``: narrow layers (100 units), a few hundred steps; a quick check that
+  the whole pipeline works, sized for a small CPU. Its errors say nothing about
+  the paper.
 - ``short``: the paper's 1000-unit layers, a few thousand steps; the early
-  phase of training, where saturation is visible (tens of minutes on a CPU).
+  phase of training, where saturation is visible (sized for a CPU).
 - ``paper``: 1000-unit layers and 5 million updates, the paper's training
-  length, with full validation and test sets (GPU territory).
+  length, with full validation and test sets (sized for a GPU).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ MODELS: tuple[Model, ...] = (
     Model("Softsign N", "softsign", "normalized", 5),
 )
 
-# Table 1 of the paper: test error (%), 5 hidden layers (see ../shared/PAPER.md).
+# Table 1 of the paper: test error (%), 5 hidden layers.
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "Softsign": {"shapeset": 16.27, "mnist": 1.64, "cifar10": 55.78, "imagefolder": 69.14},
     "Softsign N": {"shapeset": 16.06, "mnist": 1.72, "cifar10": 53.8, "imagefolder": 68.13},
@@ -170,7 +170,7 @@ def _diagnosis_line(run: Path) -> str:
     saved = read_diagnosis(run)
     if saved is not None:
         step, findings = saved.get("step"), [Finding.from_dict(d) for d in saved["findings"]]
-    else:  # a run finished before diagnosis.json existed: diagnose its stats.jsonl
+    else:  # no readable diagnosis.json: diagnose the run's stats.jsonl
         try:
             step, snap = load_run_snapshot(run)
         except (OSError, ValueError) as e:
@@ -296,7 +296,7 @@ def reproduce(
             if saved.get("steps") != config.steps:
                 raise ValueError(f"{run_dir} was made with another budget; use another --out")
             train(config, resume=True)
-        else:  # finished earlier, perhaps by a version that drew no figures
+        else:  # finished: draw its figures, in case the run's own end did not (killed there)
             plot_run(run_dir)
         runs.append((model, run_dir))
     plot_test_error([r for _, r in runs], out / "fig11_test_error.png")

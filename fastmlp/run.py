@@ -4,7 +4,7 @@ Layout of ``RUN/``::
 
     config.json       the TrainConfig (JSON)
     metrics.jsonl     {"step", "split", "loss", "error"}          (error in %)
-    stats.jsonl       DESIGN.md row schema + {"step", "source"}  (source: probe | train)
+    stats.jsonl       Snapshot.rows() (ROW_FIELDS) + {"step", "source"}  (source: probe | train)
     jacobian.jsonl    {"step", "layer", "examples", "nonfinite", "mean", "std", "min", "max",
                       "median"}  (nonfinite: examples left out; figures null when none is left)
     checkpoint.pt     model (with statistics buffers), optimizer, step (also the data position:

@@ -116,7 +116,7 @@ def twin_at_init(
     """``(init, probe snapshot)`` of ``model``'s architecture freshly initialized with the other
     paper init (standard <-> normalized), probed on ``(x, y)``; ``None`` for other inits.
 
-    Costs one forward and backward on the probe set (a fraction of a second at 5x1000)."""
+    Costs one forward and backward on the probe set, no training."""
     from fastmlp.mlp import MLP
     from fastmlp.probe import probe
 

@@ -2,8 +2,8 @@
 
 ``capture`` runs plain PyTorch (``F.linear`` + the activation written with torch ops) in
 float64 and returns the four quantities; ``stream_stats`` computes, with numpy alone,
-what a statistics accumulator must report after a sequence of batches, following the
-contract of DESIGN.md and the histogram semantics documented in ``fastmlp/stats/layout.py``:
+what a statistics accumulator must report after a sequence of batches: the contract below,
+with the histogram semantics documented in ``fastmlp/stats/layout.py``:
 
 - moments, min and max over finite values only; non-finite values only counted;
 - bins ``[e_i, e_{i+1})``, the last closed; underflow ``x < low``, overflow ``x > high``;
@@ -31,7 +31,7 @@ ACTS = ("sigmoid", "tanh", "softsign", "relu", "identity", "gelu", "gelu_tanh", 
 FROM_INPUT_ACTS = ("gelu", "gelu_tanh", "silu")
 FIXED_RANGE = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
 SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99), "softsign": (-0.99, 0.99)}
-# Row keys, exactly as DESIGN.md lists them (Snapshot.rows()).
+# Row keys of Snapshot.rows(), written out here rather than imported from fastmlp.
 ROW_KEYS = (
     "layer",
     "name",

@@ -88,7 +88,7 @@ class Case:
     argv: Callable[[Path, Path], list[str]]  # (copy of the finished run, scratch dir) -> argv
     status: int
     says: str  # a piece of the one-line message
-    prepare: Callable[[Path, Path], None] = lambda run, tmp: None
+    prepare: Callable[[Path, Path], object] = lambda run, tmp: None  # its result is ignored
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
     one_line: bool = True  # argparse's own errors print the usage line first
     rows_grow: bool = False  # the run went on before failing: old rows kept, new ones after

@@ -1,4 +1,4 @@
-"""Shapeset-3x2: faithfulness to PAPER.md, determinism and the online training stream."""
+"""Shapeset-3x2: the paper's description held, determinism and the online training stream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The paper's early findings (PAPER.md, findings 3 and 4, eq. 17), checked at initialization.
+"""The paper's early findings, checked at initialization: back-propagated gradients shrink
+towards the input under the standard init (Fig 7), weight gradients do not (Fig 8), and the
+layers' Jacobian singular values (eq. 17).
 
 Tanh networks of 5 hidden layers on a probe set of 300 Shapeset-3x2 images, as in
 the paper's monitoring. The statistics come from :func:`fastmlp.probe`; the
@@ -33,7 +35,9 @@ def probe_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x.flatten(1), y
 
 
-def _variances(init: str, probe_set, width: int = 200) -> tuple[list[float], list[float]]:
+def _variances(
+    init: str, probe_set, width: int = 200
+) -> tuple[list[float | None], list[float | None]]:
     model = fastmlp.MLP(1024, 9, depth=DEPTH, width=width, activation="tanh", init=init, seed=0)
     snap = fastmlp.probe(model, *probe_set)
     layers = range(1, DEPTH + 1)

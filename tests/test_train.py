@@ -26,7 +26,8 @@ TINY = dict(
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One CPU thread: on a shared 2-core machine, two threads per process thrash."""
+    """One CPU thread: on a CPU shared with other processes, parallel regions wait for
+    descheduled threads and slow every step down."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

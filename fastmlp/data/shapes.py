@@ -1,16 +1,15 @@
 """Shapeset-3x2, generated in torch, vectorized over the batch, on any device.
 
-The generator follows the dataset description of Glorot & Bengio (2010) (see
-PAPER.md): 32x32 grey images holding one or two filled objects (count uniform
-over {1, 2}), each a triangle, a parallelogram or an ellipse drawn as a 20-gon
-(type uniform), with random shape parameters, an anisotropic scale of 0.2..0.8
-of the image per axis, a rotation uniform over a full turn and a position
-uniform among those that keep the object inside the image with a 1-pixel
-margin. Foreground grey is uniform in [0.55, 1], background in [0, 0.45], and
-with probability 0.5 the two are swapped. The label is the unordered multiset of
-the shape types present: 3 single-object classes and 6 pairs, 9 classes with
-natural frequencies 1/6 (each single), 1/9 (each mixed pair) and 1/18 (each
-same-type pair).
+The generator follows the dataset description of Glorot & Bengio (2010): 32x32
+grey images holding one or two filled objects (count uniform over {1, 2}), each
+a triangle, a parallelogram or an ellipse drawn as a 20-gon (type uniform), with
+random shape parameters, an anisotropic scale of 0.2..0.8 of the image per axis,
+a rotation uniform over a full turn and a position uniform among those that keep
+the object inside the image with a 1-pixel margin. Foreground grey is uniform in
+[0.55, 1], background in [0, 0.45], and with probability 0.5 the two are swapped.
+The label is the unordered multiset of the shape types present: 3 single-object
+classes and 6 pairs, 9 classes with natural frequencies 1/6 (each single), 1/9
+(each mixed pair) and 1/18 (each same-type pair).
 
 Geometry, in pixel units with pixel ``(row i, column j)`` centred at
 ``(x, y) = (j + 0.5, i + 0.5)`` on the ``[0, 32]^2`` image plane:
@@ -40,15 +39,15 @@ pixel area), which satisfies both readings of the paper's "50% of its area"
 and, since both objects share one grey level, guarantees each object shows at
 least half of its own silhouette. The second object's geometry (shape
 parameters, scale, rotation, position; never its type) is redrawn until the
-rule holds, for at most 50 tries. When all 50 fail (measured: 0.43% of
-two-object images, 220 of 51180, nearly always because the first object is so
-large that no second object keeps half of its pixels outside it), we give up on
-that first object: it is redrawn (same type) and the 50 tries start over, up to
-20 times; an image that still fails keeps only its first object and is labelled
-as that single shape (never observed). Labels therefore always describe what is
-drawn, and the class frequencies stay at 1/6, 1/9 and 1/18 instead of leaking
-about 0.2% of the mass from pair classes to single-object classes, as keeping
-one object after the first 50 failures would.
+rule holds, for at most 50 tries. When all 50 fail (rare, and nearly always
+because the first object is so large that no second object keeps half of its
+pixels outside it; :func:`shapeset_sample` counts these images in ``redrawn``),
+we give up on that first object: it is redrawn (same type) and the 50 tries start
+over, up to 20 times; an image that still fails keeps only its first object and
+is labelled as that single shape (counted in ``fallbacks``). Labels therefore
+always describe what is drawn, and the class frequencies stay at 1/6, 1/9 and
+1/18 instead of leaking mass from pair classes to single-object classes, as
+keeping one object after the first 50 failures would.
 
 Randomness comes from one ``torch.Generator`` seeded with ``seed`` on the target
 device: the same seed gives the same images on a given device (CPU and CUDA

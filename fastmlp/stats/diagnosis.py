@@ -8,8 +8,8 @@ non-finite counts), so it works the same on a live :class:`~fastmlp.Snapshot`
 and on one rebuilt from a run's ``stats.jsonl`` (:meth:`~fastmlp.Snapshot.from_rows`).
 
 Codes and thresholds (every threshold is a keyword of :func:`diagnose`; the
-defaults are :class:`Thresholds`, chosen from the paper's own regimes, see
-PAPER.md):
+defaults are :class:`Thresholds`, chosen from the regimes of Glorot & Bengio
+(2010)):
 
 ``nonfinite`` (error)
     NaN or +-Inf in any quantity. The finding names the first place it appeared
@@ -43,12 +43,12 @@ PAPER.md):
     layers. In the linear regime (eq. 6) each layer multiplies the gradient's
     variance by ``n Var[W]``: 1/3 under the standard init (a std factor of
     sqrt(3) = 1.73 per layer, Fig 7 top), 1 under the normalized init (Fig 7
-    bottom). Measured at initialization on Shapeset (5 hidden layers of 1000):
-    tanh standard 1.78 per layer, tanh normalized 1.13, softsign normalized
-    1.37, ReLU normalized 1.41, sigmoid (either init) 4.2-7. 1.5 separates the
-    standard-init regime from the normalized one. The output layer (identity,
-    recognised by its activation statistics equalling its pre-activation's)
-    is left out of the chain, as the paper's figures leave it out.
+    bottom). 1.5 separates the two regimes at initialization on Shapeset (5
+    hidden layers of 1000): tanh, softsign and ReLU under the normalized init
+    stay below it, tanh under the standard init and sigmoid under either init
+    go above it (tests/test_diagnosis.py checks tanh on both sides). The output
+    layer (identity, recognised by its activation statistics equalling its
+    pre-activation's) is left out of the chain, as the paper's figures leave it out.
 
 ``collapse`` (warning)
     A layer's activation std below ``collapse_ratio`` (0.1) times the std of its

@@ -167,7 +167,7 @@ class QuantityStats:
         return float(self.max)
 
     def row(self) -> dict:
-        """This quantity as a flat dict in the row schema of DESIGN.md."""
+        """This quantity as a flat dict: the row schema, keys :data:`ROW_FIELDS`."""
         out = {name: getattr(self, name) for name in ROW_FIELDS}
         return out
 
@@ -207,9 +207,11 @@ def quantity_stats(
     units: np.ndarray | None = None,
     exp_hist: np.ndarray | None = None,
 ) -> QuantityStats:
-    """``units``: the layer's per-unit counts (``[4, units]``) when recorded; used for the
-    activation quantity."""
-    """Turn one row of raw accumulator values into a :class:`QuantityStats`."""
+    """Turn one row of raw accumulator values into a :class:`QuantityStats`.
+
+    ``units``: the layer's per-unit counts (``[4, units]``) when recorded; used for the
+    activation quantity.
+    """
     n = int(acc[COUNT])
     nonfinite = int(acc[NONFINITE])
     if n == 0:
@@ -325,7 +327,7 @@ class Snapshot:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> Snapshot:
-        """A :class:`~fastmlp.Snapshot` rebuilt from rows of the DESIGN.md schema.
+        """A :class:`~fastmlp.Snapshot` rebuilt from rows as :meth:`rows` gives them.
 
         ``rows`` are one snapshot's rows, e.g. the lines of a run's ``stats.jsonl``
         with one ``step`` and ``source`` (extra keys such as those are ignored).
@@ -371,7 +373,7 @@ class Snapshot:
         return len(self.layers)
 
     def rows(self) -> list[dict]:
-        """One flat dict per layer x quantity (the row schema of DESIGN.md)."""
+        """One flat dict per layer x quantity (the row schema: keys :data:`ROW_FIELDS`)."""
         return [qs.row() for qs in self]
 
     def percentile(self, layer: int, quantity: str, q: float) -> float | None:
