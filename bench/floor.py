@@ -1,7 +1,7 @@
 """``python -m bench.floor``: how far host-side tuning of the CPU statistics can go.
 
 On the CPU every statistic is computed by a handful of PyTorch calls issued from Python
-(:mod:`fastmlp.torch_path`), with host-side logic around them: branches, NumPy
+(:mod:`fastmlp.backends.cpu`), with host-side logic around them: branches, NumPy
 bookkeeping of the buffers, scalar arithmetic. This times, interleaved in one process,
 the training step of the main table's network (5 hidden layers, tanh, SGD):
 
@@ -12,7 +12,7 @@ the training step of the main table's network (5 hidden layers, tanh, SGD):
   results discarded) and nothing else.
 
 ``fastmlp-all-calls / plain`` is the lowest step ratio the pure-PyTorch path can reach
-on this CPU with the PyTorch calls it makes today: host-side tuning (fewer Python
+on this CPU with the PyTorch calls it makes: host-side tuning (fewer Python
 lines, no NumPy) can at best remove the difference to ``fastmlp-all``; going lower
 needs fewer or cheaper calls. NumPy work (the buffers' bookkeeping, the small products
 of the weight gradient's factored moments) is not replayed, so the floor is if anything
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fastmlp import torch_path
+from fastmlp.backends import cpu as torch_path
 
 from .command import add_timing_options, entry, positive_int, positive_ints, write_result
 from .machine import machine_info, machine_slug

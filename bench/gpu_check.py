@@ -17,7 +17,7 @@
    and the plain and instrumented steps captured whole in CUDA graphs (launch
    overhead removed);
 4. registers, spills and shared memory of every kernel launched, as the driver loaded
-   them (the GPU's check of ``python -m fastmlp.kernels.compile_check --configs``).
+   them (the GPU's check of ``python -m bench.compile_check --configs``).
 
 Each part is guarded: a failure is recorded and the check goes on; parts that
 would run past the time budget are skipped and say so. Writes
@@ -312,7 +312,7 @@ def _hooked(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> Call
 def kernel_resources() -> list[dict]:
     """Registers, spills and shared memory of every kernel the runs above launched (as the
     driver loaded them): the GPU's view of ``compile_check --configs``."""
-    from fastmlp.kernels import linear_activation as la
+    from fastmlp.backends import fused as la
 
     rows = []
     for key, plan in la._PLANS.items():

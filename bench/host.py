@@ -9,13 +9,16 @@ structure of the paper's (5 hidden tanh layers, 10 classes, float32), side by si
 process:
 
 - ``plain``: ``nn.Linear`` + ``nn.Tanh`` in eager PyTorch;
-- ``fastmlp``: :class:`fastmlp.MLP`, every statistic on (moments, saturation,
-  histograms; calibrated, as after the first step), routed exactly as CUDA tensors are:
-  the ``torch.library`` custom ops, the ``autograd.Function``, fastmlp's launchers,
-  Triton's binder, kernel-cache lookup and ``CudaLauncher.__call__`` all run for real,
-  with the kernels compiled for sm_90 by the real compiler (``ptxas``). Only Triton's C
-  launch function (argument packing and ``cuLaunchKernelEx``) is a no-op
-  (:class:`MockCudaDriver`), and the driver's device and stream queries return constants.
+- ``fastmlp``: :class:`fastmlp.MLP` with ``backend="triton"``, every statistic on
+  (moments, saturation, histograms; calibrated, as after the first step), routed as CUDA
+  tensors are: ``fastmlp.backends.fused.supported`` is patched to its checks of the
+  inputs alone (``takes``), so the op routes the CPU tensors to the fused backend, whose
+  prepared launches (:mod:`fastmlp.backends.launch`) run for real, first launches through
+  Triton's binder, autotuner and kernel cache, with the kernels compiled for sm_90 by the
+  real compiler (``ptxas``). Only Triton's C launch function (argument packing and
+  ``cuLaunchKernelEx``) is a no-op (:class:`MockCudaDriver`), and the driver's device and
+  stream queries return constants. It runs under Triton 3.6 and 3.8 (whose launchers take
+  their arguments differently; see :mod:`fastmlp.backends.launch`).
 
 Both run on CPU tensors whose widths are scaled down (``--width``/``--in-features``, 4 by
 default, the batch as given) so that the arithmetic PyTorch's CPU kernels do, which a GPU
@@ -46,6 +49,8 @@ import gc
 import json
 import statistics
 import time
+import types
+import unittest.mock
 from collections.abc import Callable, Iterator
 
 import torch
@@ -66,9 +71,12 @@ MAX_SHARED = 232448  # H100/H200: 227 KiB of shared memory per block (opt-in)
 class MockCudaDriver:
     """Triton's CUDA driver with the C parts replaced: no device, nothing launched.
 
-    The real ``CudaLauncher`` (Python) is used; its C ``launch`` is :meth:`_launch`, a
-    counter. ``load_binary`` returns the register and spill counts parsed from the
-    kernel's ``ptxas`` info only where available (here: zeros).
+    The real ``CudaLauncher`` (Python) is used; its C ``launch`` is :meth:`_Utils.launch`, a
+    counter. Where Triton builds that launch function per kernel as a C module (Triton 3.6),
+    the build is replaced (see :func:`mock_gpu`); where it takes argument descriptors
+    (``PyKernelArg``, Triton 3.8), plain tuples stand in for the C type. ``load_binary``
+    returns the register and spill counts parsed from the kernel's ``ptxas`` info only
+    where available (here: zeros).
     """
 
     def __init__(self) -> None:
@@ -77,21 +85,28 @@ class MockCudaDriver:
         from triton.backends.nvidia import driver as nvidia
         from triton.backends.nvidia.driver import CudaLauncher
 
-        if nvidia.PyKernelArg is None:  # set when the C utils module loads (it needs libcuda)
+        #: Whether Triton compiles a C launch module per kernel (its ``launch`` then takes
+        #: the kernel's arguments unpacked after 13 fixed ones; else as one tuple, last).
+        self.per_kernel_module = hasattr(nvidia, "make_launcher")
+        if not self.per_kernel_module and getattr(nvidia, "PyKernelArg", 0) is None:
+            # (set when the C utils module loads, which needs libcuda)
             nvidia.PyKernelArg = namedtuple("PyKernelArg", "nested_tuple type")
             nvidia.ARG_KERNEL, nvidia.ARG_CONSTEXPR, nvidia.ARG_TUPLE = 0, 1, 2
 
         self.launches = 0
-        self.record: list | None = None  # (grid, signature, kernel arguments) when a list
+        # Every launch's arguments when a list, the launch metadata (for profilers' hooks,
+        # made where any is set) left out.
+        self.record: list | None = None
         self.launcher_cls = CudaLauncher
         driver = self
+        metadata_at = 10 if self.per_kernel_module else 8
 
         class _Utils:
             @staticmethod
             def launch(*args):  # the C launcher's place: count (and record) only
                 driver.launches += 1
                 if driver.record is not None:
-                    driver.record.append((args[:3], args[14], args[15]))
+                    driver.record.append(args[:metadata_at] + args[metadata_at + 1 :])
 
             @staticmethod
             def load_binary(name, kernel, shared, device):
@@ -148,34 +163,38 @@ _MOCK: MockCudaDriver | None = None
 
 @contextlib.contextmanager
 def mock_gpu() -> Iterator[MockCudaDriver]:
-    """Route CPU tensors to fastmlp's CUDA path with Triton's launch mocked (see the module)."""
-    from fastmlp.kernels import utils as kutils
+    """Route CPU tensors to fastmlp's CUDA path with Triton's launch mocked (see the module):
+    the fused backend takes CPU tensors (what it checks of the inputs is unchanged) for
+    layers built with ``backend="triton"``."""
+    from triton.backends.nvidia import driver as nvidia
     from triton.runtime import autotuner
     from triton.runtime.driver import driver
 
-    from fastmlp import op
+    from fastmlp.backends import fused
 
     global _MOCK
     if _MOCK is None:  # one for the process: compiled kernels keep their launcher's launch
         _MOCK = MockCudaDriver()
     mock = _MOCK
     previous = driver._active
-    driver.set_active(mock)
-    op.MOCK_GPU_DEVICE_TYPES.add("cpu")
-    kutils.GPU_DEVICE_TYPES.add("cpu")
-    op.routes_changed()
-    # Autotuning cannot time anything here: every candidate "takes" the same time, so the
-    # first one is chosen (a first-call cost; the steady state measured is the same).
-    bench = autotuner.Autotuner._bench
-    autotuner.Autotuner._bench = lambda self, *a, config, **k: [1.0, 1.0, 1.0]
-    try:
-        yield mock
-    finally:
-        autotuner.Autotuner._bench = bench
-        kutils.GPU_DEVICE_TYPES.discard("cpu")
-        op.MOCK_GPU_DEVICE_TYPES.discard("cpu")
-        op.routes_changed()
-        driver._active = previous  # (reset_active() would look for a real GPU)
+    with contextlib.ExitStack() as stack:
+        patch = stack.enter_context
+        patch(unittest.mock.patch.object(fused, "supported", fused.takes))
+        # Autotuning cannot time anything here: every candidate "takes" the same time, so
+        # the first one is chosen (a first-call cost; the steady state measured is the same).
+        bench = lambda self, *a, config, **k: [1.0, 1.0, 1.0]  # noqa: E731
+        patch(unittest.mock.patch.object(autotuner.Autotuner, "_bench", bench))
+        if mock.per_kernel_module:
+            # The launcher's C module (which links libcuda): its launch is the mock's.
+            module = types.SimpleNamespace(launch=mock.utils.launch)
+            patch(unittest.mock.patch.object(nvidia, "library_dirs", lambda: []))
+            build = lambda **kw: module  # noqa: E731
+            patch(unittest.mock.patch.object(nvidia, "compile_module_from_src", build))
+        driver.set_active(mock)
+        try:
+            yield mock
+        finally:
+            driver._active = previous  # (reset_active() would look for a real GPU)
 
 
 # ATen operators that launch no kernel on CUDA.
@@ -216,7 +235,9 @@ class _CountKernels(TorchDispatchMode):
 def _networks(batch: int, width: int, depth: int, in_features: int):
     import fastmlp
 
-    ref = fastmlp.MLP(in_features, 10, depth=depth, width=width, activation="tanh", seed=0)
+    ref = fastmlp.MLP(
+        in_features, 10, depth=depth, width=width, activation="tanh", backend="triton", seed=0
+    )
     mods: list[nn.Module] = []
     for i, layer in enumerate(ref.layers):
         mods.append(nn.Linear(layer.in_features, layer.out_features))
@@ -246,18 +267,25 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
 
 
 def _same_launches(first: list, second: list) -> None:
-    """Every launch of two steps got the same grid and arguments: the plans' launches
-    against those of Triton's JIT path (equal scalars and constexprs, per-call tensors of
-    the same shape, dtype and strides)."""
+    """Every launch of two steps got the same arguments, in the C launch function's order:
+    the plans' launches against those of Triton's JIT path (grid, stream, function, launch
+    options, hooks, scalars and constexprs equal, per-call tensors of the same shape, dtype
+    and strides)."""
     assert len(first) == len(second), (len(first), len(second))
-    for (g1, sig1, a1), (g2, sig2, a2) in zip(first, second, strict=True):
-        assert g1 == g2 and sig1 == sig2 and len(a1) == len(a2), (g1, g2, len(a1), len(a2))
-        for u, v in zip(a1, a2, strict=True):
-            if isinstance(u, torch.Tensor):
-                same = (u.shape, u.dtype, u.stride()) == (v.shape, v.dtype, v.stride())
-                assert same, (u.shape, v.shape)
-            else:
-                assert u == v or (u != u and v != v), (u, v)
+    for a1, a2 in zip(first, second, strict=True):
+        _same_arguments(a1, a2)
+
+
+def _same_arguments(u, v) -> None:
+    if isinstance(u, torch.Tensor):
+        same = isinstance(v, torch.Tensor)
+        assert same and (u.shape, u.dtype, u.stride()) == (v.shape, v.dtype, v.stride()), (u, v)
+    elif isinstance(u, (tuple, list)):
+        assert type(u) is type(v) and len(u) == len(v), (u, v)
+        for a, b in zip(u, v, strict=True):
+            _same_arguments(a, b)
+    else:
+        assert u == v or (u != u and v != v), (u, v)
 
 
 def _time(fn: Callable[[], None], steps: int, repeats: int) -> list[float]:

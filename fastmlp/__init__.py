@@ -6,8 +6,10 @@ from fastmlp.instrument import InstrumentReport, instrument, stats_of
 from fastmlp.layers import InstrumentedLinear
 from fastmlp.mlp import MLP
 from fastmlp.model_stats import ModelStats, instrumented_layers
+from fastmlp.op import is_deterministic, set_deterministic
 from fastmlp.probe import probe
 from fastmlp.stats import QUANTITIES, LayerStats, QuantityStats, Snapshot
+from fastmlp.stats.config import StatsConfig
 from fastmlp.stats.diagnosis import Finding, Thresholds, diagnose
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "ModelStats",
     "QuantityStats",
     "Snapshot",
+    "StatsConfig",
     "Thresholds",
     "__version__",
     "diagnose",
@@ -32,6 +35,8 @@ __all__ = [
     "initialize_",
     "instrument",
     "instrumented_layers",
+    "is_deterministic",
     "probe",
+    "set_deterministic",
     "stats_of",
 ]

@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from fastmlp.layers import InstrumentedLinear
 from fastmlp.model_stats import ModelStats
+from fastmlp.stats.config import FIELDS, SWITCHES, StatsConfig
 
 __all__ = ["InstrumentReport", "activation_of", "instrument", "stats_of"]
 
@@ -143,32 +144,26 @@ def _make(lin: nn.Linear, activation: str, index: int, options: dict) -> Instrum
         device="meta",
         dtype=lin.weight.dtype,
         backend=options.get("backend", "auto"),
-        bins=options.get("bins", 64),
-        saturation_thresholds=options.get("saturation_thresholds"),
+        config=options["config"],
         stats_in_state_dict=options.get("stats_in_state_dict", False),
         stats_device=lin.weight.device,
     )
     new.weight = lin.weight  # the same Parameter objects
     new.bias = lin.bias
     new.train(lin.training)
-    stats = new.stats
-    for flag in ("histograms", "saturation", "moments4", "zeros", "per_unit", "exponents"):
-        if flag in options and hasattr(stats, flag):
-            setattr(stats, flag, bool(options[flag]))
     return new
 
 
-_OPTIONS = ("backend", "bins", "saturation_thresholds", "stats_in_state_dict", "histograms")
-_OPTIONS += ("saturation", "moments4", "zeros", "per_unit", "exponents", "fuse", "fx", "warn")
+_OPTIONS = ("backend", "config", "stats_in_state_dict", "fuse", "fx", "warn", *FIELDS)
 
 
 def instrument(model: nn.Module, **options) -> nn.Module:
     """Instrument every ``nn.Linear`` of ``model`` in place (see the module docstring).
 
-    Options: ``backend``, ``bins``, ``saturation_thresholds`` (as for
-    :class:`~fastmlp.InstrumentedLinear`), ``histograms``, ``saturation``, ``zeros``,
-    ``moments4``, ``per_unit``, ``exponents`` (statistics switches, see
-    :class:`~fastmlp.ModelStats`),
+    Options: ``backend`` (as for :class:`~fastmlp.InstrumentedLinear`), ``config`` (what
+    every layer records, a :class:`~fastmlp.stats.config.StatsConfig`) and any of its
+    fields by name, overriding it (``bins``, ``saturation_thresholds``, ``histograms``,
+    ``zeros``, ...),
     ``stats_in_state_dict`` (default ``False``: the statistics buffers stay out of
     ``state_dict``, whose keys are then unchanged; ``True`` saves them, and checkpoints
     of the untouched model then need ``strict=False``), ``fuse`` (default ``True``: fuse
@@ -185,6 +180,13 @@ def instrument(model: nn.Module, **options) -> nn.Module:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unknown instrument() options {unknown}; expected some of {_OPTIONS}")
+    config = options.get("config") or StatsConfig()
+    if not isinstance(config, StatsConfig):
+        raise TypeError(f"config must be a StatsConfig, got {type(config).__name__}")
+    changes = {k: options[k] for k in FIELDS if k in options}
+    options["config"] = config.replace(
+        **{k: bool(v) if k in SWITCHES else v for k, v in changes.items()}
+    )
     fuse, use_fx = options.get("fuse", True), options.get("fx", True)
     report = InstrumentReport()
     if type(model) is nn.Linear:

@@ -11,6 +11,7 @@ from fastmlp.activations import Activation, get_activation
 from fastmlp.init import initialize_
 from fastmlp.op import BACKENDS, _eager, dense
 from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.config import StatsConfig
 
 __all__ = ["BACKENDS", "InstrumentedLinear", "chain_passes", "check_float_tensor"]
 
@@ -44,8 +45,9 @@ class InstrumentedLinear(nn.Module):
         init: ``standard``, ``normalized`` or ``pytorch`` (see :mod:`fastmlp.init`).
         bias: learn an additive bias.
         zero_bias: start biases at zero (default: yes, except for ``init="pytorch"``).
-        bins: histogram bins (even).
-        saturation_thresholds: ``(low, high)`` overriding the activation's default.
+        config: what the layer records (:class:`~fastmlp.stats.config.StatsConfig`; default
+            ``StatsConfig()``).
+        bins, saturation_thresholds: override those fields of ``config``.
         backend: ``auto`` (Triton kernels for CUDA tensors, PyTorch otherwise),
             ``triton`` (always the kernels; on CPU under ``TRITON_INTERPRET=1``)
             or ``torch`` (always the PyTorch path).
@@ -68,8 +70,9 @@ class InstrumentedLinear(nn.Module):
         bias: bool = True,
         *,
         zero_bias: bool | None = None,
-        bins: int = 64,
+        bins: int | None = None,
         saturation_thresholds: tuple[float, float] | None = None,
+        config: StatsConfig | None = None,
         backend: str = "auto",
         generator: torch.Generator | None = None,
         layer_index: int = 1,
@@ -94,10 +97,11 @@ class InstrumentedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         initialize_(self.weight, self.bias, init, zero_bias=zero_bias, generator=generator)
+        overrides = {"bins": bins, "saturation_thresholds": saturation_thresholds}
         self.stats = LayerStats(
             self.activation,
-            bins=bins,
-            saturation_thresholds=saturation_thresholds,
+            config,
+            **{k: v for k, v in overrides.items() if v is not None},
             device=device if stats_device is None else stats_device,
             persistent=stats_in_state_dict,
             units=out_features,
@@ -138,7 +142,7 @@ class InstrumentedLinear(nn.Module):
                 "cast the input or the model, or use torch.autocast"
             )
         stats = self._modules["stats"]
-        args = (x2, weight, bias, stats.buffers_tuple(), self.activation.name, self.backend)
+        args = (x2, weight, bias, stats.buffers_tuple(), self.activation, self.backend)
         if autocast:
             with torch.autocast(device_type, enabled=False):
                 h = dense(*args, stats.settings())
@@ -211,6 +215,6 @@ def chain_passes(
             return None
         stats = d["_modules"]["stats"]
         params += (weight, p.get("bias"))
-        passes.append((stats.buffers_tuple(), d["activation"].name, d["backend"], stats.settings()))
+        passes.append((stats.buffers_tuple(), d["activation"], d["backend"], stats.settings()))
         width = d["out_features"]
     return params, tuple(passes)

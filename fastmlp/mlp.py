@@ -11,6 +11,7 @@ from fastmlp.activations import Activation, get_activation
 from fastmlp.layers import InstrumentedLinear, chain_passes
 from fastmlp.model_stats import ModelStats
 from fastmlp.op import dense_chain
+from fastmlp.stats.config import StatsConfig
 
 __all__ = ["MLP"]
 
@@ -24,6 +25,7 @@ class MLP(nn.Module):
         depth: number of hidden layers (ignored when ``width`` is a list).
         width: hidden width, or a list of hidden widths.
         activation, init, bias, zero_bias, bins, backend: as for :class:`InstrumentedLinear`.
+        config: what every layer records (:class:`~fastmlp.stats.config.StatsConfig`).
         seed: seed for a reproducible initialization.
 
     Layers are numbered from 1; the output layer (identity activation) is
@@ -41,7 +43,8 @@ class MLP(nn.Module):
         *,
         bias: bool = True,
         zero_bias: bool | None = None,
-        bins: int = 64,
+        bins: int | None = None,
+        config: StatsConfig | None = None,
         backend: str = "auto",
         seed: int | None = None,
         device: torch.device | str | None = None,
@@ -72,6 +75,7 @@ class MLP(nn.Module):
                     bias,
                     zero_bias=zero_bias,
                     bins=bins,
+                    config=config,
                     backend=backend,
                     generator=generator,
                     layer_index=i + 1,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from fastmlp.layers import InstrumentedLinear
 from fastmlp.stats import ranks
 from fastmlp.stats.buffers import LayerStats
+from fastmlp.stats.config import SWITCHES, StatsConfig
 from fastmlp.stats.snapshot import Snapshot
 
 __all__ = ["ModelStats", "instrumented_layers"]
@@ -28,9 +31,10 @@ class ModelStats:
     """The statistics of all instrumented layers of a model.
 
     ``snapshot()`` copies everything to the host in one transfer; ``reset()``
-    clears every accumulator; ``enabled``, ``histograms``, ``saturation``, ``zeros``,
-    ``moments4``, ``per_unit`` and ``exponents`` switch recording for every layer
-    (disabled statistics cost nothing).
+    clears every accumulator; :meth:`configure` (or an attribute per switch of
+    :class:`~fastmlp.stats.config.StatsConfig`: ``enabled``, ``histograms``,
+    ``saturation``, ``zeros``, ``moments4``, ``per_unit``, ``exponents``) switches
+    recording for every layer (disabled statistics cost nothing).
 
     Layers are numbered by their ``layer_index``; where two layers share one (layers
     built separately, e.g. an ``nn.Sequential`` of ``InstrumentedLinear`` left at the
@@ -76,73 +80,44 @@ class ModelStats:
         for _, s in self.layer_stats():
             s.reset()
 
-    def _get(self, name: str) -> bool:
-        return all(getattr(s, name) for _, s in self.layer_stats())
-
-    def _set(self, name: str, value: bool) -> None:
-        for _, s in self.layer_stats():
-            setattr(s, name, bool(value))
-
     @property
-    def enabled(self) -> bool:
-        """Record statistics at all (``False``: the layers run uninstrumented)."""
-        return self._get("enabled")
+    def config(self) -> StatsConfig:
+        """The layers' :class:`~fastmlp.stats.config.StatsConfig` where all share one (up to
+        their own saturation thresholds, which are per activation: ``None`` there when they
+        differ); ``ValueError`` where the layers record different things."""
+        configs = [s.config for _, s in self.layer_stats()]
+        thresholds = {c.saturation_thresholds for c in configs}
+        shared = {c.replace(saturation_thresholds=None) for c in configs}
+        if len(shared) != 1:
+            raise ValueError(
+                "the layers record different statistics; read each layer's "
+                "layer_stats()[i][1].config"
+            )
+        config = shared.pop()
+        if len(thresholds) == 1:
+            config = config.replace(saturation_thresholds=thresholds.pop())
+        return config
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._set("enabled", value)
+    def configure(self, **changes: Any) -> None:
+        """Change what every layer records: fields of
+        :class:`~fastmlp.stats.config.StatsConfig` by name (checked for every layer before
+        any is changed)."""
+        StatsConfig().replace(**changes)  # unknown names or bad values raise here
+        layers = [s for _, s in self.layer_stats()]
+        for s in layers:
+            s._resolved(s.config.replace(**changes))
+        for s in layers:
+            s.configure(**changes)
 
-    @property
-    def histograms(self) -> bool:
-        """Record histograms."""
-        return self._get("histograms")
+    # Every switch of StatsConfig reads (true when on in every layer) and sets (in every
+    # layer) as an attribute: ``model.stats.histograms = False``.
+    def __getattr__(self, name: str) -> bool:
+        if name in SWITCHES:
+            return all(getattr(s.config, name) for _, s in self.layer_stats())
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @histograms.setter
-    def histograms(self, value: bool) -> None:
-        self._set("histograms", value)
-
-    @property
-    def saturation(self) -> bool:
-        """Record saturation counts."""
-        return self._get("saturation")
-
-    @saturation.setter
-    def saturation(self, value: bool) -> None:
-        self._set("saturation", value)
-
-    @property
-    def zeros(self) -> bool:
-        """Count values exactly 0 (``zero_fraction`` in the rows; off by default)."""
-        return self._get("zeros")
-
-    @zeros.setter
-    def zeros(self, value: bool) -> None:
-        self._set("zeros", value)
-
-    @property
-    def moments4(self) -> bool:
-        """Record third and fourth moments (``skewness``, ``kurtosis``; off by default)."""
-        return self._get("moments4")
-
-    @moments4.setter
-    def moments4(self, value: bool) -> None:
-        self._set("moments4", value)
-
-    @property
-    def per_unit(self) -> bool:
-        """Record per-unit counts of activations (``dead_fraction``, ``unit_active``,
-        ``unit_saturated``; off by default)."""
-        return self._get("per_unit")
-
-    @per_unit.setter
-    def per_unit(self, value: bool) -> None:
-        self._set("per_unit", value)
-
-    @property
-    def exponents(self) -> bool:
-        """Record exponent histograms (``formats``, ``exponent_counts``; off by default)."""
-        return self._get("exponents")
-
-    @exponents.setter
-    def exponents(self, value: bool) -> None:
-        self._set("exponents", value)
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SWITCHES:
+            self.configure(**{name: bool(value)})
+        else:
+            super().__setattr__(name, value)

@@ -1,22 +1,29 @@
-"""Fused Triton kernels and their launchers (installed as ``fastmlp.kernels``).
+"""The fused Triton kernels (installed as ``fastmlp.kernels``): ``@triton.jit`` code only.
 
-:func:`forward` and :func:`backward` compute dense + bias + activation and record the
-layer statistics into the buffers of :mod:`fastmlp.stats.layout` inside the kernels;
-:func:`supported` says which inputs they take. The op (:mod:`fastmlp.op`) decides when
-they run. :func:`set_deterministic` switches to bitwise-reproducible statistics.
+- :mod:`.forward`: :func:`fwd_kernel`, ``h = f(x W^T + b)`` with the forward statistics;
+- :mod:`.backward`: :func:`bwd_dx_kernel` (``dX``) and :func:`bwd_dw_kernel` (``dW``,
+  ``db``) with the gradient statistics;
+- :mod:`.tiles`: a tile's statistics and their commits to the buffers, the finalize stage;
+- :mod:`.activations`: the activations' ids, ``f`` and ``f'``.
+
+They know the statistics buffers (:mod:`fastmlp.stats.layout`) and nothing else of
+fastmlp. How they are launched (tile configurations, autotuning, prepared launches, work
+buffers, deterministic mode) is :mod:`fastmlp.backends.fused`.
 """
 
-from .linear_activation import MAX_BINS, backward, forward, supported
-from .utils import ACT_IDS, GPU_DEVICE_TYPES, INTERPRET, is_deterministic, set_deterministic
+from .activations import ACT_IDS, FROM_INPUT, activation_backward, apply_activation
+from .backward import bwd_dw_kernel, bwd_dx_kernel
+from .forward import fwd_kernel
+from .tiles import MAX_BINS, NPART
 
 __all__ = [
     "ACT_IDS",
-    "GPU_DEVICE_TYPES",
-    "INTERPRET",
+    "FROM_INPUT",
     "MAX_BINS",
-    "backward",
-    "forward",
-    "is_deterministic",
-    "set_deterministic",
-    "supported",
+    "NPART",
+    "activation_backward",
+    "apply_activation",
+    "bwd_dw_kernel",
+    "bwd_dx_kernel",
+    "fwd_kernel",
 ]

@@ -16,16 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # Installed name -> source folder (pyproject.toml's package-dir mapping).
 PACKAGES = {"fastmlp": ROOT / "fastmlp", "fastmlp.kernels": ROOT / "kernels"}
 
+
 # Lowest first. A module may import modules of its own layer's lower layers only (a module
 # of the same layer only where listed in SAME_LAYER). Package __init__ modules re-export
 # and are not part of the layers.
+def _kernel_modules() -> list[str]:
+    folder = ROOT / "kernels"
+    return sorted(f"fastmlp.kernels.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__")
+
+
+KERNELS = _kernel_modules()
 LAYERS = [
     ["fastmlp.activations", "fastmlp.init"],
-    ["fastmlp.stats.layout"],
+    ["fastmlp.stats.layout", "fastmlp.stats.config"],
     ["fastmlp.stats.buffers", "fastmlp.stats.algebra", "fastmlp.stats.diagnosis"],
     ["fastmlp.stats.snapshot"],
     ["fastmlp.stats.ranks"],
-    ["fastmlp.torch_path", "fastmlp.kernels.utils", "fastmlp.kernels.linear_activation"],
+    KERNELS,  # the @triton.jit code: it imports nothing of fastmlp but the buffer layout
+    ["fastmlp.backends.reference"],
+    ["fastmlp.backends.cpu", "fastmlp.backends.launch"],
+    ["fastmlp.backends.fused"],
     ["fastmlp.op"],
     ["fastmlp.layers"],
     ["fastmlp.model_stats"],
@@ -40,10 +50,10 @@ LAYERS = [
 ]
 # Above the layers: the run directory, the trainer, the reports and the CLI. They use the
 # public API; among themselves only the cycle check applies.
-SAME_LAYER = {("fastmlp.kernels.linear_activation", "fastmlp.kernels.utils")}
-# Imports of a package's public interface (its __init__) allowed inside the layers: the op
-# imports the kernels package only where Triton can be imported.
-PACKAGE_IMPORTS = {("fastmlp.op", "fastmlp.kernels")}
+SAME_LAYER = {(a, b) for a in KERNELS for b in KERNELS}
+# Imports of a package's public interface (its __init__) allowed inside the layers: the
+# Triton backend imports the kernels package.
+PACKAGE_IMPORTS = {("fastmlp.backends.fused", "fastmlp.kernels")}
 # The only parts of fastmlp the kernels may import.
 KERNELS_MAY_IMPORT = {"fastmlp.stats.layout"}
 
@@ -106,7 +116,7 @@ GRAPH = {name: _imports(name) for name in MODULES}
 
 
 def test_module_map_is_complete():
-    assert "fastmlp.op" in MODULES and "fastmlp.kernels.linear_activation" in MODULES
+    assert "fastmlp.op" in MODULES and KERNELS
     listed = {m for layer in LAYERS for m in layer}
     assert listed <= set(MODULES), listed - set(MODULES)
 
@@ -163,4 +173,16 @@ def test_the_checker_sees_function_level_imports_and_cycles(tmp_path):
     tree = ast.parse(src)
     assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
     assert "fastmlp.layers" in GRAPH["fastmlp.model_stats"]
-    assert "fastmlp.stats.layout" in GRAPH["fastmlp.kernels.utils"]
+    assert any("fastmlp.stats.layout" in GRAPH[k] for k in KERNELS)
+
+
+def test_each_backend_has_one_home():
+    """The reference imports neither fast path nor the kernels; the launch module is
+    private to the Triton backend; only the op picks a backend."""
+    backends = {m for m in MODULES if m.startswith("fastmlp.backends.")}
+    assert not {d for d in GRAPH["fastmlp.backends.reference"] if d in backends or "kernels" in d}
+    for m, deps in GRAPH.items():
+        if "fastmlp.backends.launch" in deps:
+            assert m == "fastmlp.backends.fused", m
+        if m not in backends and m != "fastmlp.op" and not m.startswith("fastmlp.kernels"):
+            assert not deps & backends, (m, deps & backends)

@@ -321,8 +321,8 @@ def test_floor_replays_the_pytorch_calls_a_record_makes_on_its_new_tensors():
     import torch
     from fastmlp.bench.floor import CallTape
 
-    from fastmlp import torch_path
     from fastmlp.activations import get_activation
+    from fastmlp.backends import cpu as torch_path
     from fastmlp.stats import LayerStats
     from fastmlp.stats.layout import ACTIVATION
 
@@ -351,8 +351,8 @@ def test_floor_captures_a_record_again_when_its_replay_fails():
     import torch
     from fastmlp.bench.floor import CallTape
 
-    from fastmlp import torch_path
     from fastmlp.activations import get_activation
+    from fastmlp.backends import cpu as torch_path
     from fastmlp.stats import LayerStats
     from fastmlp.stats.layout import ACTIVATION
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import update
 
-from fastmlp import InstrumentedLinear, ModelStats, torch_path
+from fastmlp import InstrumentedLinear, ModelStats
+from fastmlp.backends import cpu
 from fastmlp.stats import QUANTITIES, WEIGHT_GRAD, Snapshot
 
 ACTS = ("sigmoid", "tanh", "softsign", "relu", "identity")
@@ -30,13 +32,13 @@ def _check(qs, values: list[np.ndarray]) -> None:
 def recorded(monkeypatch):
     """Every tensor the PyTorch path records, by quantity, as it was recorded."""
     seen: dict[str, list[np.ndarray]] = {q: [] for q in QUANTITIES}
-    original = torch_path.record
+    original = cpu.record
 
-    def spy(bufs, settings, q, x, total=None, factors=None):
+    def spy(bufs, settings, q, x, total=None, factors=None, *, fixed=False):
         seen[QUANTITIES[q]].append(x.detach().clone().numpy())
-        original(bufs, settings, q, x, total, factors)
+        original(bufs, settings, q, x, total, factors, fixed=fixed)
 
-    monkeypatch.setattr(torch_path, "record", spy)
+    monkeypatch.setattr(cpu, "record", spy)
     return seen
 
 
@@ -74,6 +76,6 @@ def test_long_tensor_of_equal_magnitudes_keeps_its_variance():
         for _ in range(2)
     ]
     for x in batches:
-        torch_path.update(stats, WEIGHT_GRAD, x)
+        update(stats, WEIGHT_GRAD, x)
     qs = Snapshot.from_layers([(1, stats)])[1]["weight_grad"]
     _check(qs, [b.numpy() for b in batches])

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import update
 from torch.nn import functional as F
 
 from fastmlp.activations import get_activation
@@ -42,7 +43,6 @@ from fastmlp.stats import (
     LayerStats,
 )
 from fastmlp.stats.algebra import grow_range_
-from fastmlp.torch_path import update
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

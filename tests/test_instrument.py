@@ -191,8 +191,8 @@ def seq_next_or_block(ref: nn.Module, name: str, seq_next: dict):
 def test_instrument_on_the_triton_path_under_the_interpreter():
     """The same Sequential with backend="triton": kernels (after calibration) on CPU
     under TRITON_INTERPRET=1 give the untouched model's outputs and gradients."""
-    kernels = pytest.importorskip("fastmlp.kernels")
-    if not kernels.INTERPRET and not torch.cuda.is_available():
+    fused = pytest.importorskip("fastmlp.backends.fused")
+    if not fused.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     plain, model = _sequential(), _sequential()
     instrument(model, backend="triton")

@@ -10,13 +10,12 @@ scaled up so that automatic histogram ranges must grow on the device.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import fastmlp.kernels as K
 import numpy as np
 import pytest
 import torch
@@ -29,12 +28,13 @@ from _reference import (
     stream_stats,
 )
 
+from fastmlp.backends import fused as K
 from fastmlp.layers import InstrumentedLinear
 from fastmlp.stats import QUANTITIES
 from fastmlp.stats.snapshot import Snapshot
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-kernel_module = importlib.import_module("fastmlp.kernels.linear_activation")
+REPO = Path(__file__).resolve().parent.parent
 ACTS = ("sigmoid", "tanh", "softsign", "relu", "identity", "gelu", "gelu_tanh", "silu")
 
 pytestmark = pytest.mark.skipif(
@@ -341,7 +341,7 @@ def test_histograms_and_saturation_off():
 
 
 def test_more_bins_than_the_kernels_take_run_on_the_torch_path(kernel_calls):
-    """A layer with more bins than ``fastmlp.kernels.MAX_BINS`` still trains under
+    """A layer with more bins than ``fastmlp.backends.fused.MAX_BINS`` still trains under
     backend="triton": its passes run on the PyTorch path, with the same statistics."""
     bins = K.MAX_BINS * 2
     g = torch.Generator().manual_seed(3)
@@ -403,7 +403,8 @@ def test_kernels_compile_for_sm90():
     """The interpreter is lenient: lower a few variants through the real NVIDIA backend."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmlp.kernels.compile_check", "--smoke"],
+        [sys.executable, "-m", "bench.compile_check", "--smoke"],
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
@@ -485,23 +486,23 @@ def test_autotuned_choice_is_cached(monkeypatch):
         def __getitem__(self, grid_fn):
             return lambda *args, **kw: self.launches.append((grid_fn(self.best_config.kwargs), kw))
 
-    monkeypatch.setattr(kernel_module, "INTERPRET", False)
-    monkeypatch.setattr(kernel_module, "_BEST", {})
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "_BEST", {})
     kernel, tuner = FakeKernel(), FakeTuner()
 
     def grid(cfg):
         return (cfg["BLOCK_M"] * 1000 + cfg["BLOCK_N"],)
 
     for _ in range(3):
-        kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, False, (64, 50, 70))
+        K._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, False, (64, 50, 70))
     assert len(tuner.launches) == 1 and tuner.launches[0][0] == (32064,)
     assert len(kernel.launches) == 2
     g, args, kw = kernel.launches[-1]
     assert g == (32064,) and args == (1, 2)
     assert kw == {"ACT": 2, "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 2, "num_stages": 5}
     # another variant or shape is tuned separately
-    kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 1}, False, (64, 50, 70))
+    K._launch(kernel, tuner, grid, (1, 2), {"ACT": 1}, False, (64, 50, 70))
     assert len(tuner.launches) == 2
     # deterministic mode: the fixed configuration, never the tuner
-    kernel_module._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, True, (64, 50, 70))
+    K._launch(kernel, tuner, grid, (1, 2), {"ACT": 2}, True, (64, 50, 70))
     assert len(tuner.launches) == 2 and kernel.launches[-1][2]["BLOCK_M"] == 64

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 
-import fastmlp.kernels as K
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
+from fastmlp.backends import fused as K
 from fastmlp.mlp import MLP
 from fastmlp.stats import QUANTITIES
 

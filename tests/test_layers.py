@@ -58,7 +58,7 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     """oneDNN's fused matmul (with the activation fused into it when no statistics need the
     pre-activation), forced here whatever the per-shape measurement would choose, still
     equals nn.Linear + activation, and equals the MKL path with oneDNN switched off."""
-    from fastmlp import torch_path
+    from fastmlp.backends import cpu as torch_path
 
     used = []
     usable = torch_path._onednn_usable
@@ -102,7 +102,7 @@ def test_onednn_or_addmm_is_chosen_by_measurement_once_per_shape(slow, monkeypat
     once and cached; both give the same result."""
     import time
 
-    from fastmlp import torch_path
+    from fastmlp.backends import cpu as torch_path
 
     if not torch_path._onednn_usable(torch.ones(2, 2), torch.ones(2, 2)):
         pytest.skip("oneDNN's fused linear is not available in this PyTorch build")
@@ -406,9 +406,9 @@ def test_mlp_runs_as_one_node_with_the_per_layer_values_gradients_and_statistics
         outs = [m(xi) for m, xi in zip((chained, layered), xs, strict=True)]
         if step == 0:
             nodes = _graph_nodes(outs[0])
-            assert nodes.count("_EagerChainFunctionBackward") == 1
-            assert not any(n.startswith("_EagerDenseFunction") for n in nodes)
-            assert _graph_nodes(outs[1]).count("_EagerDenseFunctionBackward") == 4
+            assert nodes.count("ChainFunctionBackward") == 1
+            assert not any(n.startswith("DenseFunction") for n in nodes)
+            assert _graph_nodes(outs[1]).count("DenseFunctionBackward") == 4
         assert torch.equal(outs[0], outs[1])
         for out, opt in zip(outs, opts, strict=True):
             opt.zero_grad()
@@ -451,7 +451,7 @@ def test_mlp_runs_layer_by_layer_where_a_layer_needs_its_own_call(monkeypatch):
     x = torch.randn(3, 12)
 
     def per_layer_nodes(model: MLP) -> int:
-        return _graph_nodes(model(x)).count("_EagerDenseFunctionBackward")
+        return _graph_nodes(model(x)).count("DenseFunctionBackward")
 
     model = MLP(12, 4, depth=2, width=6)
     assert per_layer_nodes(model) == 0
@@ -490,14 +490,14 @@ def test_mlp_chain_under_no_grad_records_the_forward():
 def test_mlp_chain_through_the_kernels_under_the_interpreter(monkeypatch):
     """backend="triton" on CPU (TRITON_INTERPRET=1): the chain's passes take the kernels
     after calibration and give what separate layers give."""
-    from fastmlp import kernels
+    from fastmlp.backends import fused
 
-    if not kernels.INTERPRET:
+    if not fused.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without CUDA)")
     calls = []
     for name in ("forward", "backward"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a))
     chained, layered, _ = _twins("tanh", True, backend="triton")
     g = torch.Generator().manual_seed(4)
     for _ in range(3):
@@ -516,7 +516,7 @@ def test_mlp_chain_through_the_kernels_under_the_interpreter(monkeypatch):
 def test_mlp_chain_on_cuda_equals_separate_layers():
     """On CUDA (the kernels, deterministic statistics): the one-node network and the same
     network layer by layer give the same gradients and statistics."""
-    import fastmlp.kernels as K
+    from fastmlp.backends import fused as K
 
     K.set_deterministic(True)
     try:

@@ -18,7 +18,7 @@ from fastmlp.stats.snapshot import Snapshot
 def _backends():
     out = ["torch"]
     try:
-        import fastmlp.kernels as K
+        from fastmlp.backends import fused as K
 
         if K.INTERPRET or torch.cuda.is_available():
             out.append("triton")
@@ -140,7 +140,7 @@ def test_skewness_kurtosis_near_saturation_match_float64(backend, deterministic)
     if deterministic and backend != "triton":
         pytest.skip("deterministic mode is a kernel mode")
     if deterministic:
-        import fastmlp.kernels as K
+        from fastmlp.backends import fused as K
 
         K.set_deterministic(True)
     try:
@@ -385,8 +385,9 @@ def test_exponent_counts_of_large_tensors_match_frexp(dtype, n):
     """The CPU path's exponent histogram (read from the exponent bits, packed counting)
     equals frexp's on large tensors: many binades or a single one, zeros, subnormals,
     infinities and NaN (not counted), float64 exponents beyond the histogram (clamped)."""
+    from _helpers import update
+
     from fastmlp.stats import PREACTIVATION
-    from fastmlp.torch_path import update
 
     rng = np.random.default_rng(n)
     for spread in (0.0, 2.0, 40.0):  # one binade (of a power of two) to many

@@ -130,9 +130,9 @@ def test_compile_fullgraph_model_with_instrumented_layers_and_switches():
 
 
 def test_compile_triton_backend_under_interpreter():
-    from fastmlp import kernels
+    from fastmlp.backends import fused
 
-    if not kernels.INTERPRET:
+    if not fused.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without CUDA)")
     eager = MLP(21, 3, depth=1, width=37, activation="sigmoid", backend="triton", seed=2)
     mine = copy.deepcopy(eager)
@@ -338,52 +338,49 @@ def test_eager_gradients_match_plain_pytorch(activation: str, backend: str):
 def _kernels_or_skip():
     from fastmlp import op
 
-    kernels = op._kernels()
-    if kernels is None or not kernels.INTERPRET:
+    fused = op._fused()
+    if fused is None or not fused.INTERPRET:
         pytest.skip("needs the kernels under TRITON_INTERPRET=1")
-    return kernels
+    return fused
 
 
-def test_route_keeps_its_verdict_but_reads_the_calibration_flags_every_pass():
+def test_route_reads_the_calibration_flags_every_pass():
     from fastmlp import op
     from fastmlp.stats.layout import ACTIVATION, PREACTIVATION
 
     _kernels_or_skip()
     layer = InstrumentedLinear(7, 5, "tanh", backend="triton")
-    bufs, x = layer.stats.buffers_tuple(), torch.randn(6, 7)
-    args = ("triton", x, layer.weight, "tanh", bufs, (PREACTIVATION, ACTIVATION))
-    key = op._PassCache()  # (the kind of these passes)
-    assert op.route(*args, True, key) == "torch"  # not calibrated: the PyTorch path
-    layer.stats.calibrated = [True, True, False, False]
-    assert op.route(*args, True, key) == "triton"
-    layer.stats.calibrated = [True, False, False, False]
-    assert op.route(*args, True, key) == "torch"
-    assert op.route(*args, False, key) == "triton"  # statistics off: nothing to calibrate
-    layer.stats.reset()
-    assert op.route(*args, True, key) == "torch"
+    stats, x = layer.stats, torch.randn(6, 7)
+    args = ("triton", x, layer.weight, layer.activation, stats.buffers_tuple())
+    quantities = (PREACTIVATION, ACTIVATION)
+    on, off = stats.settings(), stats.settings().replace(enabled=False)
+    assert op.route(*args, on, quantities) == "cpu"  # not calibrated: the CPU backend
+    stats.calibrated = [True, True, False, False]
+    assert op.route(*args, on, quantities) == "triton"
+    stats.calibrated = [True, False, False, False]
+    assert op.route(*args, on, quantities) == "cpu"
+    assert op.route(*args, off, quantities) == "triton"  # statistics off: nothing to calibrate
+    stats.reset()
+    assert op.route(*args, on, quantities) == "cpu"
 
 
-def test_routes_changed_forgets_the_kept_verdicts():
-    """The device types routed like CUDA are read when a verdict is made: after changing
-    them (as bench.host does), routes_changed() makes route read them again."""
+def test_route_is_a_function_of_its_inputs(monkeypatch):
+    """Nothing is kept between calls: what the kernels take is asked every pass (so a
+    benchmark can patch it from outside), and ``auto`` sends only CUDA tensors to them."""
     from fastmlp import op
     from fastmlp.stats.layout import ACTIVATION, PREACTIVATION
 
-    _kernels_or_skip()
-    layer = InstrumentedLinear(7, 5, "tanh", backend="auto")
+    fused = _kernels_or_skip()
+    layer = InstrumentedLinear(7, 5, "tanh")
     layer.stats.calibrated = [True] * 4
-    args = ("auto", torch.randn(6, 7), layer.weight, "tanh", layer.stats.buffers_tuple())
-    args += ((PREACTIVATION, ACTIVATION), True, op._PassCache())
-    assert op.route(*args) == "torch"  # CPU tensors, backend auto
-    op.MOCK_GPU_DEVICE_TYPES.add("cpu")
-    try:
-        assert op.route(*args) == "torch"  # the kept verdict
-        op.routes_changed()
-        assert op.route(*args) == "triton"
-    finally:
-        op.MOCK_GPU_DEVICE_TYPES.discard("cpu")
-        op.routes_changed()
-    assert op.route(*args) == "torch"
+    bufs, settings = layer.stats.buffers_tuple(), layer.stats.settings()
+    rest = (torch.randn(6, 7), layer.weight, layer.activation, bufs, settings)
+    rest += ((PREACTIVATION, ACTIVATION),)
+    assert op.route("auto", *rest) == "cpu"  # CPU tensors, backend auto
+    assert op.route("triton", *rest) == "triton"
+    monkeypatch.setattr(fused, "supported", lambda *args: False)
+    assert op.route("triton", *rest) == "cpu"
+    assert op.route("torch", *rest) == "cpu"
 
 
 def test_layer_settings_follow_every_switch():
@@ -399,7 +396,7 @@ def test_layer_settings_follow_every_switch():
         ("moments4", True, lambda s: s.moments4),
         ("per_unit", True, lambda s: s.per_unit),
         ("exponents", True, lambda s: s.exponents),
-        ("thresholds", (-0.5, 0.25), lambda s: (s.sat_low, s.sat_high) == (-0.5, 0.25)),
+        ("thresholds", (-0.5, 0.25), lambda s: s.saturation_thresholds == (-0.5, 0.25)),
     ]
     for name, value, holds in switches:
         before = stats.settings()

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import update
 from _reference import (
     ACTS,
     FIXED_RANGE,
@@ -22,7 +23,6 @@ from _reference import (
 
 from fastmlp import MLP, InstrumentedLinear, LayerStats, ModelStats, Snapshot, get_activation
 from fastmlp.stats import ACTIVATION, SAT_HIGH, SAT_LOW
-from fastmlp.torch_path import update
 
 
 def _layer(n_in, n_out, act, *, seed=0, bins=64, bias=True, dtype=None):
@@ -605,7 +605,7 @@ def test_slot_counts_exact_for_crowded_spans_remainders_and_clamping(seed):
     slots between the extremes) equals floor binning in the data's own precision: spans of
     1 to 65 slots, lengths leaving every remainder, values on the edges, values far
     outside the range (clamped), float32 and float64."""
-    from fastmlp.torch_path import _slot_counts
+    from fastmlp.backends.cpu import _slot_counts
 
     rng = np.random.default_rng(seed)
     for trial in range(40):

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastmlp.activations import Activation
+from fastmlp.stats.config import FIELDS, GROUPS, MAX_BINS, SWITCHES, StatsConfig
 from fastmlp.stats.layout import (
     ACTIVATION,
     CALIBRATED,
     CENTER,
-    GROUPS,
     NEXP,
     NFIELDS,
     NQ,
     NUNIT_ROWS,
     Buffers,
-    Settings,
     empty_acc,
 )
 
-__all__ = ["MAX_BINS", "LayerStats"]
-
-#: Most histogram bins a layer takes (the PyTorch path counts any number exactly; the
-#: kernels take up to ``fastmlp.kernels.MAX_BINS`` and leave larger ones to it).
-MAX_BINS = 2**16
+__all__ = ["MAX_BINS", "LayerStats", "calibration_flags"]
 
 
 class LayerStats(nn.Module):
@@ -36,22 +32,18 @@ class LayerStats(nn.Module):
     (calibration flags, centring hints) stays on the host. The layer's op updates them in
     its forward and backward; :meth:`snapshot` reads them.
 
+    What is recorded is :attr:`config` (a :class:`~fastmlp.stats.config.StatsConfig`);
+    each of its fields also reads and sets as an attribute (``stats.zeros = True`` is
+    ``stats.configure(zeros=True)``).
+
     Args:
         activation: the layer's activation; bounded activations are histogrammed
             on their fixed output range, and saturating ones get saturation counts.
-        bins: number of histogram bins (even, 2 to :data:`MAX_BINS`).
-        saturation_thresholds: ``(low, high)`` overriding the activation's default.
-        histograms: record histograms.
-        saturation: record saturation counts.
-        zeros: count values exactly 0 (off by default: an extra comparison per element).
-        moments4: record third and fourth moment sums, for skewness and kurtosis (off by
-            default). A group switched on or off while a window is being accumulated
-            reads as not recorded (``None``) until the next :meth:`reset`.
-        units: number of output units (features) of the layer, for the per-unit counts.
-        per_unit: record per-unit counts of the activation (dead units, per-unit
-            saturated fractions; off by default, needs ``units``).
-        exponents: record exponent histograms (fractions outside bf16/fp16/fp8 ranges;
-            off by default).
+        config: what to record (default: ``StatsConfig()``); ``**options``, any of its
+            fields by name, override it. ``saturation_thresholds=None`` takes the
+            activation's own, and :attr:`config` then holds those.
+        units: number of output units (features) of the layer, for the per-unit counts
+            (``per_unit`` needs it).
         persistent: save the buffers (and calibration flags) in ``state_dict``; with
             ``False`` they are left out of it entirely (no keys) and loading ignores them.
     """
@@ -59,107 +51,86 @@ class LayerStats(nn.Module):
     def __init__(
         self,
         activation: Activation,
+        config: StatsConfig | None = None,
         *,
-        bins: int = 64,
-        saturation_thresholds: tuple[float, float] | None = None,
-        histograms: bool = True,
-        saturation: bool = True,
-        zeros: bool = False,
-        moments4: bool = False,
         units: int = 0,
-        per_unit: bool = False,
-        exponents: bool = False,
         device: torch.device | str | None = None,
         persistent: bool = True,
+        **options: Any,
     ) -> None:
         super().__init__()
-        if (
-            not isinstance(bins, int)
-            or isinstance(bins, bool)
-            or not 2 <= bins <= MAX_BINS
-            or bins % 2
-        ):
-            raise ValueError(f"bins must be an even integer in [2, {MAX_BINS}], got {bins!r}")
-        thresholds = saturation_thresholds or activation.saturation
-        if thresholds is not None:
-            lo, hi = (float(t) for t in thresholds)
-            if not lo < hi:
-                raise ValueError(f"saturation thresholds must satisfy low < high, got {thresholds}")
-            thresholds = (lo, hi)
+        config = (config or StatsConfig()).replace(**options)
         self.activation = activation
-        self.bins = bins
-        self.thresholds: tuple[float, float] | None = thresholds
-        self.enabled = True
-        self.histograms = histograms
-        self.saturation = saturation
+        self.units = int(units)
         self.persistent = persistent
-        # opt-in groups; those switched during a window are incomplete until reset
-        self._groups = {g: False for g in GROUPS}
+        # groups switched during a window are incomplete until reset
         self._partial: set[str] = set()
+        self.__dict__["config"] = self._resolved(config)
+        bins = config.bins
         self.register_buffer("acc", empty_acc(device))
         self.register_buffer("shift", torch.zeros(NQ, dtype=torch.float64, device=device))
         self.register_buffer("hist", torch.zeros(NQ, bins + 2, dtype=torch.int64, device=device))
         self.register_buffer("hist_range", torch.zeros(NQ, 2, dtype=torch.float64, device=device))
         # Host-side: calibrated flags and centring hints (saved through get_extra_state).
         self.register_buffer("state", torch.zeros(2, NQ, dtype=torch.float64), persistent=False)
-        self.units = int(units)
         self.register_buffer(
             "unit_counts", torch.zeros(NUNIT_ROWS, self.units, dtype=torch.float64, device=device)
         )
         self.register_buffer("exp_hist", torch.zeros(NQ, NEXP, dtype=torch.int64, device=device))
         self._set_fixed_ranges()
-        self.zeros = zeros
-        self.moments4 = moments4
-        self.per_unit = per_unit
-        self.exponents = exponents
 
-    def _switch(self, group: str, value: bool) -> None:
-        value = bool(value)
-        if value != self._groups[group] and bool(self.state[CALIBRATED].any()):
-            self._partial.add(group)  # the window so far lacks (or has) this group
-        self._groups[group] = value
-
-    @property
-    def zeros(self) -> bool:
-        """Count values exactly 0."""
-        return self._groups["zeros"]
-
-    @zeros.setter
-    def zeros(self, value: bool) -> None:
-        self._switch("zeros", value)
-
-    @property
-    def moments4(self) -> bool:
-        """Record third and fourth moment sums (skewness, kurtosis)."""
-        return self._groups["moments4"]
-
-    @moments4.setter
-    def moments4(self, value: bool) -> None:
-        self._switch("moments4", value)
-
-    @property
-    def per_unit(self) -> bool:
-        """Record per-unit counts of the activation (dead units, per-unit saturation)."""
-        return self._groups["per_unit"]
-
-    @per_unit.setter
-    def per_unit(self, value: bool) -> None:
-        if value and not self.units:
+    def _resolved(self, config: StatsConfig) -> StatsConfig:
+        """``config`` checked against this layer, its thresholds the activation's own where
+        it names none."""
+        if config.per_unit and not self.units:
             raise ValueError("per-unit statistics need the layer's number of units")
-        self._switch("per_unit", value)
+        if config.saturation_thresholds is None and self.activation.saturation is not None:
+            config = config.replace(saturation_thresholds=self.activation.saturation)
+        return config
+
+    def configure(self, **changes: Any) -> None:
+        """Change what is recorded: any fields of :class:`StatsConfig` by name (``bins`` is
+        fixed when the layer is built)."""
+        old = self.config
+        new = self._resolved(old.replace(**changes))
+        if new.bins != old.bins:
+            raise ValueError(
+                f"bins is fixed when a layer is built ({old.bins}); build it with bins={new.bins}"
+            )
+        if bool(self.state[CALIBRATED].any()):
+            # the window so far lacks (or has) these groups
+            self._partial.update(g for g in GROUPS if getattr(new, g) != getattr(old, g))
+        self.__dict__["config"] = new
+        self.__dict__["_settings"] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FIELDS:
+            return getattr(self.__dict__["config"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in FIELDS:
+            self.configure(**{name: bool(value) if name in SWITCHES else value})
+        elif name == "config":
+            if not isinstance(value, StatsConfig):
+                raise TypeError(f"config must be a StatsConfig, got {type(value).__name__}")
+            self.configure(**{f: getattr(value, f) for f in FIELDS})
+        else:
+            super().__setattr__(name, value)
 
     @property
-    def exponents(self) -> bool:
-        """Record exponent histograms (low-precision range)."""
-        return self._groups["exponents"]
+    def thresholds(self) -> tuple[float, float] | None:
+        """The saturation thresholds ``(low, high)`` in force, or ``None`` (set: as
+        ``saturation_thresholds``)."""
+        return self.config.saturation_thresholds
 
-    @exponents.setter
-    def exponents(self, value: bool) -> None:
-        self._switch("exponents", value)
+    @thresholds.setter
+    def thresholds(self, value: tuple[float, float] | None) -> None:
+        self.configure(saturation_thresholds=value)
 
     def recorded(self, group: str) -> bool:
         """Whether ``group`` (one of ``GROUPS``) was on for the whole window since reset."""
-        return self._groups[group] and group not in self._partial
+        return getattr(self.config, group) and group not in self._partial
 
     def _set_fixed_ranges(self) -> None:
         if self.activation.bounded:
@@ -203,35 +174,22 @@ class LayerStats(nn.Module):
             ),
         )
 
-    def settings(self) -> Settings:
-        """What a pass records now (switches and thresholds)."""
-        # Made once and kept until an attribute is set (``__setattr__``: every switch and
-        # threshold is an attribute or a property), as each layer pass asks for it; not
-        # while compiling (the graph would guard on the cache, not on the switches).
+    def settings(self) -> StatsConfig:
+        """What a pass records now: :attr:`config` with ``saturation`` off where the
+        activation has no thresholds."""
+        # Made once and kept until the config changes (:meth:`configure`), as each layer
+        # pass asks for it; not while compiling (the graph would guard on the cache, not on
+        # the config).
         compiling = torch.compiler.is_compiling()
         cached = None if compiling else self.__dict__.get("_settings")
         if cached is not None:
             return cached
-        lo, hi = self.thresholds if self.thresholds is not None else (0.0, 0.0)
-        settings = Settings(
-            bool(self.enabled),
-            bool(self.histograms),
-            self.saturation_active,
-            lo,
-            hi,
-            self.activation.bounded,
-            self.zeros,
-            self.moments4,
-            self.per_unit,
-            self.exponents,
-        )
+        config = self.config
+        if config.saturation and config.saturation_thresholds is None:
+            config = config.replace(saturation=False)
         if not compiling:
-            self.__dict__["_settings"] = settings
-        return settings
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        self.__dict__["_settings"] = None  # (after a property's setter too)
+            self.__dict__["_settings"] = config
+        return config
 
     def hint_centers_from_shift(self) -> None:
         """Restart the CPU path's centring hints from ``shift`` (after loading buffers)."""
@@ -251,22 +209,13 @@ class LayerStats(nn.Module):
 
     def fresh(self) -> LayerStats:
         """A new, empty accumulator set with the same configuration, on the same device."""
-        new = LayerStats(
+        return LayerStats(
             self.activation,
-            bins=self.bins,
-            saturation_thresholds=self.thresholds,
-            histograms=self.histograms,
-            saturation=self.saturation,
-            zeros=self.zeros,
-            moments4=self.moments4,
+            self.config,
             units=self.units,
-            per_unit=self.per_unit,
-            exponents=self.exponents,
             device=self.acc.device,
             persistent=self.persistent,
         )
-        new.enabled = self.enabled
-        return new
 
     # nn.Module plumbing: statistics keep their dtypes when the model is cast
     # (``model.half()`` must not turn float64 sums into float16), only the device follows;
@@ -322,8 +271,22 @@ class LayerStats(nn.Module):
         self.hint_centers_from_shift()
 
     def extra_repr(self) -> str:
-        return (
-            f"bins={self.bins}, enabled={self.enabled}, histograms={self.histograms}, "
-            f"saturation={self.saturation_active}, zeros={self.zeros}, moments4={self.moments4}, "
-            f"per_unit={self.per_unit}, exponents={self.exponents}"
-        )
+        return ", ".join(f"{f}={getattr(self.config, f)}" for f in FIELDS)
+
+
+# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
+# (``Tensor.numpy()`` costs more than the rest of a route; every pass asks for the row).
+# The entry holds the tensor, so its id is not reused while cached. Cleared when large
+# (layers come and go with probes).
+_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+
+def calibration_flags(state: torch.Tensor) -> np.ndarray:
+    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view (read
+    without a tensor op, and without synchronising with a GPU)."""
+    entry = _CALIBRATION_VIEWS.get(id(state))
+    if entry is None or entry[0] is not state:
+        if len(_CALIBRATION_VIEWS) >= 4096:
+            _CALIBRATION_VIEWS.clear()
+        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
+    return entry[1]

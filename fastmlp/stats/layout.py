@@ -6,8 +6,8 @@ buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 - ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
   nonfinite, sat_low, sat_high, zeros, sum3, sum4``, where ``sum``, ``sumsq``, ``sum3``
   and ``sum4`` are ``sum((x - shift[q])**p)`` for p = 1..4 over finite values (``sum3`` and
-  ``sum4`` recorded when ``Settings.moments4``: skewness and kurtosis) and ``zeros`` counts
-  the finite values exactly 0 (when ``Settings.zeros``). Layouts before these had 8 fields
+  ``sum4`` recorded when ``StatsConfig.moments4``: skewness and kurtosis) and ``zeros`` counts
+  the finite values exactly 0 (when ``StatsConfig.zeros``). Layouts before these had 8 fields
   and are padded on load (the padded groups then read as not recorded);
 - ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
   the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
@@ -15,13 +15,13 @@ buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 - ``hist_range[q]``: float64 ``(low, high)``. Bins are ``[e_i, e_i+1)``, the
   last one closed; underflow is ``x < low``, overflow ``x > high``;
 - ``units``: float64 ``[4, units]`` per-unit counts of the ``activation`` quantity (each
-  output feature of the layer; recorded when ``Settings.per_unit``): rows
+  output feature of the layer; recorded when ``StatsConfig.per_unit``): rows
   :data:`UNIT_COUNT` (finite values), :data:`UNIT_ACTIVE` (values ``> 0``; a unit with none
   is dead), :data:`UNIT_SAT_LOW` and :data:`UNIT_SAT_HIGH` (saturated values, when
   saturation is recorded). Counts are summed across ranks. ``[4, 0]`` for layers built
   without a unit count;
 - ``exp_hist[q]``: int64 ``[NEXP]`` exponent histogram (recorded when
-  ``Settings.exponents``): slot 0 counts exact zeros, slot ``e - EXP_MIN + 1`` the finite
+  ``StatsConfig.exponents``): slot 0 counts exact zeros, slot ``e - EXP_MIN + 1`` the finite
   nonzero values with ``frexp`` exponent ``e`` (``|x|`` in ``[2**(e-1), 2**e)``), ``e``
   clamped to ``[EXP_MIN, EXP_MAX]`` (float32 values lie within). Summed across ranks.
   :data:`FORMATS` gives, per low-precision format, the binades it cannot represent;
@@ -57,11 +57,9 @@ __all__ = [
     "WEIGHT_GRAD",
     "FIELDS",
     "NFIELDS",
-    "GROUPS",
     "CALIBRATED",
     "CENTER",
     "Buffers",
-    "Settings",
     "empty_acc",
     "as_float32",
     "pow2_above",
@@ -84,8 +82,6 @@ FIELDS = (
     "sum4",
 )
 COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
-#: Opt-in statistic groups (``Settings`` flags, ``LayerStats`` switches).
-GROUPS = ("zeros", "moments4", "per_unit", "exponents")
 #: frexp exponents of the exponent histogram (float32: -148 .. 128), and its size.
 EXP_MIN, EXP_MAX = -150, 129
 NEXP = EXP_MAX - EXP_MIN + 2
@@ -123,34 +119,6 @@ class Buffers(NamedTuple):
     @property
     def bins(self) -> int:
         return self.hist.shape[-1] - 2
-
-
-class Settings(NamedTuple):
-    """What one pass records, beside the buffers.
-
-    ``saturation``: count saturation (the thresholds ``sat_low``/``sat_high`` are the real
-    numbers; :func:`saturation_bounds` rounds them for a dtype). ``fixed_activation``: the
-    activation quantity is histogrammed on a fixed range (a bounded activation).
-    ``zeros``: count the values exactly 0 (opt-in: one more comparison per element).
-    ``moments4``: third and fourth shifted moment sums (skewness, kurtosis; opt-in).
-    ``per_unit``: per-unit counts of the activation (dead units, per-unit saturation; opt-in).
-    ``exponents``: exponent histograms (low-precision range; opt-in).
-    """
-
-    enabled: bool
-    histograms: bool
-    saturation: bool
-    sat_low: float
-    sat_high: float
-    fixed_activation: bool
-    zeros: bool = False
-    moments4: bool = False
-    per_unit: bool = False
-    exponents: bool = False
-
-    def fixed_range(self, q: int) -> bool:
-        """Whether quantity ``q`` has a fixed histogram range."""
-        return q == ACTIVATION and self.fixed_activation
 
 
 def empty_acc(device: torch.device | str | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ accepts programs the GPU compiler rejects (loop-carried type changes, unsupporte
 dtypes in atomics, ...). This check lowers each kernel through the real
 NVIDIA backend (``ptxas`` ships with triton) so such errors surface in CI:
 
-    python -m fastmlp.kernels.compile_check --arch 90
+    python -m bench.compile_check --arch 90
 
 It must run in a process where ``TRITON_INTERPRET`` is not set.
 """
@@ -31,16 +31,10 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 
 def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, signature types, constexprs, options) for every variant to compile."""
-    from fastmlp.stats.layout import NEXP
+    from fastmlp.kernels import bwd_dw_kernel, bwd_dx_kernel, fwd_kernel
 
-    from .linear_activation import (
-        _FIXED_CFG,
-        _FIXED_STAGES,
-        _FIXED_WARPS,
-        _bwd_dw_kernel,
-        _bwd_dx_kernel,
-        _fwd_kernel,
-    )
+    from fastmlp.backends.fused import _FIXED_CFG, _FIXED_STAGES, _FIXED_WARPS
+    from fastmlp.stats.layout import NEXP
 
     out = []
     dtypes = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")]
@@ -103,7 +97,7 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             ALIGN=align,
             **cfg,
         )
-        out.append((f"fwd {dt}/{prec} act={act} stats={stats} det={det}", _fwd_kernel, types, ce))
+        out.append((f"fwd {dt}/{prec} act={act} stats={stats} det={det}", fwd_kernel, types, ce))
         types_dw = {
             "dh_ptr": ptr,
             "h_ptr": ptr,
@@ -128,7 +122,6 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             STORE_DW=True,
             STATS=stats,
             HIST=stats,
-            SAT=False,
             ZEROS=stats and act == 4,
             MOM4=stats and act == 2,
             EXPS=stats and act == 0,
@@ -142,17 +135,15 @@ def variants(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
             **cfg,
         )
         out.append(
-            (f"dw {dt}/{prec} act={act} stats={stats} det={det}", _bwd_dw_kernel, types_dw, ce_dw)
+            (f"dw {dt}/{prec} act={act} stats={stats} det={det}", bwd_dw_kernel, types_dw, ce_dw)
         )
         if stats and not det:
             types_dx = {"dh_ptr": ptr, "h_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, **common}
             for s in ("dhm", "dhn", "hm", "hn", "wn", "wk", "dxm", "dxk"):
                 types_dx[f"stride_{s}"] = "i32"
             types_dx.pop("part_stride")
-            ce_dx = dict(
-                ACT=act, STATS=False, HIST=False, SAT=False, PRECISION=prec, ALIGN=align, **cfg
-            )
-            out.append((f"dx {dt}/{prec} act={act}", _bwd_dx_kernel, types_dx, ce_dx))
+            ce_dx = dict(ACT=act, PRECISION=prec, ALIGN=align, **cfg)
+            out.append((f"dx {dt}/{prec} act={act}", bwd_dx_kernel, types_dx, ce_dx))
     fixed = {"num_warps": _FIXED_WARPS, "num_stages": _FIXED_STAGES}
     return [(label, fn, types, ce, fixed) for label, fn, types, ce in out]
 
@@ -198,7 +189,7 @@ def selectable(quick: bool = False) -> list[tuple[str, object, dict, dict, dict]
     (moments, saturation, histograms; the opt-in groups are compiled by :func:`variants`):
     the hidden tanh layers (``ALIGN=8``) and the identity output layer (10 classes,
     ``ALIGN=1``)."""
-    from .linear_activation import (
+    from fastmlp.backends.fused import (
         _DW_CONFIGS,
         _DX_CONFIGS,
         _FIXED_CFG,

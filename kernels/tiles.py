@@ -1,10 +1,11 @@
-"""Shared helpers of the fused kernels: settings, activations and tile statistics.
+"""Tile statistics of the fused kernels: a tile's moments, histogram, zeros and exponents,
+their commits to the layer's buffers, and the pass's finalize stage.
 
-The statistics helpers write into the buffers of ``fastmlp.stats.LayerStats``
-(layout in that module's docstring): per quantity a float64 row ``acc[q]`` =
-``count, sum, sumsq, min, max, nonfinite, sat_low, sat_high`` with ``sum`` and
-``sumsq`` taken around ``shift[q]``, an int64 histogram row ``hist[q]`` =
-``underflow, bins..., overflow`` and a float64 ``hist_range[q] = (low, high)``.
+The helpers write into the buffers of :mod:`fastmlp.stats.layout`: per quantity a float64
+row ``acc[q]`` (``count, sum, sumsq, min, max, nonfinite, sat_low, sat_high, zeros, sum3,
+sum4``, the sums taken around ``shift[q]``), an int64 histogram row ``hist[q]`` =
+``underflow, bins..., overflow``, a float64 ``hist_range[q] = (low, high)`` and an int64
+exponent histogram ``exp_hist[q]``.
 
 How a tile's statistics reach those buffers:
 
@@ -16,13 +17,10 @@ How a tile's statistics reach those buffers:
   merge), then added to ``acc[q]`` with float64 atomics. Integer-valued fields
   (counts, histogram bins) and min/max are order-independent, so atomics on
   them are exact and deterministic.
-- Deterministic mode (:func:`set_deterministic`, or ``FASTMLP_DETERMINISTIC=1``):
-  the two float sums are instead written as per-program partials and the pass's
-  last program adds them in program order. Cost: one small scratch
-  buffer per pass, a fixed (not autotuned) tile configuration, and a serial
-  reduction over the per-program partials in the finalize stage (a few
-  microseconds for the 5x1000 network); the statistics are then bitwise
-  identical from run to run on the same GPU and software.
+- Deterministic mode (``DETERMINISTIC``): the float sums are instead written as
+  per-program partials (:data:`NPART` slots a program) that the pass's last program adds
+  in program order, so the statistics are bitwise identical from run to run on the same
+  GPU and software.
 - The last program of each pass (a ticket, :func:`last_program`) runs the finalize
   stage (:func:`finalize_pass`) inside the same kernel, so a pass is one launch: it
   grows automatic histogram ranges by powers of two with exact bin merging, on the
@@ -32,9 +30,6 @@ How a tile's statistics reach those buffers:
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
@@ -44,6 +39,7 @@ from fastmlp.stats.layout import (
     EXP_MIN,
     MAX,
     MIN,
+    NFIELDS,
     NONFINITE,
     SAT_HIGH,
     SAT_LOW,
@@ -55,44 +51,24 @@ from fastmlp.stats.layout import (
 )
 
 __all__ = [
-    "INTERPRET",
-    "ACT_IDS",
-    "FROM_INPUT",
-    "set_deterministic",
-    "is_deterministic",
-    "dot_precision",
-    "next_pow2",
-    "m_bucket",
+    "MAX_BINS",
+    "NPART",
+    "commit_exponents",
+    "commit_extents",
+    "commit_histogram",
+    "commit_moments",
+    "finalize_pass",
+    "grouped_pid",
+    "last_program",
+    "tile_exponents",
+    "tile_histogram",
+    "tile_moments",
+    "tile_zeros",
 ]
 
-#: Whether Triton runs in interpreter mode (CPU, numpy-simulated).
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-#: Device types whose tensors the kernels launch on. ``bench.host`` adds ``"cpu"`` while it
-#: times the CUDA path's host work on CPU tensors with Triton's driver mocked (and tells
-#: the op, which keeps its routing verdicts, that it did).
-GPU_DEVICE_TYPES: set[str] = {"cuda"}
-
-#: Activation name -> constexpr id used by the kernels.
-ACT_IDS = {
-    "identity": 0,
-    "sigmoid": 1,
-    "tanh": 2,
-    "softsign": 3,
-    "relu": 4,
-    "gelu": 5,
-    "gelu_tanh": 6,
-    "silu": 7,
-}
-#: Ids of the activations whose derivative needs the pre-activation ``z``: the forward
-#: kernel stores ``z`` beside ``h`` for them and the backward reads ``z`` instead of ``h``.
-FROM_INPUT = (5, 6, 7)
-# GELU's constants are written out inside the jitted functions: Triton 3.6 (the GPU
-# image's) refuses plain float globals there, and the 3.8 interpreter mishandles constexpr
-# ones: 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327,
-# sqrt(2/pi) = 0.7978845608028654, and the tanh approximation's 0.044715.
-
-_deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
+#: Most histogram bins the kernels take: a histogram row is one ``HB``-wide tile (``HB``
+#: the next power of two above ``bins + 2``) in every program and in the finalize stage.
+MAX_BINS = 256
 
 # Field offsets inside a row of LayerStats.acc, as compile-time constants.
 F_COUNT = tl.constexpr(COUNT)
@@ -110,116 +86,20 @@ F_EXP_MIN = tl.constexpr(EXP_MIN)
 F_EXP_MAX = tl.constexpr(EXP_MAX)
 #: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4.
 NPART = tl.constexpr(4)
-
-
-def set_deterministic(flag: bool = True) -> None:
-    """Make the kernels' statistics bitwise reproducible (``True``) or use float atomics.
-
-    Deterministic mode replaces the float64 atomic additions of the moment sums
-    by per-program partials that the pass's last program adds in program order, and
-    uses a fixed tile configuration instead of autotuning (the partition of the
-    work must not change between runs). It costs one scratch allocation per pass,
-    a serial reduction over the per-program partials (a few microseconds per
-    layer pass), and whatever the autotuner would have gained over the fixed
-    tiles. Counts, min/max and histograms are exact in both modes.
-    The default comes from the environment variable ``FASTMLP_DETERMINISTIC=1``.
-    """
-    global _deterministic
-    _deterministic = bool(flag)
-
-
-def is_deterministic() -> bool:
-    """Whether deterministic statistics are on (see :func:`set_deterministic`)."""
-    return _deterministic
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: IEEE for float32 under "highest", else TF32 (float32 only)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def m_bucket(m: int) -> int:
-    """Autotuning bucket of the batch dimension: a power of two in [16, 8192]."""
-    return min(max(next_pow2(m), 16), 8192)
-
-
-# --------------------------------------------------------------------------- device helpers
+#: Fields of a row of ``acc``, as a compile-time constant.
+F_NFIELDS = tl.constexpr(NFIELDS)
 
 
 @triton.jit
-def apply_activation(z, ACT: tl.constexpr):
-    """``h = f(z)`` in float32 for the activation id ``ACT`` (see :data:`ACT_IDS`)."""
-    if ACT == 1:  # sigmoid
-        h = 1.0 / (1.0 + tl.exp(-z))
-    elif ACT == 2:  # tanh
-        h = _tanh(z)
-    elif ACT == 3:  # softsign; +-inf gives NaN, exactly like z / (1 + |z|) in PyTorch
-        h = z / (1.0 + tl.abs(z))
-    elif ACT == 4:  # relu (propagates NaN like torch.relu)
-        h = tl.where(z > 0.0, z, tl.where(z != z, z, 0.0))
-    elif ACT == 5:  # gelu, exact: z * Phi(z)
-        h = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 6:  # gelu, tanh approximation (PyTorch's approximate="tanh")
-        h = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACT == 7:  # silu: z * sigmoid(z)
-        h = z / (1.0 + tl.exp(-z))
-    else:
-        h = z
-    return h
-
-
-@triton.jit
-def _tanh(z):
-    """tanh in float32, odd; a Taylor polynomial near 0 avoids the 1 - t cancellation."""
-    a = tl.abs(z)
-    t = tl.exp(-2.0 * a)
-    big = (1.0 - t) / (1.0 + t)
-    a2 = a * a
-    small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
-    r = tl.where(a < 0.0625, small, big)
-    h = tl.where(z < 0.0, -r, r)
-    return tl.where(z != z, z, h)  # keep NaN
-
-
-@triton.jit
-def activation_backward(dh, h, ACT: tl.constexpr):
-    """``dL/dz`` from ``dL/dh`` and the saved tensor (float32), as ``Activation.backward``.
-
-    The saved tensor is the output ``h``, or the pre-activation ``z`` for the ids in
-    :data:`FROM_INPUT` (GELU, SiLU: their derivative is not a function of ``h``).
-    ``dh * f'``, except relu: ``where(h <= 0, 0, dh)`` (PyTorch's threshold_backward, so
-    an infinite ``dh`` on an inactive unit gives 0, and a NaN ``h`` passes ``dh``).
-    """
-    if ACT == 1:
-        dz = dh * (h * (1.0 - h))
-    elif ACT == 2:
-        dz = dh * (1.0 - h * h)
-    elif ACT == 3:
-        t = 1.0 - tl.abs(h)
-        dz = dh * (t * t)
-    elif ACT == 4:
-        dz = tl.where(h <= 0.0, 0.0, dh)
-    elif ACT == 5:  # h is z here: Phi(z) + z * phi(z)
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        dz = dh * (cdf + h * (0.3989422804014327 * tl.exp(-0.5 * h * h)))
-    elif ACT == 6:  # h is z here
-        z2 = h * h
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * z2 * h))
-        inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z2)
-        dz = dh * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * inner)
-    elif ACT == 7:  # h is z here: s * (1 + z * (1 - s))
-        sg = 1.0 / (1.0 + tl.exp(-h))
-        dz = dh * (sg * (1.0 + h * (1.0 - sg)))
-    else:
-        dz = dh
-    return dz
+def grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Map a linear program id to (pid_a, pid_b) in groups of ``GROUP`` rows (L2 reuse)."""
+    width = GROUP * num_b
+    group_id = pid // width
+    first = group_id * GROUP
+    size = tl.minimum(num_a - first, GROUP)
+    pid_a = first + ((pid % width) % size)
+    pid_b = (pid % width) // size
+    return pid_a, pid_b
 
 
 @triton.jit
@@ -263,11 +143,12 @@ def tile_moments(v, valid, shift, MOM4: tl.constexpr):
 def tile_histogram(v, fin, lo, hi, BINS: tl.constexpr, HB: tl.constexpr, FIXED: tl.constexpr):
     """Histogram row (``HB`` >= ``BINS + 2`` int32 counts: underflow, bins, overflow) of a tile.
 
-    ``lo``/``hi`` are float64 scalars. Binning follows ``fastmlp.torch_path``:
-    ``floor(x * scale) + offset`` with ``scale = bins / (hi - lo)`` and
-    ``offset = -lo * scale`` (an integer for the ranges used) in float32, clamped to the bins
-    (last bin closed); on an automatic range ``x < lo`` and ``x > hi`` go to
-    under/overflow, on a fixed range they stay in the edge bins.
+    ``lo``/``hi`` are float64 scalars. Binning follows the PyTorch path
+    (``fastmlp.backends.reference``): ``floor(x * scale) + offset`` with
+    ``scale = bins / (hi - lo)`` and ``offset = -lo * scale`` (an integer for the ranges
+    used) in float32, clamped to the bins (last bin closed); on an automatic range
+    ``x < lo`` and ``x > hi`` go to under/overflow, on a fixed range they stay in the edge
+    bins.
     """
     scale64 = BINS / (hi - lo)
     scale = scale64.to(tl.float32)
@@ -416,7 +297,7 @@ def _finalize_one(
             tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4, volatile=True) + s4)
     if GROW:
         # Widen +-r to cover this pass's extremes, merging bins exactly
-        # (fastmlp.torch_path._grow_range): bin i -> floor((i - B/2) / factor) + B/2.
+        # (fastmlp.stats.algebra.grow_range_): bin i -> floor((i - B/2) / factor) + B/2.
         # The extents are reset to (inf, -inf) for the next pass.
         mn = tl.load(ext_row, volatile=True)
         mx = tl.load(ext_row + 1, volatile=True)

@@ -1,18 +1,17 @@
-"""The pure-PyTorch path: dense + bias + activation with statistics, on any device.
+"""The CPU backend: dense + bias + activation with statistics, fast on the CPU.
 
-It computes what the Triton kernels compute (up to float rounding), with ordinary
-PyTorch ops, and is the reference the kernels are tested against; :mod:`fastmlp.op` calls
-:func:`forward` and :func:`backward`, whose :func:`record` calibrates a quantity on its
-first pass after a reset and accumulates it. On the CPU, host reads are free, so it takes
-cheap shortcuts: no non-finite masks when a batch's min and max are finite, float32 sums
-centred where they stay accurate (float64 merges, squares summed by ATen's cascade sum),
-the moments of dW from its factors where that is cheaper than a pass over it, scalars
-updated through NumPy views of the buffers, histogram slots (over the span between the
-extremes) and exponents (read from the exponent bits) counted several to an index by one
-``bincount``, no range bookkeeping when nothing left the histogram range; float32 matmuls
-in oneDNN (the activation fused when nothing needs the pre-activation) or ``addmm``,
-whichever measured faster for the shape. On other devices it never reads device values
-on the host.
+The same numbers as :mod:`fastmlp.backends.reference` (up to float rounding), from fewer
+and cheaper passes over the data, since host reads are free on the CPU: no non-finite
+masks when a batch's min and max are finite (else the reference's masked accumulation),
+float32 sums centred where they stay accurate (merged in float64, squares summed by
+ATen's cascade sum), the moments of dW from its factors where that is cheaper than a pass
+over it, scalars updated through NumPy views of the buffers, histogram slots (over the
+span between the extremes) and exponents (read from the exponent bits) counted several to
+an index by one ``bincount``, no range bookkeeping when nothing left the histogram range;
+float32 matmuls in oneDNN (the activation fused when nothing needs the pre-activation) or
+``addmm``, whichever is faster for the shape on this CPU, measured at first use.
+
+Interface as the reference's: :func:`forward` and :func:`backward`, for CPU tensors.
 """
 
 from __future__ import annotations
@@ -27,19 +26,18 @@ import numpy as np
 import torch
 
 from fastmlp.activations import Activation
-from fastmlp.stats.algebra import grow_range_, merge_block_, reshift
-from fastmlp.stats.buffers import LayerStats
+from fastmlp.backends import reference
+from fastmlp.stats.algebra import grow_range_, reshift
+from fastmlp.stats.buffers import calibration_flags
+from fastmlp.stats.config import StatsConfig
 from fastmlp.stats.layout import (
     ACTIVATION,
-    CALIBRATED,
     CENTER,
     COUNT,
     EXP_MAX,
     EXP_MIN,
     MAX,
     MIN,
-    NEXP,
-    NONFINITE,
     PREACTIVATION,
     PREACTIVATION_GRAD,
     SAT_HIGH,
@@ -51,37 +49,29 @@ from fastmlp.stats.layout import (
     WEIGHT_GRAD,
     ZEROS,
     Buffers,
-    Settings,
     as_float32,
-    pow2_above,
     saturation_bounds,
 )
 
-__all__ = [
-    "accumulate",
-    "backward",
-    "calibrate",
-    "calibration_flags",
-    "forward",
-    "record",
-    "update",
-]
+__all__ = ["accumulate", "backward", "forward", "record", "scratch"]
 
 
 def accumulate(
     bufs: Buffers,
-    settings: Settings,
+    settings: StatsConfig,
     q: int,
     x: torch.Tensor,
     total: Callable[[], torch.Tensor] | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    fixed: bool = False,
 ) -> None:
-    """Accumulate quantity ``q`` of ``x`` into ``bufs`` (which must be calibrated for ``q``).
+    """:func:`fastmlp.backends.reference.accumulate` for a CPU ``x``.
 
     ``total``, when the caller has a cheaper way to it, returns the sum of ``x``'s elements
-    (in ``x``'s precision); the CPU path calls it instead of its own summing pass, and
-    nothing else calls it. ``x`` is detached first, so no autograd graph is recorded (no
-    ``no_grad`` context needed on this hot path).
+    (in ``x``'s precision); ``factors`` ``(a, b)`` say that ``x = a.T @ b``. Both are used
+    instead of passes over ``x`` where cheaper. ``x`` is detached first, so no autograd
+    graph is recorded (no ``no_grad`` context needed on this hot path).
     """
     x = x.detach().reshape(-1)
     if x.numel() == 0:
@@ -89,25 +79,14 @@ def accumulate(
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     if settings.exponents:
-        (_exponents_on_host if x.device.type == "cpu" else record_exponents)(bufs, q, x)
-    if x.device.type == "cpu":
-        mn, mx = (float(v) for v in torch.aminmax(x))
-        # aminmax propagates NaN and returns an infinity if there is one: finite extremes
-        # mean every element is finite.
-        if math.isfinite(mn) and math.isfinite(mx):
-            _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total, factors)
-            return
-    _accumulate_masked(bufs, settings, q, x)
-
-
-def record_exponents(bufs: Buffers, q: int, x: torch.Tensor) -> None:
-    """Exponent histogram of the finite values of the 1-D ``x`` into ``bufs.exp_hist[q]``
-    (slot 0: zeros; slot ``e - EXP_MIN + 1``: frexp exponent ``e``); device ops only."""
-    _, e = torch.frexp(x)
-    slot = e.clamp_(EXP_MIN, EXP_MAX).sub_(EXP_MIN - 1)
-    slot = torch.where(x == 0, 0, slot)
-    slot = torch.where(torch.isfinite(x), slot, NEXP)  # non-finite: a dropped extra slot
-    bufs.exp_hist[q] += torch.bincount(slot.reshape(-1), minlength=NEXP + 1)[:NEXP]
+        _exponents_on_host(bufs, q, x)
+    mn, mx = (float(v) for v in torch.aminmax(x))
+    # aminmax propagates NaN and returns an infinity if there is one: finite extremes
+    # mean every element is finite.
+    if math.isfinite(mn) and math.isfinite(mx):
+        _accumulate_finite_on_host(bufs, settings, q, x, mn, mx, total, factors, fixed)
+    else:
+        reference.accumulate(bufs, settings, q, x, fixed=fixed, exponents=False)
 
 
 # The exponent field of float32 and float64: (bits shifted right, mask, bias: frexp's
@@ -120,9 +99,8 @@ _EXPONENT_FIELD = {
 
 def _exponents_on_host(bufs: Buffers, q: int, x: torch.Tensor) -> None:
     """:func:`record_exponents` for a CPU ``x`` (float32 or float64), from the exponent bits:
-    two integer passes and a packed ``bincount`` over the exponents present (0.5 ms for a
-    million float32 values on a 2-core EPYC), instead of ``frexp``, which the CPU computes
-    one value at a time (2.6 ms for the same values, 6.8 ms with the rest of that path)."""
+    two integer passes and a packed ``bincount`` over the exponents present, instead of
+    ``frexp``, which the CPU computes one value at a time."""
     itype, shift, top, bias = _EXPONENT_FIELD[x.dtype]
     n = x.numel()
     field = torch.bitwise_right_shift(
@@ -148,15 +126,17 @@ def _exponents_on_host(bufs: Buffers, q: int, x: torch.Tensor) -> None:
 
 def _accumulate_finite_on_host(
     bufs: Buffers,
-    settings: Settings,
+    settings: StatsConfig,
     q: int,
     x: torch.Tensor,
     mn: float,
     mx: float,
     total: Callable[[], torch.Tensor] | None,
     factors: tuple[torch.Tensor, torch.Tensor] | None,
+    fixed: bool,
 ) -> None:
-    """CPU fast path for an all-finite ``x``: few passes, scratch buffers, host-side scalars."""
+    """:func:`accumulate` for an all-finite ``x``: few passes, scratch buffers, host-side
+    scalars."""
     n = x.numel()
     d = scratch(n, x.dtype, x.device)
     acc, shift, state = bufs.acc.numpy(), bufs.shift.numpy(), bufs.state.numpy()
@@ -174,8 +154,8 @@ def _accumulate_finite_on_host(
         s3 = float(torch.mul(sq, dev, out=work).sum())
         s4 = float(torch.mul(sq, sq, out=work).sum())
     if not all(math.isfinite(s) for s in (s1, s2, s3, s4)):
-        # Huge finite values overflowed float32 sums: take the float64 path instead.
-        _accumulate_masked(bufs, settings, q, x)
+        # Huge finite values overflowed float32 sums: the reference's float64 sums instead.
+        reference.accumulate(bufs, settings, q, x, fixed=fixed, exponents=False)
         return
     mean = c + s1 / n
     var = max(s2 / n - (s1 / n) ** 2, 0.0)
@@ -192,13 +172,13 @@ def _accumulate_finite_on_host(
     row[MIN] = min(row[MIN], mn)
     row[MAX] = max(row[MAX], mx)
     if q == ACTIVATION and settings.saturation:
-        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
+        lo, hi = saturation_bounds(*settings.saturation_thresholds, x.dtype)
         row[SAT_LOW] += _count(torch.le(x, lo, out=d))
         row[SAT_HIGH] += _count(torch.ge(x, hi, out=d))
     if settings.zeros:
         row[ZEROS] += _count(torch.eq(x, 0, out=d))
     if settings.histograms:
-        _histogram_on_host(bufs, q, x, mn, mx)
+        _histogram_on_host(bufs, q, x, mn, mx, fixed)
 
 
 def _centred_sums(
@@ -252,8 +232,7 @@ def _factored_moments(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     Exact to float64 rounding for the product of the float32 factors (``P`` itself is that
     product rounded to float32, a relative difference of float32's epsilon per element).
     """
-    # NumPy's BLAS for the small float64 products: 27 us against ATen's 46 us for 10 x 1000
-    # factors (2-core EPYC), a per-call cost.
+    # NumPy's BLAS for the small float64 products: less cost per call than ATen's.
     a64, b64 = (v.detach().to(torch.float64).numpy() for v in (a, b))
     s1 = float(a64.sum(1) @ b64.sum(1))
     s2 = float(np.vdot(a64 @ a64.T, b64 @ b64.T))
@@ -264,13 +243,18 @@ def _sum_of_squares(v: torch.Tensor, work: torch.Tensor) -> float:
     """``sum(v**2)`` through ``work`` (may be ``v``), summed by ATen's cascade sum.
 
     Not ``torch.dot``: BLAS dots accumulate in a few float32 lanes, whose error grows with
-    the length and differs from CPU to CPU (1e-3 relative over 4M values seen here); the
+    the length and differs from CPU to CPU (up to 1e-3 relative over 4M values, which
+    tests/test_cpu_exact.py checks); the
     cascade sum's stays near float32's rounding on every CPU.
     """
     return float(torch.mul(v, v, out=work).sum())
 
 
-def _histogram_on_host(bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: float) -> None:
+def _histogram_on_host(
+    bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: float, fixed: bool
+) -> None:
+    """Histogram of the finite ``x`` (extremes ``mn``, ``mx``) into ``bufs.hist[q]``,
+    growing the range (unless ``fixed``) when a value left it."""
     bins = bufs.bins
     hist, hist_range = bufs.hist.numpy(), bufs.hist_range.numpy()
     lo, hi = hist_range[q].tolist()
@@ -282,17 +266,13 @@ def _histogram_on_host(bufs: Buffers, q: int, x: torch.Tensor, mn: float, mx: fl
     inside = mn >= lo and mx <= hi
     # Slot ``bins`` holds x == hi (or values rounding just below it): the last bin is closed.
     counts = _slot_counts(x, scale, offset, bins + 1, mn, mx)
-    row = hist[q]
-    row[1 : bins + 1] += counts[:bins]
-    row[bins] += counts[bins]
+    under = over = 0
     if not inside:
         work = scratch(x.numel(), x.dtype, x.device)
-        nu = _count(torch.lt(x, lo, out=work))  # range edges are powers of two: exact
-        no = _count(torch.gt(x, hi, out=work))
-        row[0] += nu
-        row[1] -= nu
-        row[bins + 1] += no
-        row[bins] -= no
+        under = _count(torch.lt(x, lo, out=work))  # range edges are powers of two: exact
+        over = _count(torch.gt(x, hi, out=work))
+    reference.add_slot_counts_(hist[q], counts, under, over)
+    if not inside and not fixed:
         grow_range_(bufs, q, torch.tensor(max(abs(mn), abs(mx)), dtype=torch.float64))
 
 
@@ -378,8 +358,7 @@ def _packing(span: int, n: int, largest: int) -> tuple[int, torch.dtype]:
         return 1, torch.int16 if largest <= _INT16_MAX else torch.int32
     # One more value per index saves n / (k (k + 1)) indices, at about 4 times the cost of
     # one index per table entry added (bincount's clearing, the fold), and adds a few small
-    # ops, which cost as much as about 2**15 indices (on a 2-core EPYC: 10k values took 24 us
-    # counted one by one and 30 us in pairs; 40k took the same either way). Only the speed
+    # ops, which cost as much as about 2**15 indices (``_PACK_OPS``). Only the speed
     # depends on these constants, never the counts.
     while k < 8 and (_PACK_OPS * k * (k + 1) <= n) and 4 * k * (k + 1) * span ** (k + 1) <= n:
         k += 1
@@ -396,121 +375,23 @@ def _count(flags: torch.Tensor) -> int:
     return int(flags.sum(dtype=torch.float64 if flags.numel() > 2**24 else None))
 
 
-def _accumulate_masked(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> None:
-    """Any device, any values: non-finite elements are masked out; no host reads.
-
-    Moments are summed in float64, so finite values near the float32 limit cannot
-    overflow them.
-    """
-    fin = torch.isfinite(x)
-    n = fin.sum()
-    acc = bufs.acc[q]
-    acc[NONFINITE] += x.numel() - n
-    xd = torch.where(fin, x, 0).to(torch.float64)
-    center = xd.sum() / n.clamp(min=1)
-    d = torch.where(fin, xd - center, 0)
-    mn = torch.where(fin, x, float("inf")).amin()
-    mx = torch.where(fin, x, float("-inf")).amax()
-    d3 = d4 = None
-    if settings.moments4:
-        sq = d * d
-        d3, d4 = torch.dot(sq, d), torch.dot(sq, sq)
-    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx, d3, d4)
-    if q == ACTIVATION and settings.saturation:
-        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, x.dtype)
-        acc[SAT_LOW] += ((x <= lo) & fin).sum()
-        acc[SAT_HIGH] += ((x >= hi) & fin).sum()
-    if settings.zeros:
-        acc[ZEROS] += (x == 0).sum()  # NaN is never 0
-    if not settings.histograms:
-        return
-    bins = bufs.bins
-    rng = bufs.hist_range[q]
-    lo, hi = rng[0].to(x.dtype), rng[1].to(x.dtype)
-    scale = bins / (rng[1] - rng[0])
-    t = torch.floor(x * scale.to(x.dtype)).add_((-rng[0] * scale).to(x.dtype)).clamp_(0, bins)
-    # Non-finite elements go to an extra slot that is dropped.
-    idx = torch.where(fin, t, bins + 1).to(torch.int32)
-    counts = torch.bincount(idx, minlength=bins + 2)
-    nu = ((x < lo) & fin).sum()
-    no = ((x > hi) & fin).sum()
-    row = bufs.hist[q]
-    row[1 : bins + 1] += counts[:bins]
-    row[bins] += counts[bins]
-    row[0] += nu
-    row[1] -= nu
-    row[bins + 1] += no
-    row[bins] -= no
-    if not settings.fixed_range(q):
-        grow_range_(bufs, q, torch.maximum(mn.abs(), mx.abs()))
-
-
-def calibrate(bufs: Buffers, settings: Settings, q: int, x: torch.Tensor) -> None:
-    """Fix ``shift[q]`` and, for auto-ranged quantities, ``hist_range[q]`` from ``x``, if
-    ``x`` has a finite value (else ``q`` stays uncalibrated, for the next batch to calibrate).
-
-    Device ops, except one read of the finite count (on a GPU once per calibration pass,
-    which happens once per quantity after a reset), the CPU centring hint and the flag in
-    the host-side ``state``.
-    """
-    x = x.detach().reshape(-1)
-    fin = torch.isfinite(x)
-    n = fin.sum()
-    if not int(n):
-        return
-    xs = torch.where(fin, x, 0).to(torch.float64)
-    bufs.shift[q] = xs.sum() / n.clamp(min=1)
-    if x.device.type == "cpu":
-        bufs.state[CENTER, q] = as_float32(bufs.shift[q].item())
-    if not settings.fixed_range(q):
-        r = pow2_above(xs.abs().amax() if x.numel() else xs.new_zeros(()))
-        bufs.hist_range[q, 0] = -r
-        bufs.hist_range[q, 1] = r
-    bufs.state[CALIBRATED, q] = 1.0
-
-
-# id(state) -> (state, NumPy view of its calibration row): the view, made once per buffer
-# (``Tensor.numpy()`` costs more than the rest of a route; every pass asks for the row, in
-# route and in record). The entry holds the tensor, so its id is not reused while cached.
-# Cleared when large (layers come and go with probes).
-_CALIBRATION_VIEWS: dict[int, tuple[torch.Tensor, object]] = {}
-
-
-def calibration_flags(state: torch.Tensor) -> np.ndarray:
-    """The calibration row of a layer's host-side ``state`` buffer, as a NumPy view."""
-    entry = _CALIBRATION_VIEWS.get(id(state))
-    if entry is None or entry[0] is not state:
-        if len(_CALIBRATION_VIEWS) >= 4096:
-            _CALIBRATION_VIEWS.clear()
-        entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
-    return entry[1]
-
-
 def record(
     bufs: Buffers,
-    settings: Settings,
+    settings: StatsConfig,
     q: int,
     x: torch.Tensor,
     total: Callable[[], torch.Tensor] | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    fixed: bool = False,
 ) -> None:
-    """Accumulate quantity ``q`` of ``x``, calibrating it first if it is not yet.
-
-    ``total`` returns the sum of ``x``; ``factors`` ``(a, b)`` say that ``x = a.T @ b``. Both
-    are shortcuts the CPU path may take instead of passes over ``x``.
-    """
-    calibrated = calibration_flags(bufs.state)  # the host-side buffer, read without ops
-    if not calibrated[q]:
-        calibrate(bufs, settings, q, x)
-        if not calibrated[q]:  # nothing finite (or nothing at all) yet
-            bufs.acc[q, NONFINITE] += x.numel()
+    """Accumulate quantity ``q`` of ``x`` (:func:`accumulate`), calibrating it first if it
+    is not yet (the reference's calibration, whose mean starts the centring hint)."""
+    if not calibration_flags(bufs.state)[q]:
+        if not reference.calibrate(bufs, q, x, fixed=fixed):
             return
-    accumulate(bufs, settings, q, x, total, factors)
-
-
-def update(stats: LayerStats, q: int, x: torch.Tensor) -> None:
-    """Accumulate ``x`` as quantity ``q`` of the layer statistics ``stats`` (PyTorch path)."""
-    record(stats.buffers_tuple(), stats.settings(), q, x)
+        bufs.state[CENTER, q] = as_float32(float(bufs.shift[q]))
+    accumulate(bufs, settings, q, x, total, factors, fixed=fixed)
 
 
 # Work buffers of the CPU path, per thread and shared by all layers: one set stays in cache.
@@ -544,7 +425,7 @@ def scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> 
 # oneDNN's matmul with the bias and activation fused into its epilogue (the CPU kernel
 # PyTorch's own compiler uses for linear layers) competes with MKL's sgemm (``addmm``, what
 # nn.Linear runs) plus a separate activation pass. Which one wins depends on the CPU and the
-# shape (oneDNN won by 10% on one 2-core EPYC and lost by 20% on another), so it is measured
+# shape (oneDNN wins on some CPUs and loses on others), so it is measured
 # per shape at first use, like ``torch.backends.cudnn.benchmark``, and cached.
 _ONEDNN_POST = {"identity": "none", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 # (x shape, weight shape and strides, bias, post-op, threads) -> oneDNN is faster
@@ -646,11 +527,9 @@ def forward(
     bias: torch.Tensor | None,
     activation: Activation,
     bufs: Buffers,
-    settings: Settings,
-) -> torch.Tensor:
-    """``(h, z)``: ``h = f(x W^T + b)`` for a 2-D ``x``, and ``z = x W^T + b`` where the
-    activation's backward needs it (``activation.from_input``; else ``None``), recording
-    ``preactivation`` and ``activation`` when ``settings.enabled``.
+    settings: StatsConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`fastmlp.backends.reference.forward` for CPU tensors.
 
     Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's fused
     activation: ``z`` must be kept for the backward anyway."""
@@ -660,24 +539,10 @@ def forward(
     h = activation.forward(z)
     if settings.enabled:
         record(bufs, settings, PREACTIVATION, z)
-        record(bufs, settings, ACTIVATION, h)
+        record(bufs, settings, ACTIVATION, h, fixed=activation.bounded)
         if settings.per_unit:
-            record_units(bufs, settings, h)
+            reference.record_units(bufs, settings, h)
     return h, (z if activation.from_input else None)
-
-
-def record_units(bufs: Buffers, settings: Settings, h: torch.Tensor) -> None:
-    """Per-unit counts of the activation ``h [M, N]`` into ``bufs.units`` (device ops only)."""
-    h = h.detach()
-    if h.dtype in (torch.float16, torch.bfloat16):
-        h = h.float()
-    fin = torch.isfinite(h)
-    units = bufs.units
-    rows = [fin.sum(0), (h > 0).sum(0)]
-    if settings.saturation:
-        lo, hi = saturation_bounds(settings.sat_low, settings.sat_high, h.dtype)
-        rows += [((h <= lo) & fin).sum(0), (h >= hi).sum(0)]  # h >= hi excludes NaN
-    units[: len(rows)] += torch.stack(rows).to(units.dtype)
 
 
 def backward(
@@ -687,14 +552,12 @@ def backward(
     saved: torch.Tensor,
     activation: Activation,
     bufs: Buffers,
-    settings: Settings,
+    settings: StatsConfig,
     need_x: bool,
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dW, db)`` of ``h = f(x W^T + b)`` from ``dh`` (``None`` where not needed),
-    recording ``preactivation_grad`` and ``weight_grad`` when ``settings.enabled``.
-    ``saved`` is ``h``, or ``z`` for activations with ``from_input``."""
+    """:func:`fastmlp.backends.reference.backward` for CPU tensors."""
     dz = activation.backward(dh, saved)
     stats = settings.enabled
     db = dz.sum(0) if need_b else None
