@@ -3,7 +3,7 @@
 from fastmlp.activations import ACTIVATIONS, Activation, get_activation
 from fastmlp.init import INITS, initialize_
 from fastmlp.instrument import InstrumentReport, instrument, stats_of
-from fastmlp.layers import InstrumentedLinear
+from fastmlp.layers import InstrumentedDense, InstrumentedLinear
 from fastmlp.mlp import MLP
 from fastmlp.model_stats import ModelStats, instrumented_layers
 from fastmlp.op import is_deterministic, set_deterministic
@@ -22,6 +22,7 @@ __all__ = [
     "Activation",
     "Finding",
     "InstrumentReport",
+    "InstrumentedDense",
     "InstrumentedLinear",
     "LayerStats",
     "ModelStats",

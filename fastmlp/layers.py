@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as _dist
 from torch import nn
@@ -13,7 +15,15 @@ from fastmlp.op import BACKENDS, _eager, dense
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.config import StatsConfig
 
-__all__ = ["BACKENDS", "InstrumentedLinear", "chain_passes", "check_float_tensor"]
+__all__ = [
+    "BACKENDS",
+    "InstrumentedDense",
+    "InstrumentedLinear",
+    "chain_passes",
+    "check_float_tensor",
+    "instrumented_class",
+    "is_hf_conv1d_class",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -29,37 +39,19 @@ def check_float_tensor(x: torch.Tensor, what: str = "input") -> None:
         )
 
 
-class InstrumentedLinear(nn.Module):
-    """``h = f(x W^T + b)`` that records per-layer statistics in its own forward and backward.
+class InstrumentedDense(nn.Module):
+    """What every instrumented dense layer is: ``h = f(x W^T + b)`` through fastmlp's op,
+    recording per-layer statistics in its own forward and backward (``self.stats``, a
+    :class:`~fastmlp.stats.LayerStats`).
 
-    It behaves like ``nn.Linear`` followed by the activation (same shapes, same
-    parameters ``weight [out, in]`` and ``bias [out]``). While it runs, it
-    accumulates on the tensor's device the statistics of ``preactivation``,
-    ``activation``, ``preactivation_grad`` and ``weight_grad`` (see
-    :mod:`fastmlp.stats`); read them with ``layer.stats`` or the model's
-    :class:`~fastmlp.ModelStats`.
-
-    Args:
-        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu``, ``identity``, ``gelu``,
-            ``gelu_tanh`` or ``silu``.
-        init: ``standard``, ``normalized`` or ``pytorch`` (see :mod:`fastmlp.init`).
-        bias: learn an additive bias.
-        zero_bias: start biases at zero (default: yes, except for ``init="pytorch"``).
-        config: what the layer records (:class:`~fastmlp.stats.config.StatsConfig`; default
-            ``StatsConfig()``).
-        bins, saturation_thresholds: override those fields of ``config``.
-        backend: ``auto`` (Triton kernels for CUDA tensors, PyTorch otherwise),
-            ``triton`` (always the kernels; on CPU under ``TRITON_INTERPRET=1``)
-            or ``torch`` (always the PyTorch path).
-        generator: ``torch.Generator`` for a reproducible initialization.
-        layer_index: 1-based position reported in statistics rows.
-        stats_in_state_dict: save the statistics buffers in ``state_dict`` (default); with
-            ``False`` the ``state_dict`` holds only ``weight`` and ``bias``, like
-            ``nn.Linear``'s (what :func:`fastmlp.instrument` uses).
-        stats_device: device of the statistics buffers (default: ``device``).
-
-    Inputs of any leading shape ``[*, in_features]`` are flattened to 2-D for the op.
+    Its concrete classes keep the type of the layer they stand for, so code that checks
+    ``isinstance`` keeps finding them: :class:`InstrumentedLinear` is an ``nn.Linear``, and
+    :func:`instrumented_class` makes the one for Hugging Face's ``Conv1D`` (whose weight is
+    stored ``[in, out]``: ``weight_transposed``).
     """
+
+    #: The weight is stored ``[in_features, out_features]`` and used transposed.
+    weight_transposed: bool = False
 
     def __init__(
         self,
@@ -81,7 +73,8 @@ class InstrumentedLinear(nn.Module):
         stats_in_state_dict: bool = True,
         stats_device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        # (nn.Module's own: the parameters are made here, not by nn.Linear's __init__)
+        nn.Module.__init__(self)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -91,12 +84,19 @@ class InstrumentedLinear(nn.Module):
         self.out_features = out_features
         self.activation = get_activation(activation)
         self.init = init
+        self.zero_bias = zero_bias
         self.backend = backend
         self.layer_index = layer_index
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        initialize_(self.weight, self.bias, init, zero_bias=zero_bias, generator=generator)
+        shape = (
+            (in_features, out_features) if self.weight_transposed else (out_features, in_features)
+        )
+        self.weight = nn.Parameter(torch.empty(*shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._initialize(generator)
         overrides = {"bins": bins, "saturation_thresholds": saturation_thresholds}
         self.stats = LayerStats(
             self.activation,
@@ -106,6 +106,15 @@ class InstrumentedLinear(nn.Module):
             persistent=stats_in_state_dict,
             units=out_features,
         )
+
+    def _initialize(self, generator: torch.Generator | None = None) -> None:
+        weight = self.weight.t() if self.weight_transposed else self.weight
+        with torch.no_grad():
+            initialize_(weight, self.bias, self.init, zero_bias=self.zero_bias, generator=generator)
+
+    def reset_parameters(self) -> None:
+        """Initialize the weight and bias again, by the layer's ``init`` scheme."""
+        self._initialize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor(x)
@@ -122,6 +131,8 @@ class InstrumentedLinear(nn.Module):
         weight = params.get("weight")
         if weight is None:
             weight = self.weight
+        if self.weight_transposed:
+            weight = weight.t()  # a view: the gradient reaches the [in, out] parameter
         bias = params.get("bias")
         if bias is None:
             bias = self.bias
@@ -153,9 +164,90 @@ class InstrumentedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"activation={self.activation.name}, init={self.init}, "
-            f"bias={self.bias is not None}, backend={self.backend}, layer={self.layer_index}"
+            f"bias={self.bias is not None}, activation={self.activation.name}, "
+            f"init={self.init}, backend={self.backend}, layer={self.layer_index}"
         )
+
+    # The class's own repr, not the one a wrapped class (HF Conv1D) defines.
+    __repr__ = nn.Module.__repr__
+
+
+class InstrumentedLinear(InstrumentedDense, nn.Linear):
+    """``h = f(x W^T + b)`` that records per-layer statistics in its own forward and backward.
+
+    An ``nn.Linear`` (``isinstance`` holds: initialisation functions, parameter grouping and
+    tensor-parallel plans treat it as one) followed by the activation: same shapes, same
+    parameters ``weight [out, in]`` and ``bias [out]``. While it runs, it accumulates on the
+    tensor's device the statistics of ``preactivation``, ``activation``,
+    ``preactivation_grad`` and ``weight_grad`` (see :mod:`fastmlp.stats`); read them with
+    ``layer.stats`` or the model's :class:`~fastmlp.ModelStats`.
+
+    Args:
+        activation: ``sigmoid``, ``tanh``, ``softsign``, ``relu``, ``identity``, ``gelu``,
+            ``gelu_tanh`` or ``silu``.
+        init: ``standard``, ``normalized`` or ``pytorch`` (see :mod:`fastmlp.init`); also
+            what :meth:`reset_parameters` draws.
+        bias: learn an additive bias.
+        zero_bias: start biases at zero (default: yes, except for ``init="pytorch"``).
+        config: what the layer records (:class:`~fastmlp.stats.config.StatsConfig`; default
+            ``StatsConfig()``).
+        bins, saturation_thresholds: override those fields of ``config``.
+        backend: ``auto`` (Triton kernels for CUDA tensors, PyTorch otherwise),
+            ``triton`` (always the kernels; on CPU under ``TRITON_INTERPRET=1``)
+            or ``torch`` (always the PyTorch path).
+        generator: ``torch.Generator`` for a reproducible initialization.
+        layer_index: 1-based position reported in statistics rows.
+        stats_in_state_dict: save the statistics buffers in ``state_dict`` (default); with
+            ``False`` the ``state_dict`` holds only ``weight`` and ``bias``, like
+            ``nn.Linear``'s (what :func:`fastmlp.instrument` uses).
+        stats_device: device of the statistics buffers (default: ``device``).
+
+    Inputs of any leading shape ``[*, in_features]`` are flattened to 2-D for the op.
+    """
+
+
+def instrumented_class(dense_class: type[nn.Module]) -> type[InstrumentedDense]:
+    """The instrumented class standing for ``dense_class``: :class:`InstrumentedLinear` for
+    ``nn.Linear``, :class:`InstrumentedConv1D` (a subclass of ``transformers``' ``Conv1D``,
+    weight ``[in, out]``) for that ``Conv1D``."""
+    if dense_class is nn.Linear:
+        return InstrumentedLinear
+    if is_hf_conv1d_class(dense_class):
+        return _instrumented_conv1d()
+    raise TypeError(f"no instrumented class for {dense_class.__name__}")
+
+
+def is_hf_conv1d_class(cls: type) -> bool:
+    """Whether ``cls`` is exactly Hugging Face's ``Conv1D`` (told by its name and module,
+    without importing transformers)."""
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
+@functools.cache
+def _instrumented_conv1d() -> type[InstrumentedDense]:
+    from transformers.pytorch_utils import Conv1D
+
+    class InstrumentedConv1D(InstrumentedDense, Conv1D):
+        """Hugging Face's ``Conv1D`` (``y = x @ W + b``, ``weight [in, out]``), instrumented:
+        :class:`InstrumentedDense` with the weight used transposed (a view: no copy), so
+        ``isinstance(m, Conv1D)`` and HF's ``nf``/``nx`` keep holding."""
+
+        weight_transposed = True
+
+        def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
+            super().__init__(in_features, out_features, *args, **kwargs)
+            self.nf, self.nx = out_features, in_features
+
+    InstrumentedConv1D.__module__ = __name__
+    return InstrumentedConv1D
+
+
+def __getattr__(name: str) -> type:
+    # ``fastmlp.layers.InstrumentedConv1D`` (what pickle looks up) is made on first use,
+    # importing transformers only then.
+    if name == "InstrumentedConv1D":
+        return _instrumented_conv1d()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _GLOBAL_HOOKS = tuple(

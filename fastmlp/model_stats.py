@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from fastmlp.layers import InstrumentedLinear
+from fastmlp.layers import InstrumentedDense
 from fastmlp.stats import ranks
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.config import SWITCHES, StatsConfig
@@ -16,15 +16,17 @@ from fastmlp.stats.snapshot import Snapshot
 __all__ = ["ModelStats", "instrumented_layers"]
 
 
-def instrumented_layers(model: nn.Module) -> list[InstrumentedLinear]:
-    """Every :class:`~fastmlp.InstrumentedLinear` in ``model``, in registration order."""
+def instrumented_layers(model: nn.Module) -> list[InstrumentedDense]:
+    """Every instrumented layer (:class:`~fastmlp.layers.InstrumentedDense`: an
+    :class:`~fastmlp.InstrumentedLinear` or an instrumented HF ``Conv1D``) in ``model``, in
+    registration order."""
     return [m for _, m in _named_layers(model)]
 
 
-def _named_layers(model: nn.Module) -> list[tuple[str, InstrumentedLinear]]:
-    if isinstance(model, InstrumentedLinear):
+def _named_layers(model: nn.Module) -> list[tuple[str, InstrumentedDense]]:
+    if isinstance(model, InstrumentedDense):
         return [("", model)]
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, InstrumentedLinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, InstrumentedDense)]
 
 
 class ModelStats:

@@ -13,6 +13,12 @@ def test_readme_python_examples_run():
         scope: dict = {}
         exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - our own README
         if "fastmlp.instrument(" in block:  # "Watch your own model"
+            fused = {lin: act for lin, _, act in scope["gpt2"].fastmlp_report.fused}
+            assert fused == {f"transformer.h.{i}.mlp.c_fc": "gelu_tanh" for i in range(2)}
+            assert len(scope["gpt2"].fastmlp_report.lone) == 7  # 3 Conv1D a block, lm_head
+            assert not scope["gpt2"].fastmlp_report.untouched
+            fused = {lin: act for lin, _, act in scope["vit"].fastmlp_report.fused}
+            assert fused == {f"blocks.{i}.mlp.fc1": "gelu" for i in range(2)}
             assert scope["fc"].count == 8 * 16 * 256 and scope["fc"].kurtosis is not None
             assert scope["fc"].name == "mlp.c_fc" and scope["fc"].dead_fraction is not None
             continue
