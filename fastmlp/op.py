@@ -145,9 +145,22 @@ def _forward(
     settings: StatsConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(h, z)`` of one forward pass, by the backend :func:`route` picks; ``z`` is ``None``
-    where the activation's backward does not need it."""
+    where the activation's backward does not need it.
+
+    A forward run while the autograd engine runs a backward is activation checkpointing's
+    recomputation (``torch.utils.checkpoint``, reentrant or not, and what builds on it:
+    Hugging Face's gradient checkpointing, compiled checkpoint regions): it records
+    nothing, as the pass it recomputes was recorded when it first ran."""
+    if settings.enabled and torch._C._current_graph_task_id() != -1:
+        settings = _recording_nothing(settings)
     how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
     return _backend(how).forward(x, weight, bias, activation, bufs, settings)
+
+
+@functools.lru_cache(maxsize=1024)
+def _recording_nothing(settings: StatsConfig) -> StatsConfig:
+    """``settings`` with statistics off (the same object for the same settings)."""
+    return settings.replace(enabled=False)
 
 
 def _backward(
