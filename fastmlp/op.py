@@ -333,7 +333,14 @@ def _backward_pass(
     :class:`DenseFunction`)."""
     args = (bufs, activation, backend, settings, need_x, need_w, need_b)
     if _eager():
-        return _without_graph(_backward, dh, x, weight, saved, *args)
+        if torch.is_grad_enabled():  # the engine runs a backward in grad mode: create_graph
+            raise RuntimeError(
+                "fastmlp's instrumented layers do not support double backward "
+                "(torch.autograd.grad(..., create_graph=True), as gradient penalties use): "
+                "the gradient of their backward would be dropped. Compute the penalty on a "
+                "plain copy of the model, or leave these layers out of it."
+            )
+        return _backward(dh, x, weight, saved, *args)
     dx, dw, db = _without_graph(
         BACKWARD_OP,
         dh,
@@ -363,13 +370,23 @@ def _without_graph(fn: Callable[..., tuple], *args) -> tuple:
 # ----------------------------------------------------------------------------- autograd
 
 
+def _kept(activation: Activation, h: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor | None:
+    """What a pass saves for its backward beside ``x`` and ``weight``: ``z`` where the
+    activation's derivative is computed from it (GELU, SiLU), nothing for the identity
+    (whose derivative needs no value: the output may then be modified in place, as
+    ``y = fc(x); y += r`` does), else ``h``. The backward passes ``dh`` where nothing was
+    kept (the same shape; its values go unused)."""
+    if z is not None:
+        return z
+    return None if activation.name == "identity" else h
+
+
 class DenseFunction(torch.autograd.Function):
     """Autograd of one instrumented dense pass: ``h = f(x W^T + b)``, differentiable in
     ``x``, ``weight`` and ``bias``. Arguments as :func:`dense`.
 
-    Double backward is not supported (the backward runs without recording a graph). It
-    saves ``x``, ``weight`` and ``h``, or ``z`` instead of ``h`` for activations whose
-    derivative needs the input (GELU, SiLU: the same memory).
+    Double backward is refused (:func:`_backward_pass`). It saves ``x``, ``weight`` and
+    what the activation's derivative needs (:func:`_kept`).
     """
 
     @staticmethod
@@ -385,7 +402,7 @@ class DenseFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(z)
         # z gets no gradient: none is made up for it.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, h if z is None else z)
+        ctx.save_for_backward(x, weight, _kept(activation, h, z))
         # The buffers are mutated by every pass: kept as an attribute, not saved tensors
         # (whose version check would fail when a later pass has updated them).
         ctx.pass_args = (bufs, activation, backend, settings)
@@ -395,6 +412,7 @@ class DenseFunction(torch.autograd.Function):
         if dh is None:  # h got no gradient (grads are not materialised): nor do the inputs
             return None, None, None, None, None, None, None
         x, weight, saved = ctx.saved_tensors
+        saved = dh if saved is None else saved
         need_x, need_w, need_b = ctx.needs_input_grad[:3]  # (need_b is False without a bias)
         args = (*ctx.pass_args, need_x, need_w, need_b)
         return (*_backward_pass(dh, x, weight, saved, *args), None, None, None, None)
@@ -422,7 +440,7 @@ class ChainFunction(torch.autograd.Function):
         for i, (bufs, activation, backend, settings) in enumerate(passes):
             weight, bias = params[2 * i], params[2 * i + 1]
             h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
-            saved += (x, weight, h if z is None else z)
+            saved += (x, weight, _kept(activation, h, z))
             x = h
         ctx.save_for_backward(*saved)
         ctx.passes = passes
@@ -445,6 +463,7 @@ class ChainFunction(torch.autograd.Function):
             if not (need_x or need_w or need_b):
                 break  # nor does any earlier pass need anything
             x, weight, saved = tensors[3 * i : 3 * i + 3]
+            saved = dh if saved is None else saved
             args = (*passes[i], need_x, need_w, need_b)
             dh, grads[2 * i], grads[2 * i + 1] = _backward_pass(dh, x, weight, saved, *args)
         return (dh if needs[0] else None, None, *grads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 
 import pytest
@@ -10,6 +11,7 @@ from _reference import ACTS, torch_act
 from torch import nn
 from torch.func import functional_call
 
+import fastmlp
 from fastmlp import ACTIVATIONS, INITS, MLP, InstrumentedLinear, ModelStats, get_activation
 
 
@@ -535,3 +537,53 @@ def test_mlp_chain_on_cuda_equals_separate_layers():
         _assert_same_statistics(chained, layered)
     finally:
         K.set_deterministic(False)
+
+
+@pytest.mark.parametrize("how", ["layer", "chain", "compiled"])
+def test_double_backward_is_refused_not_silently_wrong(how):
+    """A gradient penalty differentiates the backward: the layers' backward records no
+    graph, so its gradient would be dropped. It raises instead, wherever the op runs."""
+    g = torch.Generator().manual_seed(0)
+    if how == "layer":
+        model = nn.Sequential(InstrumentedLinear(4, 5, "tanh"), InstrumentedLinear(5, 3))
+    else:
+        model = MLP(4, 3, depth=1, width=5, seed=0)
+    run = torch.compile(model) if how == "compiled" else model
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    out = run(x).square().sum()
+    # (compiled: PyTorch's own refusal, which names double backward or create_graph)
+    with pytest.raises(RuntimeError, match="double backward|create_graph"):
+        (grad,) = torch.autograd.grad(out, x, create_graph=True)
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("inplace", ["hardswish", "add"])
+def test_a_lone_layer_output_modified_in_place_still_trains(inplace):
+    """A lone layer (identity activation) keeps nothing of its output for the backward, so
+    an in-place op on it afterwards (torchvision's mobilenet head, a residual ``+=``) is
+    allowed, and the gradients equal the untouched model's."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):
+            y = self.fc(x)
+            y += x
+            return y
+
+    torch.manual_seed(0)
+    if inplace == "hardswish":
+        ref = nn.Sequential(nn.Linear(4, 5), nn.Hardswish(inplace=True), nn.Linear(5, 3))
+    else:
+        ref = nn.Sequential(nn.Linear(4, 5), Residual(), nn.Linear(5, 3))
+    model = copy.deepcopy(ref)
+    fastmlp.instrument(model)
+    assert not model.fastmlp_report.fused
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert fastmlp.stats_of(model).snapshot()[1]["preactivation_grad"].count == 6 * 5
