@@ -52,7 +52,7 @@ from torch import fx, nn
 from fastmlp.activations import ACTIVATIONS
 from fastmlp.layers import InstrumentedDense, instrumented_class, is_hf_conv1d_class
 from fastmlp.model_stats import ModelStats
-from fastmlp.stats.config import FIELDS, SWITCHES, StatsConfig
+from fastmlp.stats.config import FIELDS, StatsConfig
 
 __all__ = ["InstrumentReport", "activation_of", "instrument", "stats_of"]
 
@@ -414,10 +414,7 @@ def instrument(model: nn.Module, **options) -> nn.Module:
     config = options.get("config") or StatsConfig()
     if not isinstance(config, StatsConfig):
         raise TypeError(f"config must be a StatsConfig, got {type(config).__name__}")
-    changes = {k: options[k] for k in FIELDS if k in options}
-    options["config"] = config.replace(
-        **{k: bool(v) if k in SWITCHES else v for k, v in changes.items()}
-    )
+    options["config"] = config.replace(**{k: options[k] for k in FIELDS if k in options})
     fuse, use_fx = options.get("fuse", True), options.get("fx", True)
     report = InstrumentReport()
     if _is_dense(model):

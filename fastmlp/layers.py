@@ -238,7 +238,9 @@ def _instrumented_conv1d() -> type[InstrumentedDense]:
             super().__init__(in_features, out_features, *args, **kwargs)
             self.nf, self.nx = out_features, in_features
 
+    # Found by pickle as fastmlp.layers.InstrumentedConv1D (the module's __getattr__).
     InstrumentedConv1D.__module__ = __name__
+    InstrumentedConv1D.__qualname__ = "InstrumentedConv1D"
     return InstrumentedConv1D
 
 

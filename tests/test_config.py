@@ -43,6 +43,15 @@ def test_bad_values_say_what_was_expected(bad, error, words):
         StatsConfig().replace(**bad)
 
 
+def test_a_config_of_another_type_or_a_switch_not_a_bool_is_refused():
+    with pytest.raises(TypeError, match="config must be a StatsConfig"):
+        MLP(4, 2, depth=1, width=3, config={"zeros": True})
+    with pytest.raises(TypeError, match="config must be a StatsConfig"):
+        fastmlp.instrument(nn.Sequential(nn.Linear(3, 3)), config="zeros")
+    with pytest.raises(TypeError, match="must be a bool"):
+        fastmlp.instrument(nn.Sequential(nn.Linear(3, 3)), zeros="yes")
+
+
 def test_unknown_names_are_refused_everywhere():
     with pytest.raises(TypeError, match="unknown statistics options"):
         StatsConfig().replace(zeroes=True)

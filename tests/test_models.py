@@ -835,3 +835,20 @@ def test_untouched_layers_have_reasons():
     assert {p for p, _, _ in r.fused} | {p for p, _ in r.lone} | set(untouched) == dense
     model["hooked"](torch.randn(2, 8))
     assert fired == [torch.Size([2, 8])]
+
+
+def test_an_instrumented_gpt2_saves_and_loads_whole():
+    """torch.save of the whole model pickles the instrumented Conv1D class by its name
+    (fastmlp.layers.InstrumentedConv1D) and loads into the same outputs."""
+    import io
+
+    model = _build("hf_gpt2").eval()
+    instrument(model, warn=False)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    layer = loaded.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, Conv1D) and type(layer).__name__ == "InstrumentedConv1D"
+    batch = _batch("hf_gpt2", 3)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)

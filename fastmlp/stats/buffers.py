@@ -59,6 +59,8 @@ class LayerStats(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
+        if config is not None and not isinstance(config, StatsConfig):
+            raise TypeError(f"config must be a StatsConfig, got {type(config).__name__}")
         config = (config or StatsConfig()).replace(**options)
         self.activation = activation
         self.units = int(units)
