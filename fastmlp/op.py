@@ -45,6 +45,7 @@ import torch
 
 from fastmlp.activations import Activation, get_activation
 from fastmlp.backends import cpu, reference
+from fastmlp.backends.determinism import is_deterministic, set_deterministic
 from fastmlp.stats.buffers import calibration_flags
 from fastmlp.stats.config import FIELDS, StatsConfig
 from fastmlp.stats.layout import (
@@ -80,22 +81,6 @@ def _fused() -> ModuleType | None:
     except ImportError:
         return None
     return fused
-
-
-def set_deterministic(flag: bool = True) -> None:
-    """Switch the Triton kernels to bitwise-reproducible statistics (or back): fixed tile
-    configurations, per-program partial sums reduced in a fixed order. The other backends
-    are reproducible anyway. ``ImportError`` where Triton cannot be imported."""
-    fused = _fused()
-    if fused is None:
-        raise ImportError("deterministic mode is a mode of the Triton kernels: import triton")
-    fused.set_deterministic(flag)
-
-
-def is_deterministic() -> bool:
-    """Whether the Triton kernels' deterministic mode is on (see :func:`set_deterministic`)."""
-    fused = _fused()
-    return fused is not None and fused.is_deterministic()
 
 
 def _backend(how: str) -> ModuleType:

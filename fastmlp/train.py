@@ -43,6 +43,7 @@ from fastmlp.config import TrainConfig
 from fastmlp.errors import RunFailed
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.mlp import MLP
+from fastmlp.op import is_deterministic, set_deterministic
 from fastmlp.probe import probe
 from fastmlp.run import CheckpointError, RunDir, hold, load_checkpoint, save_checkpoint
 from fastmlp.stats.snapshot import Snapshot
@@ -180,11 +181,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    # Deterministic backends: a run resumed in another process, or run again with the same
+    # seed, writes the same rows (no timing-dependent kernel choice, no float atomics).
+    was_deterministic = is_deterministic()
+    set_deterministic(True)
     try:
         # One writer per run directory (rank 0 of a distributed job); see fastmlp.run.hold.
         with hold(run_dir, new=not resume, enabled=_dist_info()[0] == 0):
             return _train(config, resume, run_dir, device)
     finally:
+        set_deterministic(was_deterministic)
         torch.set_num_threads(saved_threads)
 
 

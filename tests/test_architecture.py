@@ -33,7 +33,7 @@ LAYERS = [
     ["fastmlp.stats.snapshot"],
     ["fastmlp.stats.ranks"],
     KERNELS,  # the @triton.jit code: it imports nothing of fastmlp but the buffer layout
-    ["fastmlp.backends.reference"],
+    ["fastmlp.backends.determinism", "fastmlp.backends.reference"],
     ["fastmlp.backends.cpu", "fastmlp.backends.launch"],
     ["fastmlp.backends.fused"],
     ["fastmlp.op"],

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastmlp.activations import Activation
-from fastmlp.backends import reference
+from fastmlp.backends import determinism, reference
 from fastmlp.stats.algebra import grow_range_, reshift
 from fastmlp.stats.buffers import calibration_flags
 from fastmlp.stats.config import StatsConfig
@@ -447,8 +447,8 @@ def _use_onednn(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation | None
 ) -> bool:
     """Whether ``_dense`` runs oneDNN for these operands (measured once per shape)."""
-    if not _onednn_usable(x, weight):
-        return False
+    if determinism._on or not _onednn_usable(x, weight):
+        return False  # (deterministic: addmm, whatever a timing would choose)
     post = "none" if act is None else act.name
     key = (x.shape, weight.shape, weight.stride(), bias is not None, post, torch.get_num_threads())
     choice = _ONEDNN_CHOICE.get(key)

@@ -30,6 +30,8 @@ import torch
 import triton
 
 from fastmlp.activations import ACTIVATIONS, Activation
+from fastmlp.backends import determinism
+from fastmlp.backends.determinism import is_deterministic, set_deterministic
 from fastmlp.backends.launch import Plan, prepare
 from fastmlp.kernels import (
     ACT_IDS,
@@ -58,27 +60,12 @@ __all__ = [
 #: imported): the kernels then run on CPU tensors, as numpy code.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_deterministic: bool = os.environ.get("FASTMLP_DETERMINISTIC", "0") == "1"
-
-
-def set_deterministic(flag: bool = True) -> None:
-    """Make the kernels' statistics bitwise reproducible (``True``) or use float atomics.
-
-    Deterministic mode replaces the float64 atomic additions of the moment sums by
-    per-program partials that each pass's last program adds in program order, and uses a
-    fixed tile configuration instead of autotuning (the partition of the work must not
-    change between runs). It costs a serial reduction over the partials per pass and
-    whatever the autotuner would have gained over the fixed tiles. Counts, min/max and
-    histograms are exact in both modes. The default comes from the environment variable
-    ``FASTMLP_DETERMINISTIC=1``.
-    """
-    global _deterministic
-    _deterministic = bool(flag)
-
-
-def is_deterministic() -> bool:
-    """Whether deterministic statistics are on (see :func:`set_deterministic`)."""
-    return _deterministic
+# Deterministic mode (:mod:`fastmlp.backends.determinism`) replaces the float64 atomic
+# additions of the moment sums by per-program partials that each pass's last program adds
+# in program order, and uses a fixed tile configuration instead of autotuning (the
+# partition of the work must not change between runs). It costs a serial reduction over
+# the partials per pass and whatever the autotuner would have gained over the fixed tiles.
+# Counts, min/max and histograms are exact in both modes.
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -390,7 +377,7 @@ def forward(
     ``preactivation`` and ``activation`` into ``bufs`` (calibrated) when
     ``settings.enabled``. No host reads."""
     dtype = x.dtype
-    det = _deterministic and settings.enabled
+    det = determinism._on and settings.enabled
     precision = "ieee"
     if dtype is torch.float32 and _matmul_precision() != "highest":
         precision = "tf32"
@@ -515,7 +502,7 @@ def backward(
     ``preactivation_grad`` and ``weight_grad`` into ``bufs`` when ``settings.enabled``.
     ``saved`` is the forward's ``h``, or its ``z`` for the activations that need it."""
     dtype = x.dtype
-    det = _deterministic and settings.enabled
+    det = determinism._on and settings.enabled
     precision = "ieee"
     if dtype is torch.float32 and _matmul_precision() != "highest":
         precision = "tf32"
