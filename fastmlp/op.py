@@ -135,10 +135,16 @@ def _forward(
     A forward run while the autograd engine runs a backward is activation checkpointing's
     recomputation (``torch.utils.checkpoint``, reentrant or not, and what builds on it:
     Hugging Face's gradient checkpointing, compiled checkpoint regions): it records
-    nothing, as the pass it recomputes was recorded when it first ran."""
+    nothing, as the pass it recomputes was recorded when it first ran, and computes as
+    that pass did (on the CPU, not with the activation fused into oneDNN's matmul, which
+    rounds differently)."""
     if settings.enabled and torch._C._current_graph_task_id() != -1:
         settings = _recording_nothing(settings)
-    how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
+        how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
+        if how == "cpu":
+            return cpu.forward(x, weight, bias, activation, bufs, settings, fuse_activation=False)
+    else:
+        how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
     return _backend(how).forward(x, weight, bias, activation, bufs, settings)
 
 

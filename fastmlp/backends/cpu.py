@@ -528,12 +528,17 @@ def forward(
     activation: Activation,
     bufs: Buffers,
     settings: StatsConfig,
+    *,
+    fuse_activation: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`fastmlp.backends.reference.forward` for CPU tensors.
 
-    Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's fused
-    activation: ``z`` must be kept for the backward anyway."""
-    if not settings.enabled and activation.name in _ONEDNN_POST:
+    With statistics off and ``fuse_activation``, oneDNN may apply the activation in its
+    matmul (where that timed faster); ``fuse_activation=False`` computes ``z`` then ``h``
+    as with statistics on, bit for bit (what a checkpoint's recomputation of a recorded
+    pass needs). Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's
+    fused activation: ``z`` must be kept for the backward anyway."""
+    if not settings.enabled and fuse_activation and activation.name in _ONEDNN_POST:
         return _dense(x, weight, bias, activation), None
     z = _dense(x, weight, bias)
     h = activation.forward(z)
