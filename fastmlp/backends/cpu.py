@@ -567,7 +567,10 @@ def backward(
     stats = settings.enabled
     db = dz.sum(0) if need_b else None
     if stats:
-        record(bufs, settings, PREACTIVATION_GRAD, dz, total=None if db is None else db.sum)
+        # (the bias gradient's sum as the batch total only where it is summed in float32 or
+        # float64: in float16/bfloat16 it is rounded to the layer's precision)
+        exact = db is not None and db.dtype in (torch.float32, torch.float64)
+        record(bufs, settings, PREACTIVATION_GRAD, dz, total=db.sum if exact else None)
     dw = None
     if need_w or stats:
         dw = dz.t() @ x
