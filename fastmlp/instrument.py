@@ -41,6 +41,7 @@ applied functionally (``F.linear(x, self.w)``) has no module and cannot be seen.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 import warnings
@@ -212,17 +213,24 @@ def _fx_pairs(
     return pairs, "; ".join(reasons) or None
 
 
+@functools.lru_cache(maxsize=256)
+def _forward_tree(cls: type[nn.Module]) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The syntax tree of ``cls.forward`` (parsed once per class), or ``None`` where its
+    source cannot be read or parsed."""
+    try:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    return fn if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
 def _unconditional(parent: nn.Module, lin: str, act: str) -> bool:
     """Whether ``type(parent).forward``'s source calls ``self.<act>`` once, on the output
     of the one call of ``self.<lin>``, whatever the module's state: directly
     (``self.act(self.lin(x))``), or through a variable assigned ``self.lin(...)`` by an
     earlier statement of the same block that no statement in between assigns again."""
-    try:
-        source = textwrap.dedent(inspect.getsource(type(parent).forward))
-        fn = ast.parse(source).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    fn = _forward_tree(type(parent))
+    if fn is None:
         return False
     act_calls, lin_calls = _self_calls(fn, act), _self_calls(fn, lin)
     if len(act_calls) != 1 or len(lin_calls) != 1 or len(act_calls[0].args) != 1:
@@ -256,9 +264,8 @@ def _read_directly(parent: nn.Module, dense: set[str]) -> set[str]:
     """The dense children whose parameters ``type(parent).forward`` reads
     (``self.<child>.weight``) without ever calling the child: their maths runs outside
     them (``F.linear(x, self.qkv.weight)``), where a swapped layer would record nothing."""
-    try:
-        fn = ast.parse(textwrap.dedent(inspect.getsource(type(parent).forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
+    fn = _forward_tree(type(parent))
+    if fn is None:
         return set()
     read = {
         n.value.attr
