@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fastmlp.backends import cpu as torch_path
+from fastmlp.backends import cpu
 
 from .command import add_timing_options, entry, positive_int, positive_ints, write_result
 from .machine import machine_info, machine_slug
@@ -175,7 +175,7 @@ class CallTape:
         return _compile(rec.calls, len(inputs)), len(rec.calls)
 
     def capturing(self, real: Callable) -> Callable:
-        """A stand-in for ``torch_path.record`` that runs it and appends its calls."""
+        """A stand-in for ``cpu.record`` that runs it and appends its calls."""
 
         def record(*args: Any, **kwargs: Any) -> None:
             self.tapes.append(self._capture(real, args, kwargs))
@@ -183,7 +183,7 @@ class CallTape:
         return record
 
     def replaying(self, real: Callable) -> Callable:
-        """A stand-in for ``torch_path.record`` that replays the next captured record on
+        """A stand-in for ``cpu.record`` that replays the next captured record on
         this call's tensors. A replay that fails (this step's values left the slots the
         capture saw) captures that record again, and is counted in ``recaptures``."""
 
@@ -205,12 +205,12 @@ class CallTape:
 
 def _patched(fn: Callable[[], object], stand_in: Callable) -> Callable[[], object]:
     def run() -> object:
-        saved = torch_path.record
-        torch_path.record = stand_in
+        saved = cpu.record
+        cpu.record = stand_in
         try:
             return fn()
         finally:
-            torch_path.record = saved
+            cpu.record = saved
 
     return run
 
@@ -225,7 +225,7 @@ def measure(batch: int, repeats: int, warmup: int, min_time: float, width: int =
     for _ in range(3):  # past calibration: the captured step is a steady one
         replayed()
     tape = CallTape()
-    real = torch_path.record
+    real = cpu.record
     _patched(replayed, tape.capturing(real))()
     replay = _patched(replayed, tape.replaying(real))
 

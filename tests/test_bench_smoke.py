@@ -322,7 +322,7 @@ def test_floor_replays_the_pytorch_calls_a_record_makes_on_its_new_tensors():
     from fastmlp.bench.floor import CallTape
 
     from fastmlp.activations import get_activation
-    from fastmlp.backends import cpu as torch_path
+    from fastmlp.backends import cpu
     from fastmlp.stats import LayerStats
     from fastmlp.stats.layout import ACTIVATION
 
@@ -330,16 +330,16 @@ def test_floor_replays_the_pytorch_calls_a_record_makes_on_its_new_tensors():
     stats = LayerStats(get_activation("tanh"))
     bufs, settings = stats.buffers_tuple(), stats.settings()
     x0, x1, y = (torch.tanh(torch.randn(4000, generator=g)) for _ in range(3))
-    torch_path.record(bufs, settings, ACTIVATION, x0)  # calibrated: a steady record
+    cpu.record(bufs, settings, ACTIVATION, x0)  # calibrated: a steady record
     tape = CallTape()
-    tape.capturing(torch_path.record)(bufs, settings, ACTIVATION, x1)
+    tape.capturing(cpu.record)(bufs, settings, ACTIVATION, x1)
     ((_, n),) = tape.tapes
     before = [t.clone() for t in stats.buffers()]
 
-    replayed = _computing_calls(tape.replaying(torch_path.record), bufs, settings, ACTIVATION, y)
+    replayed = _computing_calls(tape.replaying(cpu.record), bufs, settings, ACTIVATION, y)
     assert tape.recaptures == 0
     assert all(torch.equal(a, b) for a, b in zip(before, stats.buffers(), strict=True))
-    real = _computing_calls(torch_path.record, bufs, settings, ACTIVATION, y)
+    real = _computing_calls(cpu.record, bufs, settings, ACTIVATION, y)
     assert [name for name, _ in replayed] == [name for name, _ in real] and len(real) == n
     assert {"_VariableFunctionsClass.aminmax", "_VariableFunctionsClass.bincount"} <= {
         name for name, _ in real
@@ -352,7 +352,7 @@ def test_floor_captures_a_record_again_when_its_replay_fails():
     from fastmlp.bench.floor import CallTape
 
     from fastmlp.activations import get_activation
-    from fastmlp.backends import cpu as torch_path
+    from fastmlp.backends import cpu
     from fastmlp.stats import LayerStats
     from fastmlp.stats.layout import ACTIVATION
 
@@ -360,11 +360,11 @@ def test_floor_captures_a_record_again_when_its_replay_fails():
     stats = LayerStats(get_activation("tanh"))
     bufs, settings = stats.buffers_tuple(), stats.settings()
     narrow = [0.1 + 0.1 * torch.rand(4000, generator=g) for _ in range(2)]
-    torch_path.record(bufs, settings, ACTIVATION, narrow[0])
+    cpu.record(bufs, settings, ACTIVATION, narrow[0])
     tape = CallTape()
-    tape.capturing(torch_path.record)(bufs, settings, ACTIVATION, narrow[1])
+    tape.capturing(cpu.record)(bufs, settings, ACTIVATION, narrow[1])
     wide = torch.rand(4000, generator=g) * 2 - 1  # below the captured slots: bincount fails
-    replay = tape.replaying(torch_path.record)
+    replay = tape.replaying(cpu.record)
     replay(bufs, settings, ACTIVATION, wide)
     assert tape.recaptures == 1
     tape.rewind()

@@ -60,15 +60,13 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     """oneDNN's fused matmul (with the activation fused into it when no statistics need the
     pre-activation), forced here whatever the per-shape measurement would choose, still
     equals nn.Linear + activation, and equals the MKL path with oneDNN switched off."""
-    from fastmlp.backends import cpu as torch_path
+    from fastmlp.backends import cpu
 
     used = []
-    usable = torch_path._onednn_usable
-    monkeypatch.setattr(
-        torch_path, "_onednn_usable", lambda x, w: used.append(usable(x, w)) or used[-1]
-    )
-    monkeypatch.setattr(torch_path, "_onednn_is_faster", lambda *a: True)
-    monkeypatch.setattr(torch_path, "_ONEDNN_CHOICE", {})
+    usable = cpu._onednn_usable
+    monkeypatch.setattr(cpu, "_onednn_usable", lambda x, w: used.append(usable(x, w)) or used[-1])
+    monkeypatch.setattr(cpu, "_onednn_is_faster", lambda *a: True)
+    monkeypatch.setattr(cpu, "_ONEDNN_CHOICE", {})
     g = torch.Generator().manual_seed(7)
     layer = InstrumentedLinear(300, 200, act, bias=bias, zero_bias=False, generator=g)
     layer.stats.enabled = stats
@@ -84,9 +82,9 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     xa = x.clone().requires_grad_(True)
     out = layer(xa)
     out.backward(up)
-    assert any(used) == torch_path._onednn_works()
+    assert any(used) == cpu._onednn_works()
     if torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64"):
-        assert torch_path._onednn_works()  # CI's machine: the oneDNN path is really tested
+        assert cpu._onednn_works()  # CI's machine: the oneDNN path is really tested
     torch.testing.assert_close(out, ref.float(), **close)
     torch.testing.assert_close(xa.grad, x64.grad.float(), **close)
     torch.testing.assert_close(layer.weight.grad, lin.weight.grad.float(), **close)
@@ -104,12 +102,12 @@ def test_onednn_or_addmm_is_chosen_by_measurement_once_per_shape(slow, monkeypat
     once and cached; both give the same result."""
     import time
 
-    from fastmlp.backends import cpu as torch_path
+    from fastmlp.backends import cpu
 
-    if not torch_path._onednn_usable(torch.ones(2, 2), torch.ones(2, 2)):
+    if not cpu._onednn_usable(torch.ones(2, 2), torch.ones(2, 2)):
         pytest.skip("oneDNN's fused linear is not available in this PyTorch build")
     calls = {"onednn": 0, "mkl": 0}
-    impls = {"onednn": torch_path._linear_pointwise, "mkl": torch_path._addmm}
+    impls = {"onednn": cpu._linear_pointwise, "mkl": cpu._addmm}
 
     def timed(name):
         def run(*args):
@@ -120,19 +118,19 @@ def test_onednn_or_addmm_is_chosen_by_measurement_once_per_shape(slow, monkeypat
 
         return run
 
-    monkeypatch.setattr(torch_path, "_linear_pointwise", timed("onednn"))
-    monkeypatch.setattr(torch_path, "_addmm", timed("mkl"))
-    monkeypatch.setattr(torch_path, "_ONEDNN_CHOICE", {})
+    monkeypatch.setattr(cpu, "_linear_pointwise", timed("onednn"))
+    monkeypatch.setattr(cpu, "_addmm", timed("mkl"))
+    monkeypatch.setattr(cpu, "_ONEDNN_CHOICE", {})
     x, w, b = torch.randn(7, 30), torch.randn(20, 30), torch.randn(20)
     act = get_activation("tanh")
-    outs = [torch_path._dense(x, w, b, act) for _ in range(5)]
+    outs = [cpu._dense(x, w, b, act) for _ in range(5)]
     fast = "mkl" if slow == "onednn" else "onednn"
     assert calls[slow] == 4  # measured once: a warm-up and three timed calls, then never
     assert calls[fast] == 4 + 5
-    assert list(torch_path._ONEDNN_CHOICE.values()) == [fast == "onednn"]
+    assert list(cpu._ONEDNN_CHOICE.values()) == [fast == "onednn"]
     torch.testing.assert_close(outs[0], torch.tanh(torch.addmm(b, x, w.t())))
-    torch_path._dense(torch.randn(8, 30), w, b, act)  # a new shape is measured again
-    assert len(torch_path._ONEDNN_CHOICE) == 2
+    cpu._dense(torch.randn(8, 30), w, b, act)  # a new shape is measured again
+    assert len(cpu._ONEDNN_CHOICE) == 2
 
 
 @pytest.mark.parametrize("act", ACTS)
