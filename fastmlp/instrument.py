@@ -64,21 +64,26 @@ class InstrumentReport:
 
     ``fused``: ``(dense layer path, activation path, activation name)``; ``lone``:
     ``(dense layer path, why it was not fused)``; ``untouched``: ``(path, why)`` for dense
-    layers (and 1x1 convolutions) left as they were.
+    layers (and 1x1 convolutions) left as they were; ``already``: ``(path, activation
+    name)`` for layers that were instrumented before the call and that no earlier report
+    of the model lists (a :class:`~fastmlp.MLP`'s, layers built as
+    :class:`~fastmlp.InstrumentedLinear`). A second call keeps the first one's entries.
     """
 
     fused: list[tuple[str, str, str]] = field(default_factory=list)
     lone: list[tuple[str, str]] = field(default_factory=list)
     untouched: list[tuple[str, str]] = field(default_factory=list)
+    already: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def instrumented(self) -> list[str]:
         """Paths of every instrumented layer."""
-        return [f[0] for f in self.fused] + [p for p, _ in self.lone]
+        return [f[0] for f in self.fused] + [p for p, _ in self.lone] + [p for p, _ in self.already]
 
     def __str__(self) -> str:
         lines = [f"fused: {lin} + {act} ({name})" for lin, act, name in self.fused]
         lines += [f"lone: {p} ({why})" for p, why in self.lone]
+        lines += [f"already instrumented: {p} ({act})" for p, act in self.already]
         lines += [f"untouched: {p} ({why})" for p, why in self.untouched]
         return "\n".join(lines) or "nothing to instrument"
 
@@ -411,19 +416,39 @@ def instrument(model: nn.Module, **options) -> nn.Module:
 
     Returns ``model`` (a bare dense layer cannot be replaced in place: a new instrumented
     layer sharing its parameters is returned). The
-    :class:`InstrumentReport` is ``model.fastmlp_report``. Layers are numbered 1, 2, ... in
+    :class:`InstrumentReport` is ``model.fastmlp_report``. A second call is harmless: layers
+    already instrumented stay as they are and keep their report entries (options that
+    would change them are refused, naming the option), dense layers added since are
+    instrumented and numbered after them. A TorchScript module is refused (instrument the
+    eager model). Layers are numbered 1, 2, ... in
     registration order; rows carry their module path. Statistics:
     :func:`stats_of(model) <stats_of>`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"instrument() takes a torch.nn.Module (an instance), got {model!r:.80} "
+            f"({type(model).__name__})"
+        )
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unknown instrument() options {unknown}; expected some of {_OPTIONS}")
+    asked = {k for k, v in options.items() if v is not None}  # (before defaults fill in)
     config = options.get("config") or StatsConfig()
     if not isinstance(config, StatsConfig):
         raise TypeError(f"config must be a StatsConfig, got {type(config).__name__}")
     options["config"] = config.replace(**{k: options[k] for k in FIELDS if k in options})
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"instrument() cannot instrument a TorchScript module ({type(model).__name__}, "
+            "from torch.jit.script or torch.jit.trace): its layers are compiled and cannot "
+            "be replaced. Instrument the eager model; torch.compile and torch.export then "
+            "work on the instrumented one"
+        )
     fuse, use_fx = options.get("fuse", True), options.get("fx", True)
     report = InstrumentReport()
+    # Layers instrumented before this call stay as they are, with their report entries.
+    before = _already_instrumented(model, getattr(model, "fastmlp_report", None), report)
+    _check_unchanged(before, options, asked)
     if _is_dense(model):
         why = _swappable(model)
         if why is None:
@@ -442,11 +467,17 @@ def instrument(model: nn.Module, **options) -> nn.Module:
         done.add(id(model))
         report.untouched.append(("", _swappable(model)))
     for prefix, parent in model.named_modules():
+        if isinstance(parent, torch.jit.ScriptModule):
+            continue  # (reported as a whole where it is a child of an eager module)
         children = dict(parent.named_children())
         for n, c in children.items():
             if _is_pointwise_conv(c) and id(c) not in done:
                 done.add(id(c))
                 why = "a 1x1 convolution (fastmlp instruments nn.Linear and HF Conv1D)"
+                report.untouched.append((_join(prefix, n), why))
+            elif _scripted_dense(c) and id(c) not in done:
+                done.add(id(c))
+                why = "a TorchScript module holding dense layers: instrument before scripting"
                 report.untouched.append((_join(prefix, n), why))
         dense = {n for n, c in children.items() if _is_dense(c)}
         if not dense:
@@ -493,7 +524,8 @@ def instrument(model: nn.Module, **options) -> nn.Module:
                 plan.append((parent, n, "identity", path, reason))
     # Apply in registration order; layer numbers follow it.
     replaced: dict[int, tuple[nn.Module, InstrumentedDense]] = {}  # old kept alive: ids stay
-    for index, (parent, n, act, path, extra) in enumerate(plan, start=1):
+    first = 1 + max((layer.layer_index for _, layer in before), default=0)
+    for index, (parent, n, act, path, extra) in enumerate(plan, start=first):
         lin = getattr(parent, n)
         new = _make(lin, act, index, options)
         replaced[id(lin)] = (lin, new)
@@ -514,6 +546,66 @@ def instrument(model: nn.Module, **options) -> nn.Module:
         listed = "; ".join(f"{p}: {why}" for p, why in report.untouched)
         warnings.warn(f"fastmlp.instrument left dense layers untouched: {listed}", stacklevel=2)
     return model
+
+
+def _already_instrumented(
+    model: nn.Module, earlier: object, report: InstrumentReport
+) -> list[tuple[str, InstrumentedDense]]:
+    """The model's instrumented layers, each entered in ``report`` as the ``earlier``
+    report (a previous call's) lists it, or else in ``report.already``."""
+    fused, lone = {}, {}
+    if isinstance(earlier, InstrumentReport):
+        fused = {f[0]: f for f in earlier.fused}
+        lone = dict(earlier.lone)
+    found = []
+    for path, m in model.named_modules():
+        if not isinstance(m, InstrumentedDense):
+            continue
+        found.append((path, m))
+        if path in fused:
+            report.fused.append(fused[path])
+        elif path in lone:
+            report.lone.append((path, lone[path]))
+        else:
+            report.already.append((path, m.activation.name))
+    return found
+
+
+def _check_unchanged(
+    layers: list[tuple[str, InstrumentedDense]], options: dict, asked: set[str]
+) -> None:
+    """Refuse options the caller gave (``asked``) that differ from what already
+    instrumented ``layers`` use: a second call leaves those layers as they are."""
+    given = [k for k in ("backend", *FIELDS) if k in asked]
+    explicit = "config" in asked
+    for path, layer in layers:
+        where = f"layer {path or '(the model itself)'}"
+        current = layer.stats.config
+        wanted = options["config"]
+        names = [f for f in FIELDS if f != "saturation_thresholds"] if explicit else []
+        names += [k for k in given if k in FIELDS and k not in names]
+        for name in names:
+            if getattr(wanted, name) != getattr(current, name):
+                raise ValueError(
+                    f"instrument(): {where} is already instrumented with {name}="
+                    f"{getattr(current, name)!r}, not {getattr(wanted, name)!r}: instrument() "
+                    "leaves instrumented layers as they are; change what they record with "
+                    f"fastmlp.stats_of(model).configure({name}=...)"
+                )
+        if "backend" in given and options["backend"] != layer.backend:
+            raise ValueError(
+                f"instrument(): {where} is already instrumented with backend="
+                f"{layer.backend!r}, not {options['backend']!r}: instrument() leaves "
+                "instrumented layers as they are; instrument the untouched model to change it"
+            )
+
+
+def _scripted_dense(module: nn.Module) -> bool:
+    """Whether ``module`` is a TorchScript module holding a dense layer (which
+    :func:`instrument` cannot replace)."""
+    return isinstance(module, torch.jit.ScriptModule) and any(
+        getattr(m, "original_name", None) in ("Linear", "Conv1D") for m in module.modules()
+    )
 
 
 def stats_of(model: nn.Module) -> ModelStats:

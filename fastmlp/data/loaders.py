@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+MNIST_CLASSES = 10
+"""MNIST labels lie in ``0 .. MNIST_CLASSES - 1``."""
 CIFAR10_FILES = (
     "data_batch_1",
     "data_batch_2",
@@ -162,16 +166,82 @@ def _load_mnist(
             f"in {raw}. Pass --download (download=True in Python) to download it into "
             f"{data_dir}, or copy the four IDX files there."
         )
+    if missing:
+        for train in (True, False):  # (torchvision downloads and md5-checks the files)
+            tvd.MNIST(str(data_dir), train=train, download=True)
     sets = {}
-    for train in (True, False):
-        ds = tvd.MNIST(str(data_dir), train=train, download=download)
-        sets[train] = (
-            ds.data.reshape(len(ds.data), -1),
-            torch.as_tensor(ds.targets, dtype=torch.int64),
+    for images_file, labels_file in (MNIST_FILES[:2], MNIST_FILES[2:]):
+        x = _read_idx(raw / images_file, 3, "images")
+        y = _read_idx(raw / labels_file, 1, "labels")
+        if len(x) != len(y):
+            raise ValueError(
+                f"MNIST: {raw / images_file} holds {len(x)} images but {raw / labels_file} "
+                f"holds {len(y)} labels: expected one label per image"
+            )
+        if y.max(initial=0) >= MNIST_CLASSES:
+            i = int(np.argmax(y >= MNIST_CLASSES))
+            raise ValueError(
+                f"MNIST: {raw / labels_file} holds label {y[i]} (at index {i}): expected "
+                f"labels 0 to {MNIST_CLASSES - 1}"
+            )
+        sets[images_file] = x
+        sets[labels_file] = y
+    train_x, test_x = sets[MNIST_FILES[0]], sets[MNIST_FILES[2]]
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise ValueError(
+            f"MNIST: the training images in {raw / MNIST_FILES[0]} are "
+            f"{'x'.join(map(str, train_x.shape[1:]))} pixels but the test images in "
+            f"{raw / MNIST_FILES[2]} are {'x'.join(map(str, test_x.shape[1:]))}: expected "
+            "the same size"
         )
+    flat = [torch.from_numpy(x.reshape(len(x), -1)) for x in (train_x, test_x)]
+    labels = [torch.from_numpy(sets[f].astype(np.int64)) for f in MNIST_FILES[1::2]]
     return _holdout_splits(
-        "mnist", *sets[True], *sets[False], list(ds.classes), device, valid_size, test_size
+        "mnist",
+        flat[0],
+        labels[0],
+        flat[1],
+        labels[1],
+        list(tvd.MNIST.classes),
+        device,
+        valid_size,
+        test_size,
     )
+
+
+def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
+    """An IDX file of unsigned bytes with ``ndim`` dimensions (MNIST's format), checked:
+    magic number, dimensions and length; errors name the file and what was expected."""
+    data = path.read_bytes()
+    magic = 0x0800 + ndim  # two zero bytes, type 0x08 (unsigned byte), the dimension count
+    where = f"MNIST {what} file {path}"
+    got = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if got != magic:
+        found = "an empty file" if not data else f"0x{data[:4].hex()}"
+        raise ValueError(
+            f"{where} is not an IDX file of {what}: expected the magic number 0x{magic:08x} "
+            f"(unsigned bytes, {ndim} dimension(s)), got {found}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(
+            f"{where} is truncated: its header should give {ndim} dimension(s) but the file "
+            f"ends after {len(data)} bytes"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = math.prod(dims)
+    if size == 0:
+        raise ValueError(
+            f"{where} holds no {what} (dimensions {'x'.join(map(str, dims))}): expected the "
+            f"MNIST {what}"
+        )
+    if len(data) - header != size:
+        raise ValueError(
+            f"{where} does not match its header: dimensions {'x'.join(map(str, dims))} "
+            f"mean {size} bytes of data, but the file holds {len(data) - header} "
+            "(truncated, or not an MNIST file)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def _gunzip(src: Path, dst: Path) -> None:
@@ -181,6 +251,11 @@ def _gunzip(src: Path, dst: Path) -> None:
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         os.replace(tmp, dst)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(
+            f"{src} is not a valid gzip file ({err}): expected {dst.name} gzipped (or "
+            f"{dst.name} itself, decompressed, next to it)"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -253,8 +328,10 @@ def _load_imagefolder(
     ``image_size x image_size`` (bilinear). The examples are shuffled with ``seed``
     (CPU generator) and cut into test (first ``test_size``), validation (next
     ``valid_size``) and training (the rest); both default to 10% of the images
-    (rounded, at least one each). Files that cannot be read as images are skipped, and
-    a warning counts them and names the first; a class folder without any image (or
+    (rounded, at least one each), which is also what sizes too large to leave a training
+    set fall back to, with a warning. Files that cannot be read as images, or that exceed
+    PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), are skipped, and a
+    warning counts them and names the first five; a class folder without any image (or
     without any readable one) is an error naming it.
     """
     tvd = _torchvision()
@@ -277,20 +354,34 @@ def _load_imagefolder(
             f"imagefolder: class folder(s) {', '.join(empty)} in {data_dir} hold no images "
             f"(expected files ending {', '.join(IMAGE_EXTENSIONS)}); add images or remove them"
         )
+    from PIL import Image
+
     folder = tvd.DatasetFolder(str(data_dir), loader=lambda p: p, extensions=IMAGE_EXTENSIONS)
     images, labels, bad = [], [], []
-    for path, label in folder.samples:
-        try:
-            images.append(_read_grey(path, image_size))
-        except (OSError, ValueError, SyntaxError) as err:  # PIL: not an image, truncated...
-            bad.append((path, err))
-            continue
-        labels.append(label)
+    with warnings.catch_warnings():
+        # An image over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) is
+        # skipped like any unreadable one: PIL's warning (over the limit) and error (over
+        # twice it) name no file, and decoding it could exhaust the memory.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for path, label in folder.samples:
+            try:
+                images.append(_read_grey(path, image_size))
+            except (
+                OSError,  # not an image, truncated, ...
+                ValueError,
+                SyntaxError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ) as err:
+                bad.append((path, err))
+                continue
+            labels.append(label)
     if bad:
-        path, err = bad[0]
+        named = "; ".join(f"{path}: {' '.join(str(err).split())}" for path, err in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         warnings.warn(
             f"imagefolder: skipped {len(bad)} unreadable image(s) of {len(folder.samples)} "
-            f"in {data_dir} (first: {path}: {' '.join(str(err).split())})",
+            f"in {data_dir} ({named}{more})",
             stacklevel=3,
         )
     lost = sorted(set(range(len(folder.classes))) - set(labels))
@@ -298,12 +389,23 @@ def _load_imagefolder(
         names = ", ".join(folder.classes[c] for c in lost)
         raise ValueError(f"imagefolder: no readable image in class folder(s) {names} of {data_dir}")
     n = len(images)
-    valid_size = max(1, round(0.1 * n)) if valid_size is None else valid_size
-    test_size = max(1, round(0.1 * n)) if test_size is None else test_size
+    tenth = max(1, round(0.1 * n))
+    valid_size = tenth if valid_size is None else valid_size
+    test_size = tenth if test_size is None else test_size
+    if valid_size + test_size >= n and 2 * tenth < n:
+        # (e.g. fastmlp train's 2000 and 2000, sized for Shapeset, on a small folder)
+        warnings.warn(
+            f"imagefolder: {n} images in {data_dir} are too few for valid_size={valid_size} "
+            f"plus test_size={test_size} and a training set: using the default 10% split, "
+            f"valid_size={min(valid_size, tenth)} and test_size={min(test_size, tenth)} "
+            "(pass smaller sizes to choose them)",
+            stacklevel=3,
+        )
+        valid_size, test_size = min(valid_size, tenth), min(test_size, tenth)
     if valid_size + test_size >= n:
         raise ValueError(
             f"imagefolder: {n} images in {data_dir}, too few for valid_size={valid_size} plus "
-            f"test_size={test_size} and a training set"
+            f"test_size={test_size} and a training set (expected at least 3 images)"
         )
     x = torch.from_numpy(np.stack(images)).reshape(n, image_size * image_size)
     y = torch.tensor(labels, dtype=torch.int64)
@@ -360,7 +462,8 @@ def load(
             training order is seeded in ``Splits.train_batches``).
         device: where the tensors live and Shapeset training data is generated.
         valid_size: validation examples (MNIST / CIFAR-10: held out from the end of
-            the training file, default 10000; imagefolder: default 10%).
+            the training file, default 10000; imagefolder: default 10%, also used, with a
+            warning, where ``valid_size`` and ``test_size`` would leave no training set).
         test_size: test examples (MNIST / CIFAR-10: the first ``test_size`` of the
             official test set, default all of it; imagefolder: default 10%).
         image_size: image-folder side length in pixels (the paper's Small-ImageNet: 37).

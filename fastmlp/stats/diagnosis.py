@@ -196,6 +196,9 @@ def diagnose(snapshot: Snapshot, **thresholds: float) -> list[Finding]:
             :meth:`~fastmlp.Snapshot.from_rows`).
         thresholds: overrides of :class:`Thresholds` fields, e.g. ``gradient_ratio=2``.
     """
+    # (told by its layers dict: the snapshot module, above this one, cannot be imported)
+    if not isinstance(getattr(snapshot, "layers", None), dict):
+        raise TypeError(f"diagnose expects a fastmlp.Snapshot, got {_what_to_pass(snapshot)}")
     t = Thresholds(**thresholds)
     layers: dict[int, dict[str, QuantityStats]] = snapshot.layers
     order = sorted(layers)
@@ -210,6 +213,19 @@ def diagnose(snapshot: Snapshot, **thresholds: float) -> list[Finding]:
     found += _collapse(layers, order, t)
     found.sort(key=lambda f: (-f.rank, f.layer if f.layer is not None else 0, f.code))
     return found
+
+
+def _what_to_pass(obj: object) -> str:
+    """``obj``'s type, and how to get a snapshot from it where that is known."""
+    got = "None" if obj is None else type(obj).__name__
+    if callable(getattr(obj, "snapshot", None)):  # a ModelStats
+        return f"{got}: pass its .snapshot()"
+    if callable(getattr(getattr(obj, "stats", None), "snapshot", None)):  # a model
+        return f"{got}: pass model.stats.snapshot() (fastmlp.stats_of(model).snapshot())"
+    return (
+        f"{got}: take one with model.stats.snapshot() or fastmlp.stats_of(model).snapshot(), "
+        "or rebuild one from a run's stats.jsonl rows with fastmlp.Snapshot.from_rows(rows)"
+    )
 
 
 def worst(findings: Sequence[Finding]) -> Finding | None:
