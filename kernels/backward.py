@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .activations import activation_backward
 from .tiles import (
+    F_ABS_SUM,
     F_NFIELDS,
     F_ZEROS,
     NPART,
@@ -207,6 +208,7 @@ def bwd_dw_kernel(
     g_zeros = tl.zeros((), tl.float64)
     g_s3 = tl.zeros((), tl.float64)
     g_s4 = tl.zeros((), tl.float64)
+    g_sa = tl.zeros((), tl.float64)
     g_exp = tl.zeros((HE,), dtype=tl.int32)
     g_mn = tl.full((), float("inf"), tl.float32)
     g_mx = tl.full((), float("-inf"), tl.float32)
@@ -230,12 +232,16 @@ def bwd_dw_kernel(
             # n block: the one whose pid_k is the m block's index modulo num_k. This spreads
             # the statistics evenly over the K-column programs.
             if (m0 // BLOCK_K) % num_k == pid_k:
-                fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(dzt, mk, g_shift, MOM4)
+                fin, n, s1, s2, nf, mn, mx, s3, s4, sa = tile_moments(dzt, mk, g_shift, MOM4)
                 g_n += n
                 g_s1 += s1
                 g_s2 += s2
                 g_s3 += s3
                 g_s4 += s4
+                if DETERMINISTIC:  # the program's partial, added in order at the end
+                    g_sa += sa
+                else:  # committed per tile: one loop-carried float64 fewer (no spills)
+                    tl.atomic_add(acc_ptr + 2 * F_NFIELDS + F_ABS_SUM, sa, sem="relaxed")
                 g_nf += nf
                 if ZEROS:
                     g_zeros += tile_zeros(dzt, fin)
@@ -272,8 +278,10 @@ def bwd_dw_kernel(
                 g_mx,
                 g_s3,
                 g_s4,
+                g_sa,
                 DETERMINISTIC,
                 MOM4,
+                DETERMINISTIC,  # abs_sum: else committed per tile above
             )
             if ZEROS:
                 tl.atomic_add(row_g + F_ZEROS, g_zeros)
@@ -284,7 +292,9 @@ def bwd_dw_kernel(
                 commit_extents(ext_ptr + 4, g_mn, g_mx)
     if STATS:
         row_w = acc_ptr + 3 * F_NFIELDS
-        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 3), MOM4)
+        fin, n, s1, s2, nf, mn, mx, s3, s4, sa = tile_moments(
+            acc, valid, tl.load(shift_ptr + 3), MOM4
+        )
         commit_moments(
             row_w,
             part_ptr + part_stride + NPART * pid,
@@ -296,8 +306,10 @@ def bwd_dw_kernel(
             mx,
             s3,
             s4,
+            sa,
             DETERMINISTIC,
             MOM4,
+            True,
         )
         if ZEROS:
             tl.atomic_add(row_w + F_ZEROS, tile_zeros(acc, fin))

@@ -139,8 +139,12 @@ def fwd_kernel(
         part_slot = part_ptr + NPART * pid
         # preactivation (automatic histogram range)
         row_z = acc_ptr + 0 * F_NFIELDS
-        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(acc, valid, tl.load(shift_ptr + 0), MOM4)
-        commit_moments(row_z, part_slot, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4)
+        fin, n, s1, s2, nf, mn, mx, s3, s4, sa = tile_moments(
+            acc, valid, tl.load(shift_ptr + 0), MOM4
+        )
+        commit_moments(
+            row_z, part_slot, n, s1, s2, nf, mn, mx, s3, s4, sa, DETERMINISTIC, MOM4, True
+        )
         if ZEROS:
             tl.atomic_add(row_z + F_ZEROS, tile_zeros(acc, fin))
         if EXPS:
@@ -153,9 +157,24 @@ def fwd_kernel(
             commit_extents(ext_ptr, mn, mx)
         # activation
         row_h = acc_ptr + 1 * F_NFIELDS
-        fin, n, s1, s2, nf, mn, mx, s3, s4 = tile_moments(h, valid, tl.load(shift_ptr + 1), MOM4)
+        fin, n, s1, s2, nf, mn, mx, s3, s4, sa = tile_moments(
+            h, valid, tl.load(shift_ptr + 1), MOM4
+        )
         commit_moments(
-            row_h, part_slot + part_stride, n, s1, s2, nf, mn, mx, s3, s4, DETERMINISTIC, MOM4
+            row_h,
+            part_slot + part_stride,
+            n,
+            s1,
+            s2,
+            nf,
+            mn,
+            mx,
+            s3,
+            s4,
+            sa,
+            DETERMINISTIC,
+            MOM4,
+            True,
         )
         if ZEROS:
             tl.atomic_add(row_h + F_ZEROS, tile_zeros(h, fin))

@@ -3,15 +3,15 @@ their commits to the layer's buffers, and the pass's finalize stage.
 
 The helpers write into the buffers of :mod:`fastmlp.stats.layout`: per quantity a float64
 row ``acc[q]`` (``count, sum, sumsq, min, max, nonfinite, sat_low, sat_high, zeros, sum3,
-sum4``, the sums taken around ``shift[q]``), an int64 histogram row ``hist[q]`` =
-``underflow, bins..., overflow``, a float64 ``hist_range[q] = (low, high)`` and an int64
-exponent histogram ``exp_hist[q]``.
+sum4, abs_sum``, the moment sums taken around ``shift[q]``, ``abs_sum = sum(|x|)`` not), an
+int64 histogram row ``hist[q]`` = ``underflow, bins..., overflow``, a float64
+``hist_range[q] = (low, high)`` and an int64 exponent histogram ``exp_hist[q]``.
 
 How a tile's statistics reach those buffers:
 
 - Each program reduces its tile in registers: finite count, float32 tile mean,
   centred sums ``sum(x - mean_t)`` and ``sum((x - mean_t)**2)`` (exact enough
-  because they are centred on the tile's own mean), min, max, non-finite
+  because they are centred on the tile's own mean), ``sum(|x|)``, min, max, non-finite
   count, saturation counts and a tile histogram (``tl.histogram``).
 - The centred sums are re-expressed around ``shift[q]`` in float64 (Chan's
   merge), then added to ``acc[q]`` with float64 atomics. Integer-valued fields
@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fastmlp.stats.layout import (
+    ABS_SUM,
     COUNT,
     EXP_MAX,
     EXP_MIN,
@@ -82,10 +83,11 @@ F_SAT_HIGH = tl.constexpr(SAT_HIGH)
 F_ZEROS = tl.constexpr(ZEROS)
 F_SUM3 = tl.constexpr(SUM3)
 F_SUM4 = tl.constexpr(SUM4)
+F_ABS_SUM = tl.constexpr(ABS_SUM)
 F_EXP_MIN = tl.constexpr(EXP_MIN)
 F_EXP_MAX = tl.constexpr(EXP_MAX)
-#: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4.
-NPART = tl.constexpr(4)
+#: float64 slots per program in the deterministic partials: sum, sumsq, sum3, sum4, abs_sum.
+NPART = tl.constexpr(5)
 #: Fields of a row of ``acc``, as a compile-time constant.
 F_NFIELDS = tl.constexpr(NFIELDS)
 
@@ -106,12 +108,13 @@ def grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
 def tile_moments(v, valid, shift, MOM4: tl.constexpr):
     """Moments of the finite, valid elements of the float32 tile ``v``.
 
-    Returns ``(fin, n, s1, s2, nonfinite, mn, mx, s3, s4)``: the finite mask, the finite
+    Returns ``(fin, n, s1, s2, nonfinite, mn, mx, s3, s4, sa)``: the finite mask, the finite
     count (float64), ``sum(x - shift)`` and ``sum((x - shift)**2)`` (float64,
     from float32 sums centred on the tile mean), the count of valid non-finite
     elements (float64), the finite min/max (float32; +inf/-inf if none) and, when
     ``MOM4``, ``sum((x - shift)**3)`` and ``**4`` (float64, from float32 sums centred on the
-    tile mean, re-expressed around ``shift`` by the binomial expansion; else 0).
+    tile mean, re-expressed around ``shift`` by the binomial expansion; else 0) and
+    ``sum(|x|)`` (float64, from a float32 tile sum).
     """
     fin = valid & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
     n32 = tl.sum(fin.to(tl.int32))
@@ -119,6 +122,8 @@ def tile_moments(v, valid, shift, MOM4: tl.constexpr):
     vz = tl.where(fin, v, 0.0)
     n = n32.to(tl.float64)
     mean_t = tl.sum(vz) / tl.maximum(n32, 1).to(tl.float32)
+    # here, while vz is live anyway (later it would hold registers beside d: spills)
+    sa = tl.sum(tl.abs(vz)).to(tl.float64)
     d = tl.where(fin, v - mean_t, 0.0)
     d1 = tl.sum(d).to(tl.float64)
     d2 = tl.sum(d * d).to(tl.float64)
@@ -136,7 +141,7 @@ def tile_moments(v, valid, shift, MOM4: tl.constexpr):
         e2 = delta * delta
         s3 = d3 + 3.0 * delta * d2 + 3.0 * e2 * d1 + n * e2 * delta
         s4 = d4 + 4.0 * delta * d3 + 6.0 * e2 * d2 + 4.0 * e2 * delta * d1 + n * e2 * e2
-    return fin, n, s1, s2, nonfinite, mn, mx, s3, s4
+    return fin, n, s1, s2, nonfinite, mn, mx, s3, s4, sa
 
 
 @triton.jit
@@ -178,10 +183,13 @@ def commit_moments(
     mx,
     s3,
     s4,
+    sa,
     DETERMINISTIC: tl.constexpr,
     MOM4: tl.constexpr,
+    ABS: tl.constexpr,
 ):
-    """Add one program's moments to the float64 row ``acc_row`` (or its partial slots)."""
+    """Add one program's moments and, when ``ABS``, ``sum(|x|)`` to the float64 row
+    ``acc_row`` (or its partial slots)."""
     # Relaxed: plain reductions, no fence per atomic (nothing reads them within the pass;
     # the next kernel on the stream sees them all).
     tl.atomic_add(acc_row + F_COUNT, n, sem="relaxed")
@@ -189,12 +197,16 @@ def commit_moments(
     if DETERMINISTIC:
         tl.store(part_slot, s1)
         tl.store(part_slot + 1, s2)
+        if ABS:
+            tl.store(part_slot + 4, sa)
         if MOM4:
             tl.store(part_slot + 2, s3)
             tl.store(part_slot + 3, s4)
     else:
         tl.atomic_add(acc_row + F_SUM, s1, sem="relaxed")
         tl.atomic_add(acc_row + F_SUMSQ, s2, sem="relaxed")
+        if ABS:
+            tl.atomic_add(acc_row + F_ABS_SUM, sa, sem="relaxed")
         if MOM4:
             tl.atomic_add(acc_row + F_SUM3, s3, sem="relaxed")
             tl.atomic_add(acc_row + F_SUM4, s4, sem="relaxed")
@@ -281,17 +293,20 @@ def _finalize_one(
         s2 = tl.zeros((), tl.float64)
         s3 = tl.zeros((), tl.float64)
         s4 = tl.zeros((), tl.float64)
+        sa = tl.zeros((), tl.float64)
         offs = tl.arange(0, BLOCK_P)
         for start in range(0, n_parts, BLOCK_P):
             p = start + offs
             msk = p < n_parts
             s1 += tl.sum(tl.load(part_ptr + NPART * p, mask=msk, other=0.0, volatile=True))
             s2 += tl.sum(tl.load(part_ptr + NPART * p + 1, mask=msk, other=0.0, volatile=True))
+            sa += tl.sum(tl.load(part_ptr + NPART * p + 4, mask=msk, other=0.0, volatile=True))
             if MOM4:
                 s3 += tl.sum(tl.load(part_ptr + NPART * p + 2, mask=msk, other=0.0, volatile=True))
                 s4 += tl.sum(tl.load(part_ptr + NPART * p + 3, mask=msk, other=0.0, volatile=True))
         tl.store(acc_row + F_SUM, tl.load(acc_row + F_SUM, volatile=True) + s1)
         tl.store(acc_row + F_SUMSQ, tl.load(acc_row + F_SUMSQ, volatile=True) + s2)
+        tl.store(acc_row + F_ABS_SUM, tl.load(acc_row + F_ABS_SUM, volatile=True) + sa)
         if MOM4:
             tl.store(acc_row + F_SUM3, tl.load(acc_row + F_SUM3, volatile=True) + s3)
             tl.store(acc_row + F_SUM4, tl.load(acc_row + F_SUM4, volatile=True) + s4)

@@ -40,6 +40,8 @@ ROW_KEYS = (
     "mean",
     "var",
     "std",
+    "l1",
+    "rms",
     "min",
     "max",
     "absmax",

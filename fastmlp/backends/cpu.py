@@ -31,6 +31,7 @@ from fastmlp.stats.algebra import grow_range_, reshift
 from fastmlp.stats.buffers import calibration_flags
 from fastmlp.stats.config import StatsConfig
 from fastmlp.stats.layout import (
+    ABS_SUM,
     ACTIVATION,
     CENTER,
     COUNT,
@@ -153,7 +154,10 @@ def _accumulate_finite_on_host(
         work = scratch(n, x.dtype, x.device, slot=1)
         s3 = float(torch.mul(sq, dev, out=work).sum())
         s4 = float(torch.mul(sq, sq, out=work).sum())
-    if not all(math.isfinite(s) for s in (s1, s2, s3, s4)):
+    # sum |x| (the l1 figure): ATen's cascade sum, as for the squares (the work buffer d
+    # is free again: the centred values are used up)
+    sa = float(torch.abs(x, out=d).sum())
+    if not all(math.isfinite(s) for s in (s1, s2, s3, s4, sa)):
         # Huge finite values overflowed float32 sums: the reference's float64 sums instead.
         reference.accumulate(bufs, settings, q, x, fixed=fixed, exponents=False)
         return
@@ -169,6 +173,7 @@ def _accumulate_finite_on_host(
         _, _, r3, r4 = reshift(n, s1, s2, s3, s4, delta)
         row[SUM3] += r3
         row[SUM4] += r4
+    row[ABS_SUM] += sa
     row[MIN] = min(row[MIN], mn)
     row[MAX] = max(row[MAX], mx)
     if q == ACTIVATION and settings.saturation:

@@ -138,9 +138,9 @@ def accumulate(
     exponents: bool = True,
 ) -> None:
     """Accumulate quantity ``q`` of ``x`` into ``bufs`` (calibrated for ``q``): count,
-    shifted float64 moment sums, extremes, non-finite count, saturation and zero counts,
-    histogram (growing the range unless ``fixed``) and, when ``exponents``, the exponent
-    histogram; each as ``settings`` asks."""
+    shifted float64 moment sums, the float64 sum of ``|x|``, extremes, non-finite count,
+    saturation and zero counts, histogram (growing the range unless ``fixed``) and, when
+    ``exponents``, the exponent histogram; each as ``settings`` asks."""
     x = x.detach().reshape(-1)
     if x.numel() == 0:
         return
@@ -161,7 +161,9 @@ def accumulate(
     if settings.moments4:
         sq = d * d
         d3, d4 = torch.dot(sq, d), torch.dot(sq, sq)
-    merge_block_(acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx, d3, d4)
+    merge_block_(
+        acc, bufs.shift[q], n, center, d.sum(), torch.dot(d, d), mn, mx, d3, d4, xd.abs().sum()
+    )
     if q == ACTIVATION and settings.saturation:
         lo, hi = saturation_bounds(*settings.saturation_thresholds, x.dtype)
         acc[SAT_LOW] += ((x <= lo) & fin).sum()

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from fastmlp.stats.layout import (
+    ABS_SUM,
     CALIBRATED,
     COUNT,
     MAX,
     MIN,
     NFIELDS,
     NONFINITE,
+    PAD,
     QUANTITIES,
     SAT_HIGH,
     SAT_LOW,
@@ -49,13 +51,14 @@ def merge_block_(
     mx: torch.Tensor,
     dev_sum3: torch.Tensor | None = None,
     dev_sum4: torch.Tensor | None = None,
+    abs_sum: torch.Tensor | None = None,
 ) -> None:
     """Merge one block of values into ``acc`` (one quantity's row of ``acc``), device ops only.
 
     The block has ``count`` finite values with sums of ``x - center`` and
     ``(x - center)**2`` (and ``**3``, ``**4`` when given; ``center`` is any value near the
-    block's mean) and extremes ``mn``, ``mx``; the sums are re-expressed around ``shift`` in
-    float64 (binomial expansion, :func:`reshift`).
+    block's mean), extremes ``mn``, ``mx`` and, when given, ``abs_sum = sum(|x|)``; the
+    sums are re-expressed around ``shift`` in float64 (binomial expansion, :func:`reshift`).
     """
     count, center, s1, s2 = (t.to(torch.float64) for t in (count, center, dev_sum, dev_sumsq))
     delta = center - shift
@@ -65,6 +68,8 @@ def merge_block_(
     if dev_sum3 is not None:
         s3, s4 = dev_sum3.to(torch.float64), dev_sum4.to(torch.float64)
         acc[SUM3 : SUM4 + 1] += torch.stack(reshift(count, s1, s2, s3, s4, delta)[2:])
+    if abs_sum is not None:
+        acc[ABS_SUM] += abs_sum.to(torch.float64)
     torch.minimum(acc[MIN], mn.to(torch.float64), out=acc[MIN])
     torch.maximum(acc[MAX], mx.to(torch.float64), out=acc[MAX])
 
@@ -161,6 +166,14 @@ class LayerBuffers:
     exp_hist: np.ndarray | None = None
     """Exponent histograms ``[4, NEXP]``, or ``None``."""
 
+    def __post_init__(self) -> None:
+        # an older layout's shorter acc (buffers saved before fields were added): padded
+        # as LayerStats pads a checkpoint's (fastmlp.stats.layout.PAD)
+        k = self.acc.shape[-1]
+        if k < NFIELDS:
+            pad = np.broadcast_to(np.array(PAD[k:]), (*self.acc.shape[:-1], NFIELDS - k))
+            self.acc = np.concatenate([self.acc, pad], axis=-1)
+
     @classmethod
     def from_stats(cls, s: object) -> LayerBuffers:
         """Copy the buffers of ``s`` (a :class:`LayerStats`) to the host."""
@@ -207,7 +220,8 @@ def merge_buffers(
     Counts and moments: each part's shifted sums become ``(count, mean, M2, M3, M4)`` in
     float64 and are combined with Chan et al.'s parallel formula and its extension to the
     third and fourth moments (Pebay 2008; never an average of means); ``min`` and
-    ``max`` are the extremes; non-finite, saturation and zero counts are summed. Histograms: every
+    ``max`` are the extremes; non-finite, saturation and zero counts and ``abs_sum`` are
+    summed. Histograms: every
     automatic range ``+-R_p`` (a power of two) is brought to the largest one by merging
     ``R / R_p`` adjacent bins (:func:`regroup_bins`), then bins and under/overflow are summed.
 
@@ -248,6 +262,7 @@ def merge_buffers(
             acc[q, SAT_LOW] += p.acc[q, SAT_LOW]
             acc[q, SAT_HIGH] += p.acc[q, SAT_HIGH]
             acc[q, ZEROS] += p.acc[q, ZEROS]
+            acc[q, ABS_SUM] += p.acc[q, ABS_SUM]  # NaN (an old layout's) stays unknown
             acc[q, MIN] = min(acc[q, MIN], p.acc[q, MIN])
             acc[q, MAX] = max(acc[q, MAX], p.acc[q, MAX])
         acc[q, COUNT] = n

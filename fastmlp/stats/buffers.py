@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,10 @@ from fastmlp.stats.layout import (
     NFIELDS,
     NQ,
     NUNIT_ROWS,
+    SUM4,
     Buffers,
     empty_acc,
+    pad_acc,
 )
 
 __all__ = ["MAX_BINS", "LayerStats", "calibration_flags"]
@@ -193,6 +197,16 @@ class LayerStats(nn.Module):
             self.__dict__["_settings"] = config
         return config
 
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):  # noqa: ANN001, ANN201
+        # Hidden from torch.distributed.tensor's distribute_module (what tensor parallelism's
+        # parallelize_module calls on each layer it shards): it partitions every submodule as
+        # the layer (RowwiseParallel reads a `weight`) and makes every buffer a replicated
+        # DTensor. The statistics are not a sharded part of the model: each rank keeps its own
+        # plain buffers (fastmlp.tensor_parallel), merged at a snapshot like any rank's.
+        if _called_by_distribute_module(sys._getframe(1)):
+            return iter(())
+        return super().named_modules(memo, prefix, remove_duplicate)
+
     def hint_centers_from_shift(self) -> None:
         """Restart the CPU path's centring hints from ``shift`` (after loading buffers)."""
         self.state[CENTER] = self.shift.detach().to("cpu", torch.float64).float().double()
@@ -246,11 +260,12 @@ class LayerStats(nn.Module):
             return
         acc = state_dict.get(prefix + "acc")
         if acc is not None and acc.dim() == 2 and acc.shape[1] < NFIELDS:
-            # an older layout (fewer fields, e.g. 0.1.0's 8): the new sums start at 0 and
-            # their groups read as not recorded until the next reset
-            pad = acc.new_zeros(acc.shape[0], NFIELDS - acc.shape[1])
-            state_dict[prefix + "acc"] = torch.cat([acc, pad], dim=1)
-            self._partial.update(GROUPS)
+            # an older layout (fewer fields, e.g. 0.1.0's 8 or the 11 before abs_sum): the
+            # new sums start at 0 and their groups read as not recorded until the next
+            # reset; abs_sum starts at NaN (l1 unknown until the next reset)
+            state_dict[prefix + "acc"] = pad_acc(acc)
+            if acc.shape[1] <= SUM4:  # the groups' own fields are missing too
+                self._partial.update(GROUPS)
         if prefix + "acc" in state_dict and prefix + "unit_counts" not in state_dict:
             # written before per-unit counts existed: they start at 0, not recorded
             state_dict[prefix + "unit_counts"] = torch.zeros_like(self.unit_counts)
@@ -292,3 +307,15 @@ def calibration_flags(state: torch.Tensor) -> np.ndarray:
             _CALIBRATION_VIEWS.clear()
         entry = _CALIBRATION_VIEWS[id(state)] = (state, state.numpy()[CALIBRATED])
     return entry[1]
+
+
+def _called_by_distribute_module(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (a caller of ``named_modules``) is, through the ``named_modules``
+    of the modules above, ``torch.distributed.tensor``'s ``distribute_module``."""
+    while frame is not None and frame.f_code.co_name == "named_modules":
+        frame = frame.f_back
+    return (
+        frame is not None
+        and frame.f_code.co_name == "distribute_module"
+        and frame.f_globals.get("__name__", "").startswith("torch.distributed.tensor")
+    )

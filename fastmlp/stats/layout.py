@@ -4,11 +4,14 @@ For each of the four quantities ``q`` (index into :data:`QUANTITIES`), a layer's
 buffers (:class:`Buffers`, held by :class:`~fastmlp.stats.LayerStats`) are
 
 - ``acc[q]``: float64 ``[NFIELDS]`` = ``count, sum, sumsq, min, max,
-  nonfinite, sat_low, sat_high, zeros, sum3, sum4``, where ``sum``, ``sumsq``, ``sum3``
-  and ``sum4`` are ``sum((x - shift[q])**p)`` for p = 1..4 over finite values (``sum3`` and
-  ``sum4`` recorded when ``StatsConfig.moments4``: skewness and kurtosis) and ``zeros`` counts
-  the finite values exactly 0 (when ``StatsConfig.zeros``). Layouts before these had 8 fields
-  and are padded on load (the padded groups then read as not recorded);
+  nonfinite, sat_low, sat_high, zeros, sum3, sum4, abs_sum``, where ``sum``, ``sumsq``,
+  ``sum3`` and ``sum4`` are ``sum((x - shift[q])**p)`` for p = 1..4 over finite values
+  (``sum3`` and ``sum4`` recorded when ``StatsConfig.moments4``: skewness and kurtosis),
+  ``zeros`` counts the finite values exactly 0 (when ``StatsConfig.zeros``) and ``abs_sum``
+  is ``sum(|x|)`` over finite values (always recorded: the ``l1`` figure, mean ``|x|``; not
+  shifted, as ``|x|`` has no shift rule). Layouts before these had 8 or 11 fields and are
+  padded on load: the padded groups then read as not recorded, and a padded ``abs_sum`` is
+  NaN (:data:`PAD`), so ``l1`` reads as unknown until the next reset;
 - ``shift[q]``: float64, a value near the data's mean fixed at calibration, so
   the variance ``sumsq/count - (sum/count)**2`` keeps its precision in float64;
 - ``hist[q]``: int64 ``[bins + 2]`` = ``underflow, bins..., overflow``;
@@ -57,6 +60,8 @@ __all__ = [
     "WEIGHT_GRAD",
     "FIELDS",
     "NFIELDS",
+    "PAD",
+    "pad_acc",
     "CALIBRATED",
     "CENTER",
     "Buffers",
@@ -80,8 +85,15 @@ FIELDS = (
     "zeros",
     "sum3",
     "sum4",
+    "abs_sum",
 )
-COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4 = range(len(FIELDS))
+COUNT, SUM, SUMSQ, MIN, MAX, NONFINITE, SAT_LOW, SAT_HIGH, ZEROS, SUM3, SUM4, ABS_SUM = range(
+    len(FIELDS)
+)
+#: What an older, shorter layout's missing fields are padded with on load, per field: 0
+#: (a group that then reads as not recorded), NaN for ``abs_sum`` (always recorded, so
+#: nothing else marks it unknown: NaN stays NaN through merges and accumulation).
+PAD = tuple(float("nan") if f == "abs_sum" else 0.0 for f in FIELDS)
 #: frexp exponents of the exponent histogram (float32: -148 .. 128), and its size.
 EXP_MIN, EXP_MAX = -150, 129
 NEXP = EXP_MAX - EXP_MIN + 2
@@ -127,6 +139,16 @@ def empty_acc(device: torch.device | str | None = None) -> torch.Tensor:
     acc[:, MIN] = float("inf")
     acc[:, MAX] = float("-inf")
     return acc
+
+
+def pad_acc(acc: torch.Tensor) -> torch.Tensor:
+    """``acc`` ``[..., k]`` of an older layout (``k < NFIELDS`` fields) padded to
+    ``[..., NFIELDS]`` with :data:`PAD`; ``acc`` itself when already complete."""
+    k = acc.shape[-1]
+    if k >= NFIELDS:
+        return acc
+    pad = torch.tensor(PAD[k:], dtype=acc.dtype, device=acc.device)
+    return torch.cat([acc, pad.expand(*acc.shape[:-1], NFIELDS - k)], dim=-1)
 
 
 def as_float32(value: float) -> float:

@@ -14,6 +14,7 @@ from fastmlp.stats.algebra import central_moments
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.diagnosis import Finding, diagnose
 from fastmlp.stats.layout import (
+    ABS_SUM,
     ACTIVATION,
     COUNT,
     EXP_MAX,
@@ -46,6 +47,8 @@ ROW_FIELDS = (
     "mean",
     "var",
     "std",
+    "l1",
+    "rms",
     "min",
     "max",
     "absmax",
@@ -71,7 +74,8 @@ class QuantityStats:
 
     Figures that have no data (``count == 0``, a disabled histogram, saturation
     of a non-saturating activation) are ``None``. ``var`` is the population
-    variance. Saturated fractions are relative to ``count`` (finite values).
+    variance. Saturated fractions are relative to ``count`` (finite values). ``l1`` and
+    ``rms`` are the coordinate sizes of Tensor Programs' coordinate checks.
     """
 
     layer: int
@@ -113,6 +117,11 @@ class QuantityStats:
     unit_saturated: list[float] | None = field(default=None, repr=False)
     """Activation, ``stats.per_unit`` and a saturating activation: per unit, the fraction of
     its finite values saturated at either end."""
+    l1: float | None = None
+    """Mean ``|x|`` of the finite values (``None`` for statistics restored from a layout
+    that predates it, until the next reset)."""
+    rms: float | None = None
+    """Root mean square ``sqrt(mean(x**2))`` of the finite values."""
 
     @property
     def absmax(self) -> float | None:
@@ -218,10 +227,15 @@ def quantity_stats(
         return QuantityStats(layer, QUANTITIES[q], 0, nonfinite, name=name)
     m1 = acc[SUM] / n
     var = max(acc[SUMSQ] / n - m1 * m1, 0.0)
+    mean = float(shift + m1)
     kw: dict = {
-        "mean": float(shift + m1),
+        "mean": mean,
         "var": float(var),
         "std": math.sqrt(var),
+        # mean(x**2) = var + mean**2: two non-negative terms (no cancellation), each as
+        # precise as the shifted sums make it, unlike sumsq/n expanded around the shift
+        "rms": math.hypot(math.sqrt(var), mean),
+        "l1": _finite_or_none(acc[ABS_SUM] / n),
         "min": _finite_or_none(acc[MIN]),
         "max": _finite_or_none(acc[MAX]),
     }
