@@ -54,6 +54,7 @@ from fastmlp.activations import ACTIVATIONS
 from fastmlp.layers import InstrumentedDense, instrumented_class, is_hf_conv1d_class
 from fastmlp.model_stats import ModelStats
 from fastmlp.stats.config import FIELDS, StatsConfig
+from fastmlp.tensor_parallel import is_dtensor
 
 __all__ = ["InstrumentReport", "activation_of", "instrument", "stats_of"]
 
@@ -364,6 +365,11 @@ def _swappable(lin: nn.Module) -> str | None:
         return f"a subclass of nn.Linear ({type(lin).__name__})"
     if isinstance(lin.weight, nn.parameter.UninitializedParameter):
         return "uninitialized (lazy) parameters"
+    if is_dtensor(lin.weight):
+        return (
+            "its weight is a DTensor (sharded by tensor parallelism or FSDP): instrument the "
+            "model first, then parallelize_module / fully_shard it"
+        )
     if lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks:
         return "has module hooks"
     if getattr(lin, "parametrizations", None) is not None:

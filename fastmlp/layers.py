@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as _dist
 from torch import nn
 from torch.nn.modules import module as _module
 
+from fastmlp import tensor_parallel
 from fastmlp.activations import Activation, get_activation
 from fastmlp.init import initialize_
 from fastmlp.op import BACKENDS, _eager, dense
 from fastmlp.stats.buffers import LayerStats
 from fastmlp.stats.config import StatsConfig
+from fastmlp.stats.layout import Buffers
 
 __all__ = [
     "BACKENDS",
@@ -23,9 +26,11 @@ __all__ = [
     "check_float_tensor",
     "instrumented_class",
     "is_hf_conv1d_class",
+    "torchscript_refusal",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN = (torch.Tensor, nn.Parameter)  # (weights that are not DTensors, told apart cheaply)
 
 
 def check_float_tensor(x: torch.Tensor, what: str = "input") -> None:
@@ -37,6 +42,17 @@ def check_float_tensor(x: torch.Tensor, what: str = "input") -> None:
             f"{what} must have a real floating dtype (float16, bfloat16, float32, float64), "
             f"got {x.dtype}"
         )
+
+
+def torchscript_refusal(what: str, how: str) -> RuntimeError:
+    """The error refusing TorchScript (``how``: ``torch.jit.script`` or ``torch.jit.trace``)
+    of ``what``, naming the supported alternatives."""
+    return RuntimeError(
+        f"{what} does not support TorchScript ({how}): fastmlp's layers record their "
+        "statistics in Python and through custom ops that TorchScript cannot compile or "
+        "trace (and TorchScript is deprecated). Use torch.compile(model), or "
+        "torch.export.export(model, (x,)) for a graph to save or deploy"
+    )
 
 
 class InstrumentedDense(nn.Module):
@@ -117,13 +133,15 @@ class InstrumentedDense(nn.Module):
         self._initialize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (is_compiling first: dynamo then never looks at the tracer's state, which would
+        # break the graph)
+        if not torch.compiler.is_compiling() and torch._C._is_tracing():
+            raise torchscript_refusal(f"fastmlp's {type(self).__name__}", "torch.jit.trace")
         check_float_tensor(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input of shape [..., {self.in_features}], got {tuple(x.shape)}"
             )
-        flat = x.dim() == 2  # (no reshape, so no view nodes in the autograd graph)
-        x2 = x if flat else x.reshape(-1, self.in_features)
         # The parameters and statistics directly from the module's dicts (nn.Module's
         # __getattr__ costs about half a microsecond a name); a parametrized weight or bias
         # is not in them and is read as the attribute it then is.
@@ -136,6 +154,24 @@ class InstrumentedDense(nn.Module):
         bias = params.get("bias")
         if bias is None:
             bias = self.bias
+        if type(weight) not in _PLAIN and tensor_parallel.is_dtensor(weight):
+            return tensor_parallel.forward(self, x, weight, bias)
+        return self.local_pass(x, weight, bias, self._modules["stats"].buffers_tuple())
+
+    def local_pass(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bufs: Buffers,
+        op: Callable[..., torch.Tensor] = dense,
+    ) -> torch.Tensor:
+        """The layer's pass on plain tensors ``x [..., in]``, ``weight [out, in]`` and
+        ``bias``, recording into ``bufs``: ``op`` (:func:`fastmlp.op.dense`'s arguments) on
+        the input flattened to 2-D, in autocast's dtype where autocast is on. Tensor
+        parallelism (:mod:`fastmlp.tensor_parallel`) runs it on a rank's shards."""
+        flat = x.dim() == 2  # (no reshape, so no view nodes in the autograd graph)
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         # (autocast knows no meta device: meta tensors, e.g. for shape checks, run as is)
         autocast = (
             torch._C._is_any_autocast_enabled()
@@ -153,13 +189,17 @@ class InstrumentedDense(nn.Module):
                 "cast the input or the model, or use torch.autocast"
             )
         stats = self._modules["stats"]
-        args = (x2, weight, bias, stats.buffers_tuple(), self.activation, self.backend)
+        args = (x2, weight, bias, bufs, self.activation, self.backend)
         if autocast:
             with torch.autocast(device_type, enabled=False):
-                h = dense(*args, stats.settings())
+                h = op(*args, stats.settings())
         else:
-            h = dense(*args, stats.settings())
-        return h if flat else h.reshape(*x.shape[:-1], self.out_features)
+            h = op(*args, stats.settings())
+        return h if flat else h.reshape(*x.shape[:-1], h.shape[-1])
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # (torch.jit.script calls this on every module before compiling any)
+        raise torchscript_refusal(f"fastmlp's {type(self).__name__}", "torch.jit.script")
 
     def extra_repr(self) -> str:
         return (

@@ -60,8 +60,10 @@ __all__ = [
     "BACKENDS",
     "ChainFunction",
     "DenseFunction",
+    "EagerDenseFunction",
     "dense",
     "dense_chain",
+    "dense_rowwise",
     "is_deterministic",
     "route",
     "set_deterministic",
@@ -372,9 +374,33 @@ def _kept(activation: Activation, h: torch.Tensor, z: torch.Tensor | None) -> to
     return None if activation.name == "identity" else h
 
 
+def _save_pass(ctx, x, weight, h, z, bufs, activation, backend, settings) -> None:  # noqa: ANN001
+    """What one pass keeps for its backward (:func:`_backward_of`)."""
+    # No gradient is made up for an output that got none (z, or h where unused).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, _kept(activation, h, z))
+    # The buffers are mutated by every pass: kept as an attribute, not saved tensors
+    # (whose version check would fail when a later pass has updated them).
+    ctx.pass_args = (bufs, activation, backend, settings)
+
+
+def _backward_of(ctx, dh: torch.Tensor | None) -> tuple:  # noqa: ANN001
+    """The input gradients of one pass from what :func:`_save_pass` kept."""
+    if dh is None:  # h got no gradient (grads are not materialised): nor do the inputs
+        return None, None, None, None, None, None, None
+    x, weight, saved = ctx.saved_tensors
+    saved = dh if saved is None else saved
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]  # (need_b is False without a bias)
+    args = (*ctx.pass_args, need_x, need_w, need_b)
+    return (*_backward_pass(dh, x, weight, saved, *args), None, None, None, None)
+
+
 class DenseFunction(torch.autograd.Function):
     """Autograd of one instrumented dense pass: ``h = f(x W^T + b)``, differentiable in
-    ``x``, ``weight`` and ``bias``. Arguments as :func:`dense`.
+    ``x``, ``weight`` and ``bias``. Arguments as :func:`dense`. This form (``forward``
+    without ``ctx``, then ``setup_context``) is what ``torch.compile``, ``torch.export``
+    and functorch transforms need; in plain eager mode :class:`EagerDenseFunction` runs the
+    same pass.
 
     Double backward is refused (:func:`_backward_pass`). It saves ``x``, ``weight`` and
     what the activation's derivative needs (:func:`_kept`).
@@ -391,22 +417,11 @@ class DenseFunction(torch.autograd.Function):
         h, z = output
         if z is not None:
             ctx.mark_non_differentiable(z)
-        # z gets no gradient: none is made up for it.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, _kept(activation, h, z))
-        # The buffers are mutated by every pass: kept as an attribute, not saved tensors
-        # (whose version check would fail when a later pass has updated them).
-        ctx.pass_args = (bufs, activation, backend, settings)
+        _save_pass(ctx, x, weight, h, z, bufs, activation, backend, settings)
 
     @staticmethod
     def backward(ctx, dh, dz_unused):  # type: ignore[override]
-        if dh is None:  # h got no gradient (grads are not materialised): nor do the inputs
-            return None, None, None, None, None, None, None
-        x, weight, saved = ctx.saved_tensors
-        saved = dh if saved is None else saved
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]  # (need_b is False without a bias)
-        args = (*ctx.pass_args, need_x, need_w, need_b)
-        return (*_backward_pass(dh, x, weight, saved, *args), None, None, None, None)
+        return _backward_of(ctx, dh)
 
     @staticmethod
     def vmap(info, in_dims, *args):  # type: ignore[override]
@@ -415,6 +430,24 @@ class DenseFunction(torch.autograd.Function):
             "accumulate over the whole batch. Call the model on the batch directly, or switch "
             "statistics off (model.stats.enabled = False) and vmap a plain copy of the model."
         )
+
+
+class EagerDenseFunction(torch.autograd.Function):
+    """:class:`DenseFunction` in plain eager mode (:func:`_eager`), in the combined
+    ``forward(ctx, ...)`` form, returning ``h`` alone: the same pass, saved values and
+    backward. ``apply`` of a function with a separate ``setup_context`` binds its arguments
+    through ``inspect.signature`` and more on every call, about 65 us a call more than this
+    form (``bench/results/eager-function-*.json``), which a small layer's step feels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
+        h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+        _save_pass(ctx, x, weight, h, z, bufs, activation, backend, settings)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        return _backward_of(ctx, dh)
 
 
 class ChainFunction(torch.autograd.Function):
@@ -488,4 +521,74 @@ def dense(
 ) -> torch.Tensor:
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
+    if _eager():
+        return EagerDenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
     return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]
+
+
+class RowwiseFunction(torch.autograd.Function):
+    """Autograd of a row-sharded (tensor-parallel) dense pass: each rank holds the columns
+    ``x[:, k]`` and ``W[:, k]`` of its share ``k`` of the inputs, so ``x W^T`` is a sum over
+    ranks. The partial products are all-reduced over ``group`` before the bias, the
+    activation and any statistic, which then see the full pre-activation: the same values
+    on every rank of the group, recorded by the one where ``record_replicated`` (counted
+    once, not once a rank). The weight gradient ``dz^T x[:, k]`` is this rank's own columns
+    of the whole layer's: every rank records it. Statistics are recorded by the reference
+    backend; the matmuls are PyTorch's. Arguments as :func:`dense_rowwise`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bufs, activation, settings, group, record_replicated):  # type: ignore[override]
+        z = x @ weight.t()
+        torch.distributed.all_reduce(z, group=group)
+        if bias is not None:
+            z += bias
+        h = activation.forward(z)
+        # (activation checkpointing's recomputation records nothing: see _forward)
+        recording = settings.enabled and torch._C._current_graph_task_id() == -1
+        if recording and record_replicated:
+            reference.record(bufs, settings, PREACTIVATION, z)
+            reference.record(bufs, settings, ACTIVATION, h, fixed=activation.bounded)
+            if settings.per_unit:
+                reference.record_units(bufs, settings, h)
+        ctx.save_for_backward(x, weight, z if activation.from_input else h)
+        ctx.pass_args = (bufs, activation, settings, record_replicated, bias is not None)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):  # type: ignore[override]
+        x, weight, saved = ctx.saved_tensors
+        bufs, activation, settings, record_replicated, has_bias = ctx.pass_args
+        dz = activation.backward(dh, saved)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dw = dz.t() @ x if need_w or settings.enabled else None
+        if settings.enabled:
+            if record_replicated:
+                reference.record(bufs, settings, PREACTIVATION_GRAD, dz)
+            reference.record(bufs, settings, WEIGHT_GRAD, dw)
+        dx = dz @ weight if need_x else None
+        db = dz.sum(0) if need_b and has_bias else None
+        return dx, dw if need_w else None, db, None, None, None, None, None
+
+
+def dense_rowwise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bufs: Buffers,
+    activation: Activation,
+    backend: str,
+    settings: StatsConfig,
+    *,
+    group: torch.distributed.ProcessGroup,
+    record_replicated: bool,
+) -> torch.Tensor:
+    """``f(all_reduce(x W^T) + b)`` for this rank's input columns ``x [M, k]`` and weight
+    columns ``weight [N, k]`` of a layer sharded by rows of ``W^T`` over ``group``
+    (:class:`RowwiseFunction`); ``bias`` is the whole layer's. Differentiable in ``x``,
+    ``weight`` and ``bias``; ``dx`` is this rank's columns of the input gradient. Arguments
+    as :func:`dense`'s (``backend`` unused: the matmuls are PyTorch's, the statistics the
+    reference backend's)."""
+    return RowwiseFunction.apply(
+        x, weight, bias, bufs, activation, settings, group, record_replicated
+    )

@@ -2,9 +2,10 @@
 
 :func:`main` (the test's subprocess) computes the single-process references, then spawns 2
 gloo ranks that run every distributed case in turn (FSDP2 in fp32 and bf16, with and
-without resharding after the forward, then DDP with ``no_sync``) in one process group, so
-the file pays for starting processes and joining a group once. The references, and each
-case's results per rank (or its traceback), are saved for the test to compare.
+without resharding after the forward, DDP with ``no_sync``, then tensor parallelism) in one
+process group, so the file pays for starting processes and joining a group once. The
+references, and each case's results per rank (or its traceback), are saved for the test to
+compare.
 
 Every process runs with oneDNN off and one thread: the PyTorch path would otherwise pick
 oneDNN or addmm per matmul shape by timing both, once per process, so two processes could
@@ -154,6 +155,128 @@ def ddp_case(rank: int, seed: int) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- tensor parallel
+
+SEQ = 4  # tokens per example in the sequence-parallel case (split over the ranks)
+TP_CASES = ("tp", "tp-sp")
+
+
+def tp_data(seed: int, case: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's whole batch (every tensor-parallel rank gets the same one; the
+    sequence-parallel case splits its tokens): float64 ``x`` (``[BATCH, IN]``, or
+    ``[BATCH, SEQ, IN]``) and class labels."""
+    g = torch.Generator().manual_seed(seed + 2)
+    shape = (BATCH, IN_FEATURES) if case == "tp" else (BATCH, SEQ, IN_FEATURES)
+    return [
+        (torch.randn(*shape, generator=g, dtype=torch.float64) * 1.5 + 0.2,
+         torch.randint(0, CLASSES, (BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]  # fmt: skip
+
+
+def _tp_loss(out: torch.Tensor, y: torch.Tensor, case: str) -> torch.Tensor:
+    # tp: cross-entropy of the replicated logits; tp-sp: half the sum of squares of this
+    # rank's tokens' outputs (the ranks' losses sum to the whole batch's)
+    return F.cross_entropy(out, y) if case == "tp" else 0.5 * (out * out).sum()
+
+
+def _tp_model(seed: int) -> nn.Module:
+    import fastmlp
+
+    model = fastmlp.instrument(make_plain(seed).double(), backend="torch", per_unit=True)
+    return model
+
+
+def tp_case(rank: int, seed: int, case: str) -> dict:
+    """Tensor parallelism with ``parallelize_module`` on the 2 ranks' 1-D mesh: layer 0
+    column-sharded, layer 2 row-sharded (its tanh after the reduction), layer 4
+    column-sharded with its output gathered. ``tp``: 2-D inputs, replicated; ``tp-sp``:
+    ``[batch, tokens, features]`` inputs sharded by tokens (sequence parallel: the first
+    layer gathers them, the row-sharded layer reduce-scatters to tokens, the last layer
+    gathers them again and returns its tokens). SGD on the loss of :func:`_tp_loss`.
+    Returns the merged and local rows, each step's output and input gradient (this rank's
+    tokens), the full parameters at the end and what the weights became."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    import fastmlp
+
+    model = _tp_model(seed)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    if case == "tp":
+        plan = {
+            "0": ColwiseParallel(),
+            "2": RowwiseParallel(),
+            "4": ColwiseParallel(output_layouts=Replicate()),
+        }
+    else:
+        plan = {
+            "0": ColwiseParallel(input_layouts=Shard(1)),
+            "2": RowwiseParallel(output_layouts=Shard(1)),
+            "4": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1)),
+        }
+    parallelize_module(model, mesh, plan)
+    placements = {k: str(v.placements) for k, v in model.named_parameters()}
+    # The other order: parallelized first, then instrument(): refused layer by layer.
+    late = make_plain(seed).double()
+    parallelize_module(late, mesh, plan)
+    late_report = str(fastmlp.instrument(late, backend="torch").fastmlp_report)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    outs, dxs = [], []
+    for x, y in tp_data(seed, case):
+        if case == "tp-sp":
+            x = x.chunk(WORLD, dim=1)[rank]
+        x = x.clone().requires_grad_()
+        out = model(x)
+        _tp_loss(out, y, case).backward()
+        outs.append(out.detach().clone())
+        dxs.append(x.grad.clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    stats = fastmlp.stats_of(model)
+    params = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in model.named_parameters()
+    }
+    return {
+        "merged": stats.snapshot().rows(),
+        "local": stats.snapshot(local=True).rows(),
+        "outs": outs,
+        "dxs": dxs,
+        "params": params,
+        "placements": placements,
+        "late_report": late_report,
+    }
+
+
+def tp_reference(seed: int, case: str) -> dict:
+    """The same model, unsharded, in one process on each step's whole batch."""
+    import fastmlp
+
+    model = _tp_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    outs, dxs = [], []
+    for x, y in tp_data(seed, case):
+        x = x.clone().requires_grad_()
+        out = model(x)
+        _tp_loss(out, y, case).backward()
+        outs.append(out.detach().clone())
+        dxs.append(x.grad.clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {
+        "rows": fastmlp.stats_of(model).snapshot().rows(),
+        "outs": outs,
+        "dxs": dxs,
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+    }
+
+
 def fsdp_reference(seed: int, dtype: str) -> dict:
     """One process, the same model and init, running each step's rank batches as accumulated
     micro-batches with each rank's loss (its local mean cross-entropy), gradients then
@@ -237,6 +360,7 @@ def main(out: str, port: int, seed: int) -> None:
     _one_thread_no_onednn()
     refs = {f"fsdp-{d}": fsdp_reference(seed, d) for d in sorted({d for d, _ in FSDP_CASES})}
     refs["ddp"] = ddp_reference(seed)
+    refs.update({case: tp_reference(seed, case) for case in TP_CASES})
     torch.save(refs, Path(out) / "reference.pt")
     mp.spawn(worker, args=(WORLD, port, out, seed), nprocs=WORLD)
 
@@ -260,11 +384,122 @@ def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
     results: dict = {}
     cases = [(f"fsdp-{d}-{r}", fsdp_case, (rank, seed, d, r)) for d, r in FSDP_CASES]
     cases.append(("ddp", ddp_case, (rank, seed)))
+    cases += [(case, tp_case, (rank, seed, case)) for case in TP_CASES]
     for name, fn, args in cases:
         try:
             results[name] = fn(*args)
         except Exception:  # noqa: BLE001 - recorded for the test to report
             results[name] = {"error": traceback.format_exc()}
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    distributed.cleanup(wait=True)
+    distributed.exit_rank(0)
+
+
+# ----------------------------------------------------------------------------- 2-D mesh
+
+MESH_2D = (2, 2)  # (data parallel, tensor parallel): 4 ranks
+
+
+def mesh2d_main(out: str, port: int, seed: int) -> None:
+    """The 2-D mesh test's subprocess: the single-process reference (``reference.pt``), then
+    4 gloo ranks running :func:`mesh2d_case`."""
+    import torch.multiprocessing as mp
+
+    _one_thread_no_onednn()
+    torch.save(mesh2d_reference(seed), Path(out) / "reference.pt")
+    world = MESH_2D[0] * MESH_2D[1]
+    mp.spawn(mesh2d_worker, args=(world, port, out, seed), nprocs=world)
+
+
+def mesh2d_data(seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``out[step][dp]``: each data-parallel group's float64 batch of a step."""
+    g = torch.Generator().manual_seed(seed + 3)
+    return [
+        [(torch.randn(BATCH, IN_FEATURES, generator=g, dtype=torch.float64) * (1 + d),
+          torch.randint(0, CLASSES, (BATCH,), generator=g))
+         for d in range(MESH_2D[0])]
+        for _ in range(STEPS)
+    ]  # fmt: skip
+
+
+def mesh2d_case(seed: int) -> dict:
+    """Tensor parallel (layer 0 column-, 2 row-, 4 column-sharded) on the mesh's ``tp``
+    dimension and FSDP2 on its ``dp`` dimension, as TorchTitan composes them: each
+    data-parallel group trains on its own batch (its loss the batch's mean), SGD."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    import fastmlp
+
+    mesh = init_device_mesh("cpu", MESH_2D, mesh_dim_names=("dp", "tp"))
+    model = _tp_model(seed)
+    plan = {
+        "0": ColwiseParallel(),
+        "2": RowwiseParallel(),
+        "4": ColwiseParallel(output_layouts=Replicate()),
+    }
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dp = mesh["dp"].get_local_rank()
+    for per_dp in mesh2d_data(seed):
+        x, y = per_dp[dp]
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    params = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in model.named_parameters()
+    }
+    return {"merged": fastmlp.stats_of(model).snapshot().rows(), "params": params}
+
+
+def mesh2d_reference(seed: int) -> dict:
+    """One process: each step's data-parallel batches as micro-batches with each one's
+    loss, the gradients averaged over them (what FSDP2's reduce-scatter computes), SGD."""
+    import fastmlp
+
+    model = _tp_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for per_dp in mesh2d_data(seed):
+        for x, y in per_dp:
+            F.cross_entropy(model(x), y).backward()
+        for p in model.parameters():
+            p.grad /= MESH_2D[0]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {
+        "rows": fastmlp.stats_of(model).snapshot().rows(),
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+    }
+
+
+def mesh2d_worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
+    """One rank of the 2-D mesh test: saves ``rank{rank}.pt`` (or its traceback)."""
+    from fastmlp import distributed
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    _one_thread_no_onednn()
+    distributed.setup(timeout=45)
+    try:
+        result = mesh2d_case(seed)
+    except Exception:  # noqa: BLE001 - recorded for the test to report
+        result = {"error": traceback.format_exc()}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
     distributed.cleanup(wait=True)
     distributed.exit_rank(0)

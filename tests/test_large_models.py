@@ -1,8 +1,9 @@
-"""Large-model training features (issue 24, items 3-5): FSDP2, DDP with ``no_sync``, gradient
-accumulation and mixed precision, each against a single-process reference.
+"""Large-model training features (issue 24): FSDP2, DDP with ``no_sync``, tensor parallelism,
+gradient accumulation and mixed precision, each against a single-process reference.
 
-Everything runs on the CPU. The distributed cases (FSDP2 ``fully_shard`` in fp32 and bf16,
-``reshard_after_forward`` True and False, and DDP) run in ONE spawn of 2 gloo ranks, after
+Everything runs on the CPU, but for the GPU-marked test (the kernels, on CUDA). The
+distributed cases (FSDP2 ``fully_shard`` in fp32 and bf16, ``reshard_after_forward`` True
+and False, DDP, and tensor parallelism) run in ONE spawn of 2 gloo ranks, after
 their single-process references, in a subprocess of its own session
 (``tests/_large_workers.py``) with a hard timeout: a hang fails the tests (the whole process
 group is killed) instead of blocking the suite. The data and the initialization come from a
@@ -122,16 +123,16 @@ def _addmm_only() -> Iterator[None]:
 # ----------------------------------------------------------------------------- the spawn
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``{case: [rank 0's results, rank 1's]}`` of one 2-rank gloo spawn of every case, and
-    ``"reference"``: the single-process references (:mod:`_large_workers`)."""
-    out = tmp_path_factory.mktemp("large")
+def _spawn(out: Path, main: str, ranks: int) -> tuple[list[dict], dict]:
+    """Run ``_large_workers.<main>(out, port, seed)`` in a subprocess of its own session with
+    a hard timeout (a hang fails the test; the whole process group is killed); the ranks'
+    saved results and the saved reference."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     code = (
-        "import sys, _large_workers as W\nW.main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
+        f"import sys, _large_workers as W\n"
+        f"W.{main}(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
     )
     cmd = [sys.executable, "-c", code, str(out), str(_free_port()), str(SEED)]
     # Its own session: on a timeout the spawned ranks are killed with their parent.
@@ -144,11 +145,21 @@ def dist_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
-        pytest.fail(f"2-rank spawn still running after {SPAWN_TIMEOUT_S} s (seed {SEED})\n{err}")
+        pytest.fail(
+            f"{ranks}-rank spawn still running after {SPAWN_TIMEOUT_S} s (seed {SEED})\n{err}"
+        )
     assert proc.returncode == 0, f"seed {SEED}\n{err[-4000:]}"
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+    return results, torch.load(out / "reference.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``{case: [rank 0's results, rank 1's]}`` of one 2-rank gloo spawn of every case, and
+    ``"reference"``: the single-process references (:mod:`_large_workers`)."""
+    ranks, reference = _spawn(tmp_path_factory.mktemp("large"), "main", W.WORLD)
     results = {case: [rk[case] for rk in ranks] for case in ranks[0]}
-    results["reference"] = torch.load(out / "reference.pt", weights_only=False)
+    results["reference"] = reference
     return results
 
 
@@ -211,6 +222,95 @@ def test_fsdp2_statistics_equal_single_process(dist_results, dtype, reshard):
         for k, v in ref_params[step].items():
             assert torch.equal(r0["params"][step][k], r1["params"][step][k]), k
             torch.testing.assert_close(r0["params"][step][k], v, **tol, msg=f"{k} step {step}")
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def _assert_tp_stats(got: list[dict], ref: list[dict], what: str) -> None:
+    """Every row (4 quantities x 3 layers) agrees with the unsharded model's: counts exactly,
+    the float64 figures to a few ulps (a row-sharded layer's products are summed in another
+    order), the histograms as :func:`_assert_same_stats` says, the per-unit figures
+    exactly."""
+    g, r = _rows_by_key(got), _rows_by_key(ref)
+    assert g.keys() == r.keys() and len(r) == 12, what
+    for key, b in r.items():
+        a = g[key]
+        where = f"{what}, layer {key[0]} ({key[1]}) {key[2]}, seed {SEED}"
+        assert a["count"] == b["count"] > 0 and a["nonfinite"] == b["nonfinite"] == 0, where
+        for figure in ("mean", "std", "l1", "rms", "min", "max"):
+            if figure in b:
+                assert a[figure] == pytest.approx(b[figure], rel=1e-9, abs=1e-12), (where, figure)
+        for figure in ("dead_fraction", "saturated_low", "saturated_high"):
+            assert a[figure] == b[figure], (where, figure)
+        assert a["hist_edges"] == b["hist_edges"], where
+        ha = np.array([a["underflow"], *a["hist_counts"], a["overflow"]])
+        hb = np.array([b["underflow"], *b["hist_counts"], b["overflow"]])
+        assert ha.sum() == hb.sum() == a["count"], where
+        flows = a["underflow"] + a["overflow"] + b["underflow"] + b["overflow"]
+        assert np.abs(np.cumsum(ha) - np.cumsum(hb)).max() <= flows, where
+
+
+@pytest.mark.parametrize("case", W.TP_CASES)
+def test_tensor_parallel_equals_unsharded(dist_results, case):
+    """``parallelize_module`` on an ``instrument()``ed model, 2 gloo ranks: layer 0
+    ``ColwiseParallel``, layer 2 ``RowwiseParallel`` (its tanh applied after the all-reduce),
+    layer 4 ``ColwiseParallel`` gathering its output; ``tp-sp`` with sequence-sharded inputs
+    and outputs. Outputs, input gradients, parameters after 2 SGD steps and the merged
+    statistics (per-unit counts on) equal the unsharded model's in one process on the whole
+    batch. Each rank records its own features of a column-sharded layer; a row-sharded
+    layer's pre-activation, activation and their gradient are recorded once (by the mesh's
+    first rank), its weight gradient by each rank for its columns."""
+    r0, r1 = _case(dist_results, case)
+    ref = dist_results["reference"][case]
+    for res in (r0, r1):
+        assert res["placements"]["0.weight"] == "(Shard(dim=0),)"
+        assert res["placements"]["2.weight"] == "(Shard(dim=1),)"
+        # parallelized before instrument(): each layer left as it is, saying why
+        assert res["late_report"].count("instrument the model first") == 3, res["late_report"]
+    for step in range(W.STEPS):
+        if case == "tp":
+            outs, dxs = [r0["outs"][step], r1["outs"][step]], [r0["dxs"][step]]
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+            out, dx = outs[0], dxs[0]
+        else:  # each rank's tokens
+            out = torch.cat([r0["outs"][step], r1["outs"][step]], dim=1)
+            dx = torch.cat([r0["dxs"][step], r1["dxs"][step]], dim=1)
+        torch.testing.assert_close(out, ref["outs"][step], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dx, ref["dxs"][step], rtol=1e-12, atol=1e-14)
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(r0["params"][k], v, rtol=1e-12, atol=1e-14, msg=k)
+    assert r0["merged"] == r1["merged"]
+    _assert_tp_stats(r0["merged"], ref["rows"], f"tensor parallel {case}")
+    # What each rank recorded: half of a column-sharded layer's features; all of a
+    # row-sharded layer's replicated quantities on rank 0 and none on rank 1; half of its
+    # weight gradient each.
+    local = [_rows_by_key(r["local"]) for r in (r0, r1)]
+    full = _rows_by_key(ref["rows"])
+    for key, row in full.items():
+        layer, quantity = key[0], key[2]
+        counts = [loc[key]["count"] for loc in local]
+        if layer == 2 and quantity != "weight_grad":
+            assert counts == [row["count"], 0], key
+        else:
+            assert counts == [row["count"] // 2] * 2, key
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_fsdp2_on_a_2d_mesh_merges_once(tmp_path):
+    """A (data parallel 2) x (tensor parallel 2) mesh, 4 gloo ranks: ``parallelize_module`` on
+    the ``tp`` dimension, then FSDP2 on ``dp``, each data-parallel group on its own batch.
+    The snapshot (merged over all 4 ranks) equals one process running the two groups'
+    batches as micro-batches: every value counted once, though each row-sharded layer's
+    replicated quantities exist on both ranks of its tensor-parallel group and each batch on
+    both. Parameters after the SGD steps equal the reference's."""
+    ranks, ref = _spawn(tmp_path, "mesh2d_main", W.MESH_2D[0] * W.MESH_2D[1])
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r} (seed {SEED}):\n{res['error']}"
+    assert all(res["merged"] == ranks[0]["merged"] for res in ranks)
+    _assert_tp_stats(ranks[0]["merged"], ref["rows"], "2-D mesh: FSDP2 x tensor parallel")
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][k], v, rtol=1e-12, atol=1e-14, msg=k)
 
 
 # ----------------------------------------------------------------------------- DDP + no_sync
@@ -483,3 +583,45 @@ def test_bf16_preactivation_grad_mean_is_exact(dtype):
     q = fastmlp.stats_of(layer).snapshot()[1]["preactivation_grad"]
     assert q.count == v.size
     assert q.mean == pytest.approx(v.mean(), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_kernels_checkpointed_accumulation(dtype):
+    """On CUDA with the Triton kernels (``backend="auto"``): 3 micro-batches accumulated,
+    each layer checkpointed (non-reentrant), under ``torch.autocast(bfloat16)`` in the bf16
+    case, record what the PyTorch path (``backend="torch"``, the same device, no
+    checkpointing) records over the same micro-batches: the same counts, and moments and
+    extremes to the precision of the dtype (the kernels and cuBLAS sum in other orders)."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(SEED + 13)
+    xs = [torch.randn(n, 12, generator=g).cuda() * 2 for n in (64, 32, 96)]
+    ys = [torch.randint(0, 5, (x.shape[0],), generator=g).cuda() for x in xs]
+    plain = _accumulation_model().cuda()
+    fast = fastmlp.instrument(copy.deepcopy(plain), backend="auto")
+    ref = fastmlp.instrument(copy.deepcopy(plain), backend="torch")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    for x, y in zip(xs, ys, strict=True):
+        with autocast:
+            h = x
+            for m in fast:
+                h = checkpoint(m, h, use_reentrant=False)
+            F.cross_entropy(h.float(), y, reduction="sum").backward()
+            F.cross_entropy(ref(x).float(), y, reduction="sum").backward()
+    got = _rows_by_key(fastmlp.stats_of(fast).snapshot().rows())
+    want = _rows_by_key(fastmlp.stats_of(ref).snapshot().rows())
+    assert got.keys() == want.keys()
+    rtol = 1e-4 if dtype == "float32" else 5e-2
+    for key, b in want.items():
+        a = got[key]
+        assert a["count"] == b["count"] > 0, key
+        scale = max(abs(b["mean"]), b["std"], 1e-30)
+        assert abs(a["mean"] - b["mean"]) <= rtol * scale, key
+        assert a["std"] == pytest.approx(b["std"], rel=rtol), key
+        assert a["max"] == pytest.approx(b["max"], rel=rtol, abs=rtol * scale), key
+    for p, q in zip(fast.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=rtol * float(q.grad.abs().max()))
