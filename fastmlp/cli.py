@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import traceback
 import warnings
 
 import fastmlp
+from fastmlp import interrupts
 from fastmlp.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -20,7 +23,7 @@ from fastmlp.errors import (
 
 # Modules under fastmlp.commands, each with ``register(subparsers)`` adding its sub-command
 # (a parser whose ``func(args) -> int`` runs it).
-COMMANDS: tuple[str, ...] = ("train", "diagnose", "plot", "reproduce", "bench")
+COMMANDS: tuple[str, ...] = ("train", "diagnose", "plot", "reproduce", "bench", "coordcheck")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 DEBUG_HELP = "on an error, show the Python traceback as well as the one-line message"
 
 
@@ -48,8 +52,18 @@ def main(argv: list[str] | None = None) -> int:
 
     Errors end in one line on stderr, ``fastmlp <command>: error: <what and what was
     expected>``, and the exit status of :mod:`fastmlp.errors` (2: bad input, 1: failure
-    at run time, 130: interrupted); ``--debug`` shows the traceback too.
+    at run time, 130: interrupted, 143: SIGTERM); ``--debug`` shows the traceback too.
+    Ctrl-C and SIGTERM are answered as :mod:`fastmlp.interrupts` says.
     """
+    # The ranks of a torchrun job leave SIGTERM to torchrun's agent, which stops them with it.
+    with interrupts.handling(sigterm="RANK" not in os.environ):
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:  # while parsing the flags
+            return _stopped(e, "fastmlp")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -69,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, prog: str) -> int:
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except BrokenPipeError:  # stdout closed early (fastmlp diagnose RUN | head): end quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped(e, prog)
     except Exception as e:
         if args.debug:
             traceback.print_exc()
@@ -83,6 +100,15 @@ def _run(args: argparse.Namespace, prog: str) -> int:
             hint = f" ({type(e).__name__}; run again with --debug for the traceback)"
         print(f"{prog}: error: {describe(e)}{hint}", file=sys.stderr)
         return status
+
+
+def _stopped(e: KeyboardInterrupt, prog: str) -> int:
+    """One line for Ctrl-C or SIGTERM; the exit status says which."""
+    if isinstance(e, interrupts.Terminated):
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return interrupts.EXIT_TERMINATED
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -71,12 +71,16 @@ def _device(text: str) -> str:
     return text
 
 
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds; the data derives more from it
 POSITIVE = _kind(lambda v: None if _int(v) and v > 0 else "a positive integer", int)
 PATH = _kind(lambda v: None if isinstance(v, str) and v.strip() else "a directory path", str)
 KINDS: dict[str, Kind] = {
     "positive": POSITIVE,
     "positive?": _optional(POSITIVE),
     "count": _kind(lambda v: None if _int(v) and v >= 0 else "a non-negative integer", int),
+    "seed": _kind(
+        lambda v: None if _int(v) and 0 <= v <= MAX_SEED else "an integer in [0, 2**63 - 1]", int
+    ),
     "every": _kind(lambda v: None if _int(v) and v >= -1 else "an integer >= -1", int),
     "rate": _kind(
         lambda v: None if _number(v) and math.isfinite(v) and v > 0 else "a positive finite number",
@@ -164,7 +168,7 @@ class TrainConfig:
     test_size: int | None = _opt(2000, "test examples (none: the full split)", "positive?")
     eval_batch_size: int = _opt(1000, "batch size of evaluations", "positive")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", "device", resumable=True)
-    seed: int = _opt(0, "seed of the data, the init and the batches", "count")
+    seed: int = _opt(0, "seed of the data, the init and the batches", "seed")
     data_dir: str = _opt("data", "dataset directory", "path")
     download: bool = _opt(False, "download MNIST / CIFAR-10 into --data-dir if missing", "bool")
     image_size: int = _opt(37, "side of the image-folder dataset's grey images", "positive")
@@ -200,7 +204,9 @@ class TrainConfig:
     progress: bool = _opt(
         True, "show the progress bar and the closing summary (stderr)", "bool", resumable=True
     )
-    extra: dict = _opt({}, "free-form labels carried into config.json", "dict", flag=False)
+    extra: dict = _opt(
+        {}, "free-form labels carried into config.json", "dict", resumable=True, flag=False
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -237,9 +243,16 @@ class TrainConfig:
         return cls(**d)
 
 
-def resumable_fields() -> tuple[str, ...]:
-    """The fields ``--resume`` may change (everything else is the run's own)."""
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"])
+def resumable_fields(*, flags_only: bool = False) -> tuple[str, ...]:
+    """The fields a resume may change (by a flag, or by editing ``config.json``): they take
+    effect from the resumed step on. Every other field is the run's own: ``--resume`` refuses
+    a ``config.json`` where it differs from the checkpoint's. ``flags_only``: those that
+    have a flag."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata["resumable"] and (f.metadata["flag"] or not flags_only)
+    )
 
 
 def choices(name: str) -> tuple[str, ...] | None:

@@ -19,19 +19,22 @@ Per run, under ``RUN/figures/``:
 - ``jacobian_singular_values.png``: mean +- std of each layer's Jacobian
   singular values over training.
 
-With several runs, ``fig11_test_error.png`` overlays all of them and is also
-written to ``out`` (default: the first run's ``figures/``).
+``fastmlp plot RUN --out DIR`` writes every figure into ``DIR`` instead (several runs:
+``DIR/<run name>/``), and nothing into the run directories, which may then be read-only.
+With several runs, ``fig11_test_error_all.png`` overlays all of them (in ``DIR``, default:
+the first run's ``figures/``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from fastmlp.run import CONFIG, JACOBIAN, METRICS, STATS, read_jsonl
+from fastmlp.run import CONFIG, JACOBIAN, METRICS, STATS, read_log
 from fastmlp.stats.snapshot import QuantityStats
 
 __all__ = ["FIGURES", "plot_run", "plot_runs", "plot_test_error", "run_label"]
@@ -85,7 +88,7 @@ class _Stats:
 
     def __init__(self, run: Path) -> None:
         self.rows: dict[tuple[str, str, int], dict[int, dict]] = defaultdict(dict)
-        for r in read_jsonl(run / STATS):
+        for r in read_log(run / STATS):
             self.rows[(r["source"], r["quantity"], r["layer"])][r["step"]] = r
         self.layers = sorted({k[2] for k in self.rows})
         self.hidden = self.layers[:-1]  # the last layer is the linear output layer
@@ -238,7 +241,7 @@ def _weight_grad_std(stats: _Stats, title: str, path: Path) -> Path:
 
 def _jacobian(run: Path, title: str, path: Path) -> Path:
     plt = _plt()
-    rows = read_jsonl(run / JACOBIAN)
+    rows = read_log(run / JACOBIAN)
     by_layer: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         by_layer[r["layer"]].append(r)
@@ -278,7 +281,7 @@ def plot_test_error(runs: list[Path], path: Path, split: str = "test") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     any_data = False
     for run in runs:
-        rows = [r for r in read_jsonl(Path(run) / METRICS) if r["split"] == split]
+        rows = [r for r in read_log(Path(run) / METRICS) if r["split"] == split]
         if not rows:
             continue
         any_data = True
@@ -301,13 +304,15 @@ def plot_test_error(runs: list[Path], path: Path, split: str = "test") -> Path:
     return _save(fig, path)
 
 
-def plot_run(run: str | os.PathLike) -> list[Path]:
-    """Draw every per-run figure into ``RUN/figures/``; returns the PNG paths."""
+def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
+    """Draw every per-run figure into ``out`` (default: ``RUN/figures/``); returns the PNG
+    paths. Nothing but ``out`` is written."""
     run = Path(run)
     if not (run / STATS).exists() and not (run / METRICS).exists():
         raise FileNotFoundError(f"{run} is not a run directory (no {STATS} or {METRICS})")
     stats = _Stats(run)
-    fig_dir = run / "figures"
+    fig_dir = Path(out) if out is not None else run / "figures"
+    _check_dir(fig_dir)
     label = run_label(run)
     return [
         _over_training(
@@ -351,17 +356,45 @@ def plot_run(run: str | os.PathLike) -> list[Path]:
     ]
 
 
+def _check_dir(path: Path) -> None:
+    """Refuse a figure folder that is a file before drawing anything."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "cannot write figures there (a file, not a directory)", str(p)
+                )
+            return
+
+
 def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> list[Path]:
-    """Per-run figures for every run, plus the overlaid test-error curves of all runs
-    (``out/fig11_test_error.png``, default ``out``: the first run's ``figures/``)."""
+    """Per-run figures for every run, plus the overlaid test-error curves of several runs
+    (``fig11_test_error_all.png``).
+
+    ``out`` (default: none): the folder that receives every figure: one run's go straight
+    into it, several runs' into ``out/<run name>/`` (``<run name>-2``... when names repeat),
+    the overlay into ``out``; the run directories are only read. Without it each run's go
+    into ``RUN/figures/`` and the overlay into the first run's.
+    """
     if not runs:
         raise ValueError("no run directories given")
     paths = [Path(r) for r in runs]
     written: list[Path] = []
+    names: set[str] = set()
     for run in paths:
-        written += plot_run(run)
-    if len(paths) > 1 or out is not None:
+        if out is None:
+            target = None
+        elif len(paths) == 1:
+            target = Path(out)
+        else:
+            name, k = run.resolve().name or "run", 1
+            while name in names:
+                k += 1
+                name = f"{run.resolve().name}-{k}"
+            names.add(name)
+            target = Path(out) / name
+        written += plot_run(run, target)
+    if len(paths) > 1:
         out_dir = Path(out) if out is not None else paths[0] / "figures"
-        name = "fig11_test_error_all.png" if out is None else FIGURES[6]
-        written.append(plot_test_error(paths, out_dir / name))
+        written.append(plot_test_error(paths, out_dir / "fig11_test_error_all.png"))
     return written

@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
-import math
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,8 @@ import torch
 
 from fastmlp.errors import UsageError
 from fastmlp.stats.snapshot import Snapshot
+from fastmlp.writers.base import json_safe
+from fastmlp.writers.tensorboard import add_histogram
 
 try:
     import fcntl
@@ -61,8 +61,12 @@ __all__ = [
     "RunDir",
     "RunDirBusy",
     "RunDirModified",
+    "RunWriter",
+    "check_new",
     "hold",
     "read_jsonl",
+    "read_log",
+    "row_problem",
     "load_checkpoint",
     "load_run_snapshot",
     "save_checkpoint",
@@ -89,17 +93,6 @@ class RunDirModified(UsageError, RuntimeError):
     """A run directory whose logs no longer match its checkpoint (edited or truncated)."""
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become ``None`` (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All complete rows of a JSONL file (``[]`` when it does not exist).
 
@@ -107,10 +100,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     killed writer, and dropped on resume): it is left out. Any other line that is not
     JSON raises ``ValueError`` naming the file and line.
     """
-    path = Path(path)
+    return [row for _, row in _numbered_rows(Path(path))]
+
+
+def _numbered_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed row)`` of every complete, non-blank line of ``path``."""
     if not path.exists():
-        return []
-    rows = []
+        return
     with path.open("rb") as f:
         for k, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
@@ -118,9 +114,104 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield k, json.loads(line)
             except ValueError as e:
                 raise UsageError(f"{path} line {k} is not a JSON row ({e})") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_number(x) for x in v)
+
+
+# What each field of a log row holds: (test, what was expected). Fields a row lacks are
+# not checked here (the readers say what they need).
+_INT = (_is_int, "an integer")
+_INT_OR_NULL = (lambda v: v is None or _is_int(v), "an integer or null")
+_NUMBER_OR_NULL = (lambda v: v is None or _is_number(v), "a number or null")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+_NUMBERS_OR_NULL = (lambda v: v is None or _numbers(v), "a list of numbers or null")
+_SCHEMAS: dict[str, dict[str, tuple]] = {
+    METRICS: {"step": _INT, "split": _TEXT, "loss": _NUMBER_OR_NULL, "error": _NUMBER_OR_NULL},
+    STATS: {
+        "step": _INT,
+        "source": _TEXT,
+        "layer": _INT,
+        "name": _TEXT_OR_NULL,
+        "quantity": _TEXT,
+        "count": _INT,
+        "nonfinite": _INT_OR_NULL,
+        "underflow": _INT_OR_NULL,
+        "overflow": _INT_OR_NULL,
+        "hist_edges": _NUMBERS_OR_NULL,
+        "hist_counts": _NUMBERS_OR_NULL,
+        "formats": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+        **{
+            k: _NUMBER_OR_NULL
+            for k in (
+                "mean",
+                "var",
+                "std",
+                "l1",
+                "rms",
+                "min",
+                "max",
+                "absmax",
+                "skewness",
+                "kurtosis",
+                "zero_fraction",
+                "dead_fraction",
+                "saturated_low",
+                "saturated_high",
+                "saturated",
+            )
+        },  # fmt: skip
+    },
+    JACOBIAN: {
+        "step": _INT,
+        "layer": _INT,
+        "examples": _INT,
+        "nonfinite": _INT,
+        **{k: _NUMBER_OR_NULL for k in ("mean", "std", "min", "max", "median")},
+    },
+}
+
+
+def row_problem(name: str, row: Any) -> str | None:
+    """What is wrong with ``row`` as a row of the log file ``name`` (``None``: nothing)."""
+    if not isinstance(row, dict):
+        return f"is {type(row).__name__}, expected a JSON object"
+    for field, (ok, expected) in _SCHEMAS.get(name, {}).items():
+        if field in row and not ok(row[field]):
+            return f"has {field} = {json.dumps(row[field])[:40]}, expected {expected}"
+    if "step" in _SCHEMAS.get(name, {}) and "step" not in row:
+        return "has no step"
+    return None
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a run's log file (``metrics.jsonl``, ``stats.jsonl``, ``jacobian.jsonl``;
+    ``[]`` when it does not exist), each checked against the file's row schema.
+
+    Raises:
+        UsageError: a line that is not JSON, or a row whose field holds the wrong type (the
+            message names the file, the line, the field and what was expected).
+    """
+    path = Path(path)
+    rows = []
+    for k, row in _numbered_rows(path):
+        problem = row_problem(path.name, row)
+        if problem is not None:
+            raise UsageError(f"{path} line {k} {problem}")
+        rows.append(row)
     return rows
 
 
@@ -128,47 +219,94 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` with ``torch.save`` atomically: temporary file, fsync, ``os.replace``.
 
     A reader (or a resumed run) sees either the previous checkpoint or the new
-    one, never a partial file, whenever the writer is killed. Ctrl-C during the write
-    lets it finish and is raised (``KeyboardInterrupt``) after it.
+    one, never a partial file, whenever the writer is killed. Ctrl-C (or SIGTERM) during
+    the write lets it finish and is raised after it.
+
+    Raises:
+        OSError: the file could not be written (a full disk, ...): its message names the
+            checkpoint and the reason; the previous checkpoint is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     with _interrupt_after():
         try:
             with tmp.open("wb") as f:
-                torch.save(state, f)
+                writer = _RecordingWriter(f)
+                try:
+                    torch.save(state, writer)
+                except RuntimeError:
+                    # torch's C++ writer turns the OSError of a failed write into "unexpected
+                    # pos": report the write's own error instead.
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            if e.errno is None or isinstance(e, BlockingIOError):
+                raise
+            raise OSError(
+                e.errno, f"cannot write the checkpoint ({e.strerror or e})", str(path)
+            ) from e
         finally:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(path.parent)
 
 
+class _RecordingWriter:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
 @contextlib.contextmanager
 def _interrupt_after() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``.
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then raise what came.
 
     ``torch.save`` writes through a C++ writer that turns an exception raised in its
     Python write call into an unrelated ``RuntimeError`` ("unexpected pos"), so an
-    interrupt in the middle of a write would read as a failure. Only in the main thread
-    with Python's own SIGINT handler installed; elsewhere the block runs as is.
+    interrupt in the middle of a write would read as a failure. Only in the main thread,
+    for the signals whose handler raises (Python's SIGINT handler, the command line's
+    SIGTERM handler); elsewhere the block runs as is.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler) and (
+            handler is signal.default_int_handler or getattr(handler, "raises", False)
+        ):
+            held[sig] = handler
     received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        held[received[0]](received[0], None)  # raises as the signal would have
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -185,10 +323,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} is empty (0 bytes): it cannot be resumed from")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        first = " ".join(str(e).split(".")[0].split()) or type(e).__name__
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+        text = str(e.strerror if isinstance(e, OSError) and e.strerror else e)
+        first = " ".join(text.split(".")[0].split())[:120]
+        if isinstance(e, KeyError | IndexError) or not first:
+            first = f"unreadable pickle data: {type(e).__name__} {first}".strip()
         raise CheckpointError(
-            f"{path} ({size} bytes) is truncated or corrupted and cannot be resumed from ({first})"
+            f"{path} ({size} bytes) is truncated or corrupted and cannot be resumed from "
+            f"({first}); expected a checkpoint.pt written by fastmlp train"
         ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a fastmlp checkpoint (it holds {type(state)})")
@@ -226,9 +370,10 @@ def _pid_in(fd: int) -> str:
     return text if text.isdigit() else ""
 
 
-def _lock(path: Path) -> int | None:
+def _lock(path: Path, new: bool = False) -> int | None:
     """An open descriptor of ``path/.lock`` holding its exclusive ``flock`` (``None`` where the
-    file system has no locks). Raises :class:`RunDirBusy` when another process holds it."""
+    file system has no locks). Raises :class:`RunDirBusy` naming the process that holds it
+    (``new``: the advice is for a new run, which must go elsewhere)."""
     lock = path / LOCK
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -243,6 +388,11 @@ def _lock(path: Path) -> int | None:
                 pid = _pid_in(fd)
             os.close(fd)
             who = f"process {pid}" if pid else "another process"
+            if new:
+                raise RunDirBusy(
+                    f"{path} is in use by {who}, which is training a run there: choose "
+                    "another --out for a new run (or wait for it to end)"
+                ) from None
             raise RunDirBusy(
                 f"{path} is in use by {who}: one process writes a run directory at a time; "
                 f"wait for it to end (or stop it), then continue with --resume {path}"
@@ -295,7 +445,7 @@ def hold(path: str | os.PathLike, *, new: bool, enabled: bool = True) -> Iterato
     try:
         if new:
             path.mkdir(parents=True, exist_ok=True)
-        fd = _lock(path)
+        fd = _lock(path, new)
     except OSError as e:
         if isinstance(e, BlockingIOError) or e.errno is None:
             raise
@@ -323,6 +473,27 @@ def hold(path: str | os.PathLike, *, new: bool, enabled: bool = True) -> Iterato
             os.close(fd)
 
 
+def check_new(path: str | os.PathLike) -> None:
+    """Refuse, as :func:`hold` would for a new run, without creating anything: ``path`` in use
+    by another process (:class:`RunDirBusy`) or already holding a run (``FileExistsError``)."""
+    path = Path(path)
+    if fcntl is not None and (path / LOCK).is_file():
+        try:
+            fd = _lock(path, new=True)
+        except RunDirBusy:
+            raise
+        except OSError:
+            fd = None  # cannot be locked here: the ranks will say why
+        if fd is not None:
+            os.close(fd)
+    if (path / CONFIG).exists():
+        raise FileExistsError(
+            f"{path} already holds a run; continue it with --resume {path} or choose another --out"
+        )
+    if path.is_dir():
+        _refuse_foreign_logs(path)
+
+
 class RunDir:
     """Writer for one run directory (see the module docstring for the layout).
 
@@ -339,6 +510,8 @@ class RunDir:
         self.enabled = enabled
         self._files: dict[str, Any] = {}
         self._lines: dict[str, int] = {}
+        self._hashes: dict[str, Any] = {}  # SHA-256 of each file's bytes, kept as rows go
+        self._verified: tuple[Any, list] | None = None  # the last verify(): (its inputs, plan)
         self._tb_requested = tensorboard
         self._restarting = False  # check_restart() allowed starting over from step 0
         self.tb: Any = None
@@ -359,7 +532,7 @@ class RunDir:
         if not self.enabled:
             return
         tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_clean(config), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(json_safe(config), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.config_path)
 
     def read_config(self) -> dict:
@@ -413,29 +586,48 @@ class RunDir:
                 file=sys.stderr,
             )
 
-    def open(self, positions: Mapping[str, Mapping[str, int]] | None = None, *, tb_step: int = 0):
-        """Open the log files for appending.
+    def check_paths(self, *, figures: bool) -> None:
+        """Refuse, before anything is written, a ``tb`` or ``figures`` path that is not a
+        directory (the run would fail on it only at its end)."""
+        wanted = (
+            ("tb", self._tb_requested, "--no-tensorboard"),
+            ("figures", figures, "--no-figures"),
+        )
+        for name, on, flag in wanted:
+            p = self.path / name
+            if on and p.exists() and not p.is_dir():
+                raise UsageError(
+                    f"{p} is a file, expected a directory (the run writes there): move it "
+                    f"away, or train with {flag}"
+                )
 
-        Args:
-            positions: ``{file: {"bytes": b, "lines": n}}`` from a checkpoint; each
-                file is truncated to ``b`` bytes (rows written after the checkpoint
-                are dropped) and must then hold exactly ``n`` lines. ``None``: start
-                empty logs; logs that already hold rows are refused
-                (``FileExistsError``) unless :meth:`check_restart` allowed starting over.
-            tb_step: first step this session will log; TensorBoard discards events
-                at or after it left by an interrupted session (``purge_step``).
+    def verify(
+        self, positions: Mapping[str, Mapping[str, Any]] | None, step: int | None = None
+    ) -> list[tuple[str, Path, dict, int, int, Any]]:
+        """Check every log file against a checkpoint's ``positions`` (taken at ``step``),
+        changing nothing; raises :class:`RunDirModified` naming the file and line.
+
+        Up to the recorded offset each file must hold exactly the recorded lines, each a
+        row of the file's schema at a step no later than ``step``, ending on a line
+        boundary, and (checkpoints that record it) the same bytes (SHA-256) as when the
+        checkpoint was taken. Returns what :meth:`open` needs.
         """
-        if not self.enabled:
-            return self
-        for stale in self.path.glob(f".{CHECKPOINT}.tmp.*"):  # left by a writer killed mid-save
-            stale.unlink()
-        if positions is None and not self._restarting:  # a new run: never over others' rows
-            _refuse_foreign_logs(self.path)
-        # Check every file against the checkpoint before changing any.
         plan = []
+        sizes = [
+            (self.path / n).stat().st_size if (self.path / n).exists() else 0 for n in LOG_FILES
+        ]
+        key = (json.dumps(positions, sort_keys=True, default=str), step, sizes)
+        if self._verified is not None and self._verified[0] == key:
+            return self._verified[1]  # checked just before (by check_resume), unchanged since
         for name in LOG_FILES:
             p = self.path / name
-            pos = (positions or {}).get(name, {"bytes": 0, "lines": 0})
+            pos = dict((positions or {}).get(name, {"bytes": 0, "lines": 0}))
+            if step is not None and pos.get("step", step) != step:
+                raise RunDirModified(
+                    f"{self.path / CHECKPOINT} holds step {step}, but its log positions were "
+                    f"taken at step {pos['step']}: the checkpoint was edited; restore it to "
+                    "resume, or start a new run with another --out"
+                )
             size = p.stat().st_size if p.exists() else 0
             if size < pos["bytes"]:
                 raise RunDirModified(
@@ -443,45 +635,80 @@ class RunDir:
                     "were removed after the checkpoint was taken; restore the file to resume, "
                     "or start a new run with another --out"
                 )
-            kept, dropped = _count_lines(p, pos["bytes"]) if size else (0, 0)
-            if kept != pos["lines"]:
-                raise RunDirModified(
-                    f"{p} holds {kept} lines up to the checkpoint's offset, expected "
-                    f"{pos['lines']}: the file was edited after the checkpoint; restore it to "
-                    "resume, or start a new run with another --out"
-                )
-            plan.append((name, p, pos, size, dropped))
-        for name, p, pos, size, dropped in plan:
+            digest, dropped = _check_prefix(p, pos, step) if size else (hashlib.sha256(), 0)
+            plan.append((name, p, pos, size, dropped, digest))
+        self._verified = (key, plan)
+        return plan
+
+    def open(
+        self,
+        positions: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        tb_step: int = 0,
+        step: int | None = None,
+    ):
+        """Open the log files for appending.
+
+        Args:
+            positions: ``{file: {"bytes": b, "lines": n, "sha256": h}}`` from a checkpoint;
+                each file is checked (:meth:`verify`) and then truncated to ``b`` bytes (rows
+                written after the checkpoint are dropped). ``None``: start empty logs; logs
+                that already hold rows are refused (``FileExistsError``) unless
+                :meth:`check_restart` allowed starting over.
+            tb_step: first step this session will log; TensorBoard discards events
+                at or after it left by an interrupted session (``purge_step``).
+            step: the checkpoint's step: no row before its offsets may be later.
+        """
+        if not self.enabled:
+            return self
+        if positions is None and not self._restarting:  # a new run: never over others' rows
+            _refuse_foreign_logs(self.path)
+        # Check every file against the checkpoint before changing any.
+        plan = self.verify(positions, step)
+        for stale in self.path.glob(f".{CHECKPOINT}.tmp.*"):  # left by a writer killed mid-save
+            stale.unlink()
+        for _name, p, pos, size, dropped, _digest in plan:
             if positions is not None and size > pos["bytes"]:
                 print(
                     f"fastmlp: note: {p}: dropping {dropped} row(s) ({size - pos['bytes']} bytes) "
                     "written after the last checkpoint; they are written again",
                     file=sys.stderr,
                 )
+        for name, p, pos, _size, _dropped, digest in plan:
             with p.open("ab") as f:
                 f.truncate(pos["bytes"])
-            self._files[name] = p.open("a", encoding="utf-8")
+            self._files[name] = p.open("ab")
             self._lines[name] = pos["lines"]
+            self._hashes[name] = digest
         if self._tb_requested:
             self.tb = _summary_writer(self.path / "tb", purge_step=tb_step if tb_step else None)
         return self
 
-    def positions(self) -> dict[str, dict[str, int]]:
-        """Byte offset and line count of every log file (flushed and fsynced first)."""
+    def positions(self, step: int | None = None) -> dict[str, dict[str, Any]]:
+        """Byte offset, line count and SHA-256 of every log file (flushed and fsynced first),
+        and ``step``, the checkpoint's step they go with (checked on resume)."""
         out = {}
         for name, f in self._files.items():
             f.flush()
             os.fsync(f.fileno())
-            out[name] = {"bytes": f.tell(), "lines": self._lines[name]}
+            out[name] = {
+                "bytes": f.tell(),
+                "lines": self._lines[name],
+                "sha256": self._hashes[name].hexdigest(),
+            }
+            if step is not None:
+                out[name]["step"] = step
         return out
 
     def _append(self, name: str, rows: Iterable[dict]) -> None:
         if not self.enabled:
             return
-        f = self._files[name]
+        f, digest = self._files[name], self._hashes[name]
         n = 0
         for row in rows:
-            f.write(json.dumps(_clean(row), separators=(",", ":")) + "\n")
+            line = (json.dumps(json_safe(row), separators=(",", ":")) + "\n").encode()
+            f.write(line)
+            digest.update(line)
             n += 1
         self._lines[name] += n
 
@@ -507,7 +734,9 @@ class RunDir:
             for extra in ("saturated", "absmax", "kurtosis", "zero_fraction"):
                 if r.get(extra) is not None:
                     self.tb.add_scalar(f"{tag}/{extra}", r[extra], step)
-            _add_histogram(self.tb, tag, r, step)
+            if r.get("hist_counts") is not None and r.get("hist_edges") is not None:
+                if r["min"] is not None and r["max"] is not None:
+                    add_histogram(self.tb, tag, r, step)
 
     def log_jacobian(self, step: int, rows: list[dict]) -> None:
         """``jacobian.jsonl`` rows (one per hidden layer) and their TensorBoard scalars."""
@@ -534,6 +763,78 @@ class RunDir:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+class RunWriter:
+    """A :class:`fastmlp.writers.Writer` into a run directory: each snapshot a
+    :class:`fastmlp.Monitor` logs becomes ``stats.jsonl`` rows of ``source`` (and their
+    TensorBoard scalars and histograms), covered like every other row by the checkpoint's
+    log positions and their verification on resume.
+
+    Args:
+        run: the run directory (its owner opens and closes it).
+        source: the rows' ``source`` (``"train"``: statistics of training steps).
+    """
+
+    def __init__(self, run: RunDir, *, source: str = "train") -> None:
+        self.run, self.source = run, source
+
+    def write(self, step: int, snapshot: Snapshot) -> None:
+        self.run.log_stats(step, self.source, snapshot.rows())
+
+    def close(self) -> None:
+        """Flush the rows written (the run directory stays open: its owner closes it)."""
+        self.run.flush()
+
+
+def _check_prefix(path: Path, pos: Mapping[str, Any], step: int | None) -> tuple[Any, int]:
+    """Verify ``path`` up to the checkpoint's offset (see :meth:`RunDir.verify`); returns the
+    SHA-256 object of those bytes and the number of lines after them."""
+    offset, lines = pos["bytes"], pos["lines"]
+    digest = hashlib.sha256()
+    restore = "restore the file (or the checkpoint) to resume, or start a new run (another --out)"
+    k = 0
+    with path.open("rb") as f:
+        while f.tell() < offset:
+            line = f.readline()
+            k += 1
+            before = f.tell() - len(line)
+            whole = line.endswith(b"\n")
+            part = line[: offset - before]
+            digest.update(part)
+            try:
+                row = json.loads(line) if whole else None
+            except ValueError:
+                raise RunDirModified(
+                    f"{path} line {k} is not a JSON row ({line[:40]!r}): the file was edited "
+                    f"after the checkpoint was taken; {restore}"
+                ) from None
+            problem = row_problem(path.name, row) if whole else None
+            if problem is not None:
+                raise RunDirModified(f"{path} line {k} {problem}: {restore}")
+            if len(part) < len(line) or not whole:
+                raise RunDirModified(
+                    f"{path}: the checkpoint's offset (byte {offset}) falls inside line {k}: "
+                    f"the file was edited after the checkpoint was taken; {restore}"
+                )
+            if step is not None and row.get("step", 0) > step:
+                raise RunDirModified(
+                    f"{path} line {k} holds step {row['step']}, past the checkpoint's step "
+                    f"{step}: the checkpoint or the file was edited (resuming would log those "
+                    f"steps twice); {restore}"
+                )
+    if k != lines:
+        raise RunDirModified(
+            f"{path} holds {k} lines up to the checkpoint's offset, expected {lines}: the "
+            f"file was edited after the checkpoint was taken; {restore}"
+        )
+    recorded = pos.get("sha256")
+    if recorded is not None and digest.hexdigest() != recorded:
+        raise RunDirModified(
+            f"{path}: the first {lines} lines differ from those the checkpoint recorded "
+            f"(SHA-256): rows were edited after the checkpoint was taken; {restore}"
+        )
+    return digest, _count_lines(path, offset)[1]
 
 
 def _count_lines(path: Path, offset: int) -> tuple[int, int]:
@@ -573,33 +874,6 @@ def _layer_tag(row: dict) -> str:
     return str(name)
 
 
-def _add_histogram(tb: Any, tag: str, r: dict, step: int) -> None:
-    """A real TensorBoard histogram from our bin counts (under/overflow as end buckets)."""
-    counts, edges = r.get("hist_counts"), r.get("hist_edges")
-    if counts is None or edges is None or r["min"] is None or r["max"] is None:
-        return
-    limits = list(edges[1:])
-    bucket_counts = list(counts)
-    if r["underflow"]:
-        limits.insert(0, edges[0])
-        bucket_counts.insert(0, r["underflow"])
-    if r["overflow"]:
-        limits.append(max(r["max"], edges[-1]))
-        bucket_counts.append(r["overflow"])
-    n = r["count"]
-    tb.add_histogram_raw(
-        tag,
-        min=r["min"],
-        max=r["max"],
-        num=n,
-        sum=r["mean"] * n,
-        sum_squares=(r["var"] + r["mean"] ** 2) * n,
-        bucket_limits=limits,
-        bucket_counts=bucket_counts,
-        global_step=step,
-    )
-
-
 def load_run_snapshot(
     run_dir: str | os.PathLike, step: int | None = None, source: str = "probe"
 ) -> tuple[int, Snapshot]:
@@ -621,21 +895,12 @@ def load_run_snapshot(
     if not path.is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {STATS})")
     by_step: dict[int, list[dict]] = {}
-    with path.open(encoding="utf-8") as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if n == len(lines) and not line.endswith("\n"):
-                break  # a row still being written
-            raise ValueError(f"{path}:{n} is not a JSON row") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}:{n} is not a statistics row (no step)")
+    for row in read_log(path):  # each row checked: a wrong type names its line and field
+        missing = [k for k in ("step", "layer", "quantity", "count") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: a row has no {', '.join(missing)}: {row!r:.80}")
         if row.get("source", "probe") == source:
-            by_step.setdefault(int(row["step"]), []).append(row)
+            by_step.setdefault(row["step"], []).append(row)
     if not by_step:
         raise ValueError(f"{path} holds no {source} statistics yet")
     if step is None:

@@ -6,9 +6,12 @@ cross-entropy and writes a run directory (:mod:`fastmlp.run`):
 - every ``eval_every`` steps: loss (NLL) and error (%) on the validation and
   test sets, and on the training minibatches seen since the last evaluation;
 - every ``probe_every`` steps: :func:`fastmlp.probe` on a fixed probe set (the
-  first ``probe_size`` test examples, 300 as in the paper), and a snapshot +
-  reset of the streaming training statistics (rows with ``source`` ``probe``
-  and ``train``);
+  first ``probe_size`` test examples, 300 as in the paper), and the streaming
+  training statistics of the steps since the last one (rows with ``source``
+  ``probe`` and ``train``); the training statistics are recorded and written
+  through a :class:`fastmlp.Monitor` (``every = window = probe_every``, logged
+  under the steps done) whose writer is the run directory (:class:`RunWriter`),
+  the same path a user's own loop logs through;
 - every ``jacobian_every`` steps (and at the first and last step): singular
   values of each hidden layer's Jacobian on the probe set;
 - a checkpoint after each of those, so ``--resume`` continues a killed run with
@@ -39,18 +42,27 @@ from torch.nn import functional as F
 
 from fastmlp import data as datasets
 from fastmlp import distributed
-from fastmlp.config import TrainConfig
-from fastmlp.errors import RunFailed
+from fastmlp.config import TrainConfig, resumable_fields
+from fastmlp.errors import RunFailed, UsageError
 from fastmlp.jacobian import jacobian_singular_values
 from fastmlp.mlp import MLP
+from fastmlp.monitor import Monitor
 from fastmlp.op import is_deterministic, set_deterministic
 from fastmlp.probe import probe
-from fastmlp.run import CheckpointError, RunDir, hold, load_checkpoint, save_checkpoint
+from fastmlp.run import (
+    LOG_FILES,
+    CheckpointError,
+    RunDir,
+    RunWriter,
+    hold,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fastmlp.stats.snapshot import Snapshot
 from fastmlp.summary import compact_finding, finish_run, twin_at_init
-from fastmlp.tripwire import NonFinite, Tripwire
+from fastmlp.tripwire import NonFinite
 
-__all__ = ["TrainConfig", "train", "load_config", "default_run_dir"]
+__all__ = ["TrainConfig", "check_resume", "default_run_dir", "load_config", "train"]
 
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("config", "step", "model", "optimizer", "running", "rng", "logs")
@@ -171,12 +183,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             raise ValueError("resume=True needs config.out, the run directory to continue")
         run_dir = Path(config.out)
     else:
+        # (hold() refuses a directory that holds a run, after its lock names a running writer)
         run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
-        if (run_dir / "config.json").exists():
-            raise FileExistsError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                "or choose another --out"
-            )
     threads = config.threads or (1 if device.type == "cpu" else None)
     saved_threads = torch.get_num_threads()
     if threads is not None:
@@ -237,7 +245,11 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
     finally:
         if bar is not None:
             bar.close()
-        run.close()
+        try:
+            if monitor.recorder is not None:
+                monitor.recorder.close()
+        finally:
+            run.close()
     if is_main:  # diagnosis.json, figures and the per-layer summary (fastmlp.summary)
         elapsed = time.perf_counter() - t0
         x_probe, y_probe = monitor.probe_set
@@ -291,7 +303,8 @@ def _build_model(config: TrainConfig, splits: datasets.Splits, device: torch.dev
 
 class _Monitor:
     """Everything around the SGD steps: the running loss, evaluations, probes, Jacobians,
-    checkpoints (and restoring from one), the non-finite tripwire, the progress readout.
+    checkpoints (and restoring from one), the progress readout; the training statistics and
+    their non-finite tripwire through :attr:`recorder`, a :class:`fastmlp.Monitor`.
 
     Evaluation, probe and Jacobian are the paper's monitoring (the probe set is the first
     test examples); they run on rank 0, checkpoints merge every rank's statistics first.
@@ -315,67 +328,71 @@ class _Monitor:
         self.running = torch.zeros(3, dtype=torch.float64, device=device)
         self.last_probe: Snapshot | None = None
         self.last_test_error: float | None = None
-        self.wire: Tripwire | None = None
-        self.reported: NonFinite | None = None
+        # The training statistics: every step recorded, logged (merged over ranks) under
+        # the steps done at each probe step and at the last step, written into the run
+        # directory; its tripwire finds the first NaN/Inf on the device each step, read at
+        # the monitoring points (no host synchronisation in the step).
+        self.recorder: Monitor | None = None
+        if config.train_stats:
+            self.recorder = Monitor(
+                model,
+                every=config.probe_every,
+                window=config.probe_every,
+                label="done",
+                writers=[RunWriter(run)],
+                diagnose=False,  # the run's diagnosis is finish_run's, from the probes
+                on_nonfinite=self._nonfinite,
+            )
         self.refresh = max(1, min(50, config.steps // 100))
         self.restored = False  # continuing from a checkpoint
 
     # ---- start or restore
 
     def start(self) -> int:
+        self.run.check_paths(figures=self.config.figures)
         self.run.write_config(self.config.to_dict())
         self.run.open(None)
-        self._arm()
         return 0
 
     def restore(self) -> int:
-        """Load the run's checkpoint (or start over where that is safe); the step reached."""
+        """Load the run's checkpoint (or start over where that is safe); the step reached.
+
+        Everything is checked (checkpoint, configuration, logs, paths) before anything in
+        the run directory changes: a refused resume leaves it as it was.
+        """
         run, config, model = self.run, self.config, self.model
         if not run.checkpoint_path.exists():
+            _check_config_file(run.path, None, config)
             run.check_restart()  # killed before its first checkpoint: start over; else refuse
             return self.start()
         ckpt_path = run.checkpoint_path
-        ckpt = load_checkpoint(ckpt_path, map_location=self.device)
-        missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
-        if ckpt.get("version") != CHECKPOINT_VERSION or missing:
+        ckpt = check_resume(run.path, config, self.world_size, device=self.device, run=run)
+        try:
+            model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.running.copy_(ckpt["running"])
+            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            first = " ".join(str(e).split("\n")[0].split())[:160]
             raise CheckpointError(
-                f"{ckpt_path} is not a version-{CHECKPOINT_VERSION} fastmlp checkpoint (version "
-                f"{ckpt.get('version')!r}" + (f", no {', '.join(missing)})" if missing else ")")
-            )
-        _check_compatible(TrainConfig.from_dict(ckpt["config"]), config)
-        if ckpt.get("world_size", 1) != self.world_size:
-            raise ValueError(
-                f"{ckpt_path} was written by a run on {ckpt.get('world_size', 1)} process(es); "
-                f"resume it with the same number (--nproc {ckpt.get('world_size', 1)}), "
-                f"not {self.world_size}"
-            )
-        model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.running.copy_(ckpt["running"])
+                f"{ckpt_path} holds tensors that do not fit this run's model, optimizer or "
+                f"random state ({first}): the checkpoint is damaged and cannot be resumed "
+                "from; start a new run with another --out"
+            ) from e
         if not self.is_main:
             # The checkpoint's statistics and running loss are every rank's, merged into
             # rank 0's: the other ranks start again from empty ones.
             model.stats.reset()
             self.running.zero_()
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         step = int(ckpt["step"])
-        if step > config.steps:
-            raise ValueError(
-                f"{run.path} is at step {step}, past --steps {config.steps}: give --steps "
-                f">= {step} to extend it, or leave --steps out"
-            )
-        run.open(ckpt["logs"], tb_step=step + 1)  # checks every log before changing any
+        run.open(ckpt["logs"], tb_step=step + 1, step=step)  # (checked by check_resume)
         run.write_config(config.to_dict())
-        self._arm()
+        if self.recorder is not None:  # the statistics since the last log came with the model
+            self.recorder.resume(step)
         self.restored = True
         return step
-
-    def _arm(self) -> None:
-        # The first NaN/Inf of the training statistics, found on the device every step and
-        # read at the monitoring points (no host synchronisation in the step).
-        self.wire = Tripwire(self.model) if self.config.train_stats else None
 
     # ---- every step, on the device
 
@@ -384,8 +401,6 @@ class _Monitor:
             self.running[0] += loss.detach().double() * y.shape[0]
             self.running[1] += (logits.argmax(1) != y).sum()
             self.running[2] += y.shape[0]
-        if self.wire is not None:
-            self.wire.update(step)
 
     def postfix(self) -> str:
         return _postfix(self.running, self.last_test_error, self.last_probe, self.config.depth)
@@ -401,20 +416,20 @@ class _Monitor:
         every = config.checkpoint_every
         logged = due_eval or due_probe or due_jac
         due_ckpt = logged if every is None else _due(step, every, config.steps)
-        if logged or due_ckpt:  # the host is read at this step anyway
-            self._check_tripwire(step)
+        if (logged or due_ckpt) and self.recorder is not None:  # the host is read here anyway
+            self.recorder.check_nonfinite()  # (step `step` included; --stop-on-nonfinite raises)
         if due_eval:
             self._evaluate(step)
-        if due_probe:
-            if is_main:
-                with _stats_switched(model, "histograms", config.probe_histograms):
-                    self.last_probe = probe(model, *self.probe_set)
-                run.log_stats(step, "probe", self.last_probe.rows())
-            if config.train_stats and step > 0:  # every rank: its own accumulators
-                run.log_stats(step, "train", model.stats.snapshot().rows())
-                model.stats.reset()
-                if self.wire is not None:
-                    self.wire.rebase()
+        if due_probe and is_main:
+            with _stats_switched(model, "histograms", config.probe_histograms):
+                self.last_probe = probe(model, *self.probe_set)
+            run.log_stats(step, "probe", self.last_probe.rows())
+        if self.recorder is not None and step > 0:
+            # Training step `step` is done (every rank: a log is a collective): the train rows
+            # at the end of each probe window, and of a window cut short by the last step.
+            self.recorder.step()
+            if step == config.steps:
+                self.recorder.flush()
         if due_jac and is_main:
             n_jac = min(config.jacobian_examples, self.probe_set[0].shape[0])
             x_probe = self.probe_set[0]
@@ -422,13 +437,8 @@ class _Monitor:
         if due_ckpt:
             self.checkpoint(step)
 
-    def _check_tripwire(self, step: int) -> None:
-        if self.wire is None:
-            return
-        hit = self.wire.read()
-        if hit is None or hit == self.reported:
-            return
-        self.reported = hit
+    def _nonfinite(self, hit: NonFinite) -> None:
+        """The recorder's tripwire found the first non-finite value (reported once)."""
         if self.config.stop_on_nonfinite:
             raise RunFailed(f"stopped by --stop-on-nonfinite: {hit}")
         if self.is_main:
@@ -469,7 +479,7 @@ class _Monitor:
             "optimizer": self.optimizer.state_dict(),
             "running": self.running.cpu(),
             "rng": rng,
-            "logs": self.run.positions(),
+            "logs": self.run.positions(step=at),
             "world_size": self.world_size,
         }
         if self.run.tb is not None:
@@ -477,30 +487,110 @@ class _Monitor:
         save_checkpoint(self.run.checkpoint_path, state)
 
 
-_MODEL_FIELDS = (
-    "dataset",
-    "depth",
-    "width",
-    "activation",
-    "init",
-    "batch_size",
-    "seed",
-    "bins",
-    "probe_size",
-    "valid_size",
-    "test_size",
-    "image_size",
-)
+def check_resume(
+    run_dir: str | Path,
+    config: TrainConfig,
+    world_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    run: RunDir | None = None,
+) -> dict:
+    """Check that ``run_dir`` can be resumed with ``config`` on ``world_size`` processes,
+    changing nothing; returns its checkpoint.
+
+    Refused (:class:`~fastmlp.errors.UsageError` naming the file and what was expected): a
+    checkpoint that cannot be read or is not ours; a ``config.json`` whose fields differ
+    from the checkpoint's in anything but :func:`~fastmlp.config.resumable_fields`, or
+    lacks one; another number of processes; ``steps`` below the checkpoint's step; logs
+    edited since the checkpoint (:meth:`RunDir.verify`); a ``tb``/``figures`` file.
+    """
+    verify_logs = run is None or run.enabled  # (ranks that do not write the run: no logs)
+    run = run if run is not None else RunDir(run_dir, enabled=False, tensorboard=config.tensorboard)
+    ckpt_path = Path(run_dir) / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if ckpt.get("version") != CHECKPOINT_VERSION or missing:
+        raise CheckpointError(
+            f"{ckpt_path} is not a version-{CHECKPOINT_VERSION} fastmlp checkpoint (version "
+            f"{ckpt.get('version')!r}" + (f", no {', '.join(missing)})" if missing else ")")
+        )
+    step, saved_world, logs = ckpt["step"], ckpt.get("world_size", 1), ckpt["logs"]
+    if not _is_count(step):
+        raise CheckpointError(f"{ckpt_path} holds step {step!r}: expected an integer >= 0")
+    if not _is_count(saved_world) or saved_world < 1:
+        raise CheckpointError(
+            f"{ckpt_path} holds world_size {saved_world!r}: expected a positive number of "
+            "processes; the checkpoint is damaged"
+        )
+    if not isinstance(logs, dict) or not all(
+        isinstance(logs.get(name), dict)
+        and _is_count(logs[name].get("bytes"))
+        and _is_count(logs[name].get("lines"))
+        for name in LOG_FILES
+    ):
+        raise CheckpointError(
+            f"{ckpt_path} holds log positions {str(logs)[:80]}: expected "
+            f"{{file: {{bytes, lines}}}} with integers >= 0 for {', '.join(LOG_FILES)}; the "
+            "checkpoint is damaged"
+        )
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{ckpt_path} holds no configuration (a {type(ckpt['config'])})")
+    _check_config_file(Path(run_dir), ckpt["config"], config)
+    if step > config.steps:
+        raise UsageError(
+            f"{run_dir} is at step {step}, past --steps {config.steps}: give --steps "
+            f">= {step} to extend it, or leave --steps out"
+        )
+    if saved_world != world_size:
+        raise UsageError(
+            f"{ckpt_path} was written by a run on {saved_world} process(es); resume it with "
+            "the same number ("
+            + ("no --nproc, or --nproc 1" if saved_world == 1 else f"--nproc {saved_world}")
+            + f"), not {world_size}"
+        )
+    if verify_logs:
+        run.verify(logs, step)
+        run.check_paths(figures=config.figures)
+    return ckpt
 
 
-def _check_compatible(saved: TrainConfig, config: TrainConfig) -> None:
-    diff = [
-        f"{name}: checkpoint {getattr(saved, name)!r} vs {getattr(config, name)!r}"
-        for name in _MODEL_FIELDS
-        if getattr(saved, name) != getattr(config, name)
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_config_file(run_dir: Path, saved: dict | None, config: TrainConfig) -> None:
+    """Refuse a ``config.json`` edited in a way a resume cannot honour.
+
+    ``saved``: the checkpoint's configuration (``None``: no checkpoint, the run restarts
+    from step 0 and every field takes effect). A field missing from ``config.json`` is
+    refused (it would fall back to a default silently); with a checkpoint, a field that
+    differs from it is refused unless it is resumable (it then takes effect).
+    """
+    path = run_dir / "config.json"
+    written = RunDir(run_dir, enabled=False).read_config()
+    required = set(saved) if saved is not None else set(TrainConfig.__dataclass_fields__)
+    lost = sorted(required - set(written) - {"out"})
+    if lost:
+        was = f" (the checkpoint has {lost[0]} = {saved[lost[0]]!r})" if saved else ""
+        raise UsageError(
+            f"{path} has no {', '.join(lost)}{was}: a field deleted from it would fall back "
+            "to its default; put it back to resume"
+        )
+    if saved is None:
+        return
+    free = set(resumable_fields()) | {"out"}
+    changed = [
+        f"{name} is {getattr(config, name)!r}, the run was trained with {saved[name]!r}"
+        for name in TrainConfig.__dataclass_fields__
+        if name not in free and name in saved and getattr(config, name) != saved[name]
     ]
-    if diff:
-        raise ValueError("cannot resume with a different configuration: " + "; ".join(diff))
+    if changed:
+        allowed = ", ".join(resumable_fields(flags_only=True))
+        raise UsageError(
+            f"{path}: cannot resume with a different configuration: {'; '.join(changed)} "
+            f"(a resume changes only {allowed} and extra): restore the file, or start a "
+            "new run with another --out"
+        )
 
 
 def _postfix(

@@ -37,6 +37,7 @@ LAYERS = [
     ["fastmlp.backends.cpu", "fastmlp.backends.launch"],
     ["fastmlp.backends.fused"],
     ["fastmlp.op"],
+    ["fastmlp.tensor_parallel"],
     ["fastmlp.layers"],
     ["fastmlp.model_stats"],
     [
@@ -47,10 +48,24 @@ LAYERS = [
         "fastmlp.instrument",
         "fastmlp.tripwire",
     ],
+    # The writers read snapshots; the monitor drives instrument, ModelStats and the
+    # tripwire and hands snapshots to writers. (fastmlp.integrations: above the layers.)
+    [
+        "fastmlp.writers.base",
+        "fastmlp.writers.jsonl",
+        "fastmlp.writers.mlflow",
+        "fastmlp.writers.tensorboard",
+        "fastmlp.writers.wandb",
+    ],
+    ["fastmlp.monitor"],
 ]
-# Above the layers: the run directory, the trainer, the reports and the CLI. They use the
-# public API; among themselves only the cycle check applies.
-SAME_LAYER = {(a, b) for a in KERNELS for b in KERNELS}
+# Above the layers: the run directory, the trainer, the reports, the CLI and the
+# integrations (Lightning, HF Trainer). They use the public API; among themselves only the
+# cycle check applies.
+WRITERS = LAYERS[-2]
+SAME_LAYER = {(a, b) for a in KERNELS for b in KERNELS} | {
+    (a, "fastmlp.writers.base") for a in WRITERS if a != "fastmlp.writers.base"
+}
 # Imports of a package's public interface (its __init__) allowed inside the layers: the
 # Triton backend imports the kernels package.
 PACKAGE_IMPORTS = {("fastmlp.backends.fused", "fastmlp.kernels")}
@@ -158,6 +173,22 @@ def test_imports_point_down_the_layers(layer):
             elif rank[n] > layer or (rank[n] == layer and (m, n) not in SAME_LAYER):
                 bad.append(f"{m} (layer {layer}) imports {n} (layer {rank[n]})")
     assert not bad, "\n".join(bad)
+
+
+# Modules above the layers that tests pin there: they use the model level's public API and
+# nothing below it (no op, backend or kernel).
+ABOVE = ["fastmlp.coordcheck", "fastmlp.commands.coordcheck"]
+
+
+def test_modules_above_the_layers_use_the_public_api():
+    listed = {m for layer in LAYERS for m in layer}
+    low = {m for m in MODULES if m.startswith(("fastmlp.backends", "fastmlp.kernels"))}
+    low |= {"fastmlp.op"}
+    for m in ABOVE:
+        assert m in MODULES and m not in listed, m
+        assert not GRAPH[m] & low, (m, GRAPH[m] & low)
+        # nothing in the layers imports it
+        assert not [n for n in listed if m in GRAPH[n]], m
 
 
 def test_kernels_know_only_the_buffer_layout():

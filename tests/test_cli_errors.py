@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -296,7 +297,7 @@ CASES = [
         "a row edited before the checkpoint's offset",
         _resume(),
         2,
-        "metrics.jsonl holds 7 lines up to the checkpoint's offset, expected 8",
+        "metrics.jsonl line 1 is not a JSON row",
         lambda run, tmp: (run / "metrics.jsonl").write_bytes(
             (run / "metrics.jsonl").read_bytes().replace(b"\n", b" ", 1)
         ),
@@ -307,6 +308,228 @@ CASES = [
         2,
         "is not a version-1 fastmlp checkpoint (version None, no config, step",
         lambda run, tmp: torch.save({"weights": 1}, run / "checkpoint.pt"),
+    ),
+]
+
+
+# ------------------------------------------------- issue 27: resume, checkpoints, paths
+
+
+def _drop_config_field(run: Path, name: str) -> None:
+    config = json.loads((run / "config.json").read_text())
+    del config[name]
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _insert_line(run: Path, name: str, at: int, line: bytes) -> None:
+    rows = (run / name).read_bytes().split(b"\n")
+    (run / name).write_bytes(b"\n".join([*rows[:at], line, *rows[at:]]))
+
+
+def _replace_once(run: Path, name: str, old: bytes, new: bytes) -> None:
+    data = (run / name).read_bytes()
+    assert old in data and len(old) == len(new)
+    (run / name).write_bytes(data.replace(old, new, 1))
+
+
+def _edit_checkpoint(run: Path, edit: Callable[[dict], object]) -> None:
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    edit(state)
+    torch.save(state, run / "checkpoint.pt")
+
+
+def _step_3_as_an_old_checkpoint(state: dict) -> None:
+    """Step edited to 3 in a checkpoint without the step in its log positions (as before
+    issue 27): the rows of steps 5 and 10 before its offsets give it away."""
+    state["step"] = 3
+    for pos in state["logs"].values():
+        del pos["step"], pos["sha256"]
+
+
+def _bad_first_weight(state: dict) -> None:
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.zeros(3, 3)
+
+
+def _disk_full_at_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's temporary file is /dev/full: every write fails with ENOSPC."""
+    real = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.name.startswith(".checkpoint.pt.tmp") and "w" in mode:
+            return real(Path("/dev/full"), mode, *args, **kwargs)
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+
+
+def _bad_mean(run: Path) -> None:
+    data = (run / "stats.jsonl").read_bytes()
+    (run / "stats.jsonl").write_bytes(re.sub(rb'"mean":[^,]+', b'"mean":"abc"', data, count=1))
+
+
+def _figures_file(run: Path) -> None:
+    shutil.rmtree(run / "figures", ignore_errors=True)
+    (run / "figures").write_text("not a folder")
+
+
+CASES += [
+    Case(
+        "config.json with an edited lr",
+        _resume("--steps", "20"),
+        2,
+        "config.json: cannot resume with a different configuration: lr is 0.5, the run was "
+        "trained with 0.05",
+        lambda run, tmp: _edit_config(run, lr=0.5),
+    ),
+    Case(
+        "config.json with an edited eval_every",
+        _resume("--steps", "20"),
+        2,
+        "eval_every is 3, the run was trained with 5",
+        lambda run, tmp: _edit_config(run, eval_every=3),
+    ),
+    Case(
+        "config.json with a deleted field",
+        _resume("--steps", "20"),
+        2,
+        "config.json has no lr (the checkpoint has lr = 0.05)",
+        lambda run, tmp: _drop_config_field(run, "lr"),
+    ),
+    Case(
+        "garbage line inserted in stats.jsonl",
+        _resume("--steps", "20"),
+        2,
+        "stats.jsonl line 4 is not a JSON row",
+        lambda run, tmp: _insert_line(run, "stats.jsonl", 3, b"garbage"),
+    ),
+    Case(
+        "garbage line inserted in metrics.jsonl",
+        _resume("--steps", "20"),
+        2,
+        "metrics.jsonl line 3 is not a JSON row",
+        lambda run, tmp: _insert_line(run, "metrics.jsonl", 2, b"x"),
+    ),
+    Case(
+        "JSON row inserted in metrics.jsonl",
+        _resume("--steps", "20"),
+        2,
+        "metrics.jsonl: the checkpoint's offset",
+        lambda run, tmp: _insert_line(run, "metrics.jsonl", 2, b'{"step":0}'),
+    ),
+    Case(
+        "same-size edit that breaks a row",
+        _resume("--steps", "20"),
+        2,
+        "stats.jsonl line 1 is not a JSON row",
+        lambda run, tmp: _replace_once(run, "stats.jsonl", b'"mean":', b'"mean";'),
+    ),
+    Case(
+        "same-size edit of a value",
+        _resume("--steps", "20"),
+        2,
+        "metrics.jsonl: the first 8 lines differ from those the checkpoint recorded (SHA-256)",
+        lambda run, tmp: _replace_once(run, "metrics.jsonl", b'"step":5,', b'"step":4,'),
+    ),
+    Case(
+        "checkpoint whose step was edited",
+        _resume("--steps", "20"),
+        2,
+        "holds step 5, past the checkpoint's step 3",
+        lambda run, tmp: _edit_checkpoint(run, _step_3_as_an_old_checkpoint),
+    ),
+    Case(
+        "checkpoint whose step was edited upward",
+        _resume("--steps", "20"),
+        2,
+        "checkpoint.pt holds step 12, but its log positions were taken at step 10",
+        lambda run, tmp: _edit_checkpoint(run, lambda s: s.update(step=12)),
+    ),
+    Case(
+        "half-truncated checkpoint",
+        _resume(),
+        2,
+        "is truncated or corrupted and cannot be resumed from",
+        lambda run, tmp: (run / "checkpoint.pt").write_bytes(
+            (run / "checkpoint.pt").read_bytes()[: (run / "checkpoint.pt").stat().st_size // 2]
+        ),
+    ),
+    Case(
+        "text file as checkpoint",
+        _resume(),
+        2,
+        "is truncated or corrupted and cannot be resumed from (unreadable pickle data",
+        lambda run, tmp: (run / "checkpoint.pt").write_text("epoch 10, loss 0.3\n"),
+    ),
+    Case(
+        "checkpoint with bad tensors",
+        _resume("--steps", "20"),
+        2,
+        "checkpoint.pt holds tensors that do not fit this run's model",
+        lambda run, tmp: _edit_checkpoint(run, _bad_first_weight),
+    ),
+    Case(
+        "checkpoint with world_size 0",
+        _resume("--steps", "20"),
+        2,
+        "holds world_size 0: expected a positive number of processes",
+        lambda run, tmp: _edit_checkpoint(run, lambda s: s.update(world_size=0)),
+    ),
+    Case(
+        "disk full while writing a checkpoint",
+        _resume("--steps", "20"),
+        1,
+        "cannot write the checkpoint (No space left on device):",
+        patch=_disk_full_at_checkpoint,
+        rows_grow=True,
+    ),
+    Case(
+        "--seed 2**70",
+        _new("--seed", str(2**70)),
+        2,
+        "--seed: expected an integer in [0, 2**63 - 1], got '1180591620717411303424'",
+        one_line=False,
+    ),
+    Case(
+        "figures path that is a file",
+        _resume("--steps", "20"),
+        2,
+        "figures is a file, expected a directory",
+        lambda run, tmp: _figures_file(run),
+    ),
+    Case(
+        "tb path that is a file",
+        _resume("--steps", "20"),
+        2,
+        "tb is a file, expected a directory",
+        lambda run, tmp: ((run / "tb").write_text("x"), _edit_config(run, tensorboard=True)),
+    ),
+    Case(
+        "--out of a run another process holds",
+        lambda run, tmp: ["train", *FLAGS, "--out", str(run)],
+        2,
+        f"is in use by process {os.getpid()}, which is training a run there: choose another --out",
+    ),
+    Case(
+        "--resume --nproc 2 of a one-process run",
+        _resume("--steps", "20", "--nproc", "2"),
+        2,
+        "written by a run on 1 process(es); resume it with the same number (no --nproc, or "
+        "--nproc 1), not 2",
+    ),
+    Case(
+        "diagnose of a stats row with a bad type",
+        lambda run, tmp: ["diagnose", str(run)],
+        2,
+        'stats.jsonl line 1 has mean = "abc", expected a number or null',
+        lambda run, tmp: _bad_mean(run),
+    ),
+    Case(
+        "plot of a stats row with a bad type",
+        lambda run, tmp: ["plot", str(run), "--out", str(tmp / "figs")],
+        2,
+        'stats.jsonl line 1 has mean = "abc", expected a number or null',
+        lambda run, tmp: _bad_mean(run),
     ),
 ]
 

@@ -89,7 +89,7 @@ def test_unreadable_runs(tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFi
     (broken / "stats.jsonl").write_text("".join([lines[0], "{not json\n", *lines[1:]]))
     assert main(["diagnose", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "stats.jsonl:2 is not a JSON row" in err
+    assert len(err.strip().splitlines()) == 1 and "stats.jsonl line 2 is not a JSON row" in err
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
         (["--lr", "-1"], "expected a positive finite number, got '-1'"),
         (["--lr", "nan"], "expected a positive finite number, got 'nan'"),
         (["--batch-size", "1.5"], "expected a positive integer, got '1.5'"),
-        (["--seed", "-3"], "expected a non-negative integer, got '-3'"),
+        (["--seed", "-3"], "expected an integer in [0, 2**63 - 1], got '-3'"),
         (["--device", "gpu7"], "expected auto, cpu, cuda or cuda:N, got 'gpu7'"),
     ],
 )

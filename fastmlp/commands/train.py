@@ -19,8 +19,10 @@ from pathlib import Path
 from fastmlp import distributed
 from fastmlp.config import KINDS, Kind, TrainConfig, choices, resumable_fields
 from fastmlp.errors import EXIT_INTERRUPTED, RunFailed, UsageError, describe, exit_status
-from fastmlp.run import CHECKPOINT, CheckpointError, hold, load_checkpoint
+from fastmlp.interrupts import EXIT_TERMINATED, Terminated
+from fastmlp.run import CHECKPOINT, CheckpointError, check_new, hold, load_checkpoint
 from fastmlp.train import (
+    check_resume,
     default_run_dir,
     load_config,
     resolve_device,
@@ -51,7 +53,7 @@ device_arg = _arg_type(KINDS["device"])
 
 
 # Flags that may change when resuming (everything else comes from the run's config.json).
-RESUMABLE = resumable_fields()
+RESUMABLE = resumable_fields(flags_only=True)
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,41 +201,34 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             parser.error(str(e))
         resume = False
-        if launching and config.out is not None and (Path(config.out) / "config.json").exists():
-            print(
-                f"fastmlp train: error: {config.out} already holds a run; continue it with "
-                f"--resume {config.out} or choose another --out",
-                file=sys.stderr,
-            )
-            return 2
+        if launching and config.out is not None:
+            check_new(config.out)  # in use, or holding a run: refused before starting N ranks
     if world is None:
         resolve_device(config.device)  # a device that is not there: refused before any work
     if launching:
         if resume:  # refuse what the ranks would refuse before starting N processes
             with hold(config.out, new=False):
-                pass
-            ckpt = Path(config.out) / CHECKPOINT
-            if args.steps is not None and ckpt.is_file():
-                at = load_checkpoint(ckpt)["step"]
-                if at > config.steps:
-                    raise UsageError(
-                        f"{config.out} is at step {at}, past --steps {config.steps}: give "
-                        f"--steps >= {at} to extend it, or leave --steps out"
-                    )
+                if (Path(config.out) / CHECKPOINT).is_file():
+                    check_resume(config.out, config, nproc)
         # The flags were checked here; each of the N ranks runs this command again.
         argv = ["train", *argv_from_args(parser, args, skip=("nproc",))]
         try:
             return distributed.launch(nproc, argv)
-        except Exception as e:  # Ctrl-C reaches torchrun's agent as a SignalException
-            if getattr(e, "sigval", None) != signal.SIGINT:
+        except Exception as e:  # Ctrl-C / SIGTERM reach torchrun's agent as a SignalException
+            sigval = getattr(e, "sigval", None)
+            if sigval not in (signal.SIGINT, signal.SIGTERM):
                 raise
             run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
-            return _interrupted(run_dir)
+            return _interrupted(run_dir, Terminated() if sigval == signal.SIGTERM else None)
     return _train(config, resume=resume, world=world)
 
 
-def _interrupted(run_dir: Path) -> int:
+def _interrupted(run_dir: Path, e: BaseException | None = None) -> int:
+    """One line saying where the interrupted run stands; 130 (Ctrl-C) or 143 (SIGTERM)."""
     note = _checkpoint_note(run_dir) or "no checkpoint was written yet"
+    if isinstance(e, Terminated):
+        print(f"fastmlp train: terminated (SIGTERM); {note}", file=sys.stderr)
+        return EXIT_TERMINATED
     print(f"fastmlp train: interrupted; {note}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
@@ -258,8 +253,8 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
         run_dir = Path(config.out) if config.out is not None else default_run_dir(config)
         try:
             train(config, resume=resume)
-        except KeyboardInterrupt:
-            return _interrupted(run_dir)
+        except KeyboardInterrupt as e:
+            return _interrupted(run_dir, e)
         except Exception as e:
             note = _checkpoint_note(run_dir) if exit_status(e) == 1 else ""
             if note:  # a failure at run time (disk full, a device error) after a checkpoint
@@ -273,9 +268,9 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
         finished = True
-    except KeyboardInterrupt:  # rank 0 says where the run stands; the agent reports the rest
+    except KeyboardInterrupt as e:  # rank 0 says where the run stands; the agent the rest
         if os.environ.get("RANK") == "0" and config.out is not None:
-            status = _interrupted(Path(config.out))
+            status = _interrupted(Path(config.out), e)
         else:
             status = EXIT_INTERRUPTED
     finally:

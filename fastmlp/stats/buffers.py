@@ -276,7 +276,14 @@ class LayerStats(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
-        return {"calibrated": self.calibrated, "bins": self.bins, "partial": sorted(self._partial)}
+        return {
+            "calibrated": self.calibrated,
+            "bins": self.bins,
+            "partial": sorted(self._partial),
+            # the CPU path's centring hints: a window resumed from a checkpoint accumulates
+            # as the uninterrupted one does (restarting them from shift rounds differently)
+            "centers": self.state[CENTER].tolist(),
+        }
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("bins", self.bins) != self.bins:
@@ -285,7 +292,11 @@ class LayerStats(nn.Module):
             )
         self.calibrated = list(state["calibrated"])
         self._partial.update(state.get("partial", ()))
-        self.hint_centers_from_shift()
+        centers = state.get("centers")
+        if centers is not None and len(centers) == self.state.shape[1]:
+            self.state[CENTER] = torch.tensor([float(c) for c in centers], dtype=torch.float64)
+        else:  # saved before the hints were
+            self.hint_centers_from_shift()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f}={getattr(self.config, f)}" for f in FIELDS)
