@@ -130,9 +130,13 @@ def _forward(
     activation: Activation,
     backend: str,
     settings: StatsConfig,
+    *,
+    differentiated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(h, z)`` of one forward pass, by the backend :func:`route` picks; ``z`` is ``None``
-    where the activation's backward does not need it.
+    where the activation's backward does not need it. ``differentiated``: a backward of
+    this pass will follow (the CPU backend then keeps to ``addmm``: see
+    :func:`fastmlp.backends.cpu.forward`).
 
     A forward run while the autograd engine runs a backward is activation checkpointing's
     recomputation (``torch.utils.checkpoint``, reentrant or not, and what builds on it:
@@ -144,9 +148,14 @@ def _forward(
         settings = _recording_nothing(settings)
         how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
         if how == "cpu":
-            return cpu.forward(x, weight, bias, activation, bufs, settings, fuse_activation=False)
+            return cpu.forward(
+                x, weight, bias, activation, bufs, settings, fuse_activation=False, onednn=False
+            )
     else:
         how = route(backend, x, weight, activation, bufs, settings, _FORWARD_QUANTITIES)
+    if how == "cpu":
+        args = (x, weight, bias, activation, bufs, settings)
+        return cpu.forward(*args, onednn=not differentiated)
     return _backend(how).forward(x, weight, bias, activation, bufs, settings)
 
 
@@ -441,7 +450,9 @@ class EagerDenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bufs, activation, backend, settings):  # type: ignore[override]
-        h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+        differentiated = any(ctx.needs_input_grad[:3])
+        args = (x, weight, bias, bufs, activation, backend, settings)
+        h, z = _forward(*args, differentiated=differentiated)
         _save_pass(ctx, x, weight, h, z, bufs, activation, backend, settings)
         return h
 
@@ -461,9 +472,11 @@ class ChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, passes, *params):  # type: ignore[override]
         saved: list[torch.Tensor] = []
+        differentiated = any(ctx.needs_input_grad)
         for i, (bufs, activation, backend, settings) in enumerate(passes):
             weight, bias = params[2 * i], params[2 * i + 1]
-            h, z = _forward(x, weight, bias, bufs, activation, backend, settings)
+            args = (x, weight, bias, bufs, activation, backend, settings)
+            h, z = _forward(*args, differentiated=differentiated)
             saved += (x, weight, _kept(activation, h, z))
             x = h
         ctx.save_for_backward(*saved)

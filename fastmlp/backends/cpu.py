@@ -517,11 +517,13 @@ def _dense(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     activation: Activation | None = None,
+    *,
+    onednn: bool = True,
 ) -> torch.Tensor:
     """``x @ weight.T + bias``, then ``activation`` if given (one of ``_ONEDNN_POST``'s):
-    oneDNN with the activation fused where it measured faster for this shape, else
-    ``addmm`` (cuBLAS/MKL) and the activation."""
-    if _use_onednn(x, weight, bias, activation):
+    with ``onednn``, oneDNN with the activation fused where it measured faster for this
+    shape, else ``addmm`` (cuBLAS/MKL) and the activation."""
+    if onednn and _use_onednn(x, weight, bias, activation):
         return _linear_pointwise(x, weight, bias, activation)
     return _addmm(x, weight, bias, activation)
 
@@ -535,17 +537,22 @@ def forward(
     settings: StatsConfig,
     *,
     fuse_activation: bool = True,
+    onednn: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`fastmlp.backends.reference.forward` for CPU tensors.
 
-    With statistics off and ``fuse_activation``, oneDNN may apply the activation in its
-    matmul (where that timed faster); ``fuse_activation=False`` computes ``z`` then ``h``
-    as with statistics on, bit for bit (what a checkpoint's recomputation of a recorded
-    pass needs). Activations whose backward needs ``z`` (GELU, SiLU) never take oneDNN's
-    fused activation: ``z`` must be kept for the backward anyway."""
+    With ``onednn``, the matmul may run in oneDNN where that timed faster for the shape, and
+    with statistics off and ``fuse_activation`` too, oneDNN may apply the activation in it;
+    ``fuse_activation=False`` computes ``z`` then ``h`` as with statistics on, bit for bit
+    (what a checkpoint's recomputation of a recorded pass needs). Activations whose backward
+    needs ``z`` (GELU, SiLU) never take oneDNN's fused activation: ``z`` must be kept for
+    the backward anyway. The op passes ``onednn=False`` for a pass a backward follows:
+    oneDNN's forward, faster alone, made training steps slower (bench.cadence, 5x1000 tanh
+    network, batch 10, one thread, Intel Xeon family 6 model 167: statistics off at 1.22x
+    plain PyTorch with it, 1.10x and 1.12x without, runs on the same idle machine)."""
     if not settings.enabled and fuse_activation and activation.name in _ONEDNN_POST:
-        return _dense(x, weight, bias, activation), None
-    z = _dense(x, weight, bias)
+        return _dense(x, weight, bias, activation, onednn=onednn), None
+    z = _dense(x, weight, bias, onednn=onednn)
     h = activation.forward(z)
     if settings.enabled:
         record(bufs, settings, PREACTIVATION, z)
