@@ -5,8 +5,10 @@ plain ``nn.Linear`` + ``nn.Tanh``, instrumented with statistics off (``fastmlp-o
 the steps between logs cost) and instrumented under
 ``fastmlp.Monitor(every=100)`` with a JSONL writer on: one step in 100 records every
 statistic and is logged (snapshot, writer, reset, diagnosis), the other 99 run with
-statistics off. The variants' steps alternate, in an order rotated every step, so all
-see the same machine; each repeat is one block of ``every`` steps of each (each
+statistics off; and a second plain network built the same way (``plain-2``), whose ratio
+to the first is the run's own noise floor (where the networks' memory lies alone can
+change a step's time). The variants' steps alternate, in an order rotated every step, so
+all see the same machine; each repeat is one block of ``every`` steps of each (each
 monitor block holds exactly one recorded and logged step). The figures are per-step
 medians over the blocks and the median of the per-block ratios.
 """
@@ -14,7 +16,6 @@ medians over the blocks and the median of the per-block ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -61,10 +62,15 @@ def _trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor=None):
 def measure(batch: int, every: int, repeats: int, depth: int, width: int, log_dir: Path) -> dict:
     """Per-step seconds of both variants at one batch size: steps alternate between the
     variants (so both see the same machine), summed per block of ``every`` steps."""
-    torch.manual_seed(0)
-    plain = _network(1024, width, depth, 10)
-    watched = copy.deepcopy(plain)
-    off = fastmlp.instrument(copy.deepcopy(plain))
+    # Every variant's network built the same way (the same seed, no copies): on a shared CPU
+    # two identical plain networks can run at different speeds for where their memory
+    # lies, so "plain-2", a second plain network, measures that floor in the same run.
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return _network(1024, width, depth, 10)
+
+    plain, plain2, watched = build(), build(), build()
+    off = fastmlp.instrument(build())
     fastmlp.stats_of(off).enabled = False
     x = torch.rand(batch, 1024)
     y = torch.randint(0, 10, (batch,))
@@ -72,6 +78,7 @@ def measure(batch: int, every: int, repeats: int, depth: int, width: int, log_di
     monitor = fastmlp.Monitor(watched, every=every, writers=[writer], diagnose=True)
     fns = {
         "plain": _trainer(plain, x, y),
+        "plain-2": _trainer(plain2, x, y),
         "fastmlp-off": _trainer(off, x, y),
         "monitor": _trainer(watched, x, y, monitor),
     }
@@ -95,6 +102,7 @@ def measure(batch: int, every: int, repeats: int, depth: int, width: int, log_di
     ratios = [m / p for m, p in zip(times["monitor"], times["plain"], strict=True)]
     off_ratios = [o / p for o, p in zip(times["fastmlp-off"], times["plain"], strict=True)]
     over_off = [m / o for m, o in zip(times["monitor"], times["fastmlp-off"], strict=True)]
+    floor = [q / p for q, p in zip(times["plain-2"], times["plain"], strict=True)]
     return {
         "batch": batch,
         "steps_per_variant": repeats * every,
@@ -104,6 +112,8 @@ def measure(batch: int, every: int, repeats: int, depth: int, width: int, log_di
         "ratios": ratios,
         "off_ratio": statistics.median(off_ratios),
         "monitor_over_off": statistics.median(over_off),
+        "plain2_ratio": statistics.median(floor),
+        "plain2_ratios": floor,
         "block_ms": {name: [1e3 * v for v in t] for name, t in times.items()},
     }
 
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"batch {batch:>5}: plain {row['plain_ms']:.2f} ms/step; Monitor(every="
                 f"{args.every}) {row['monitor_ms']:.2f} ms, {row['ratio']:.3f}x plain, "
                 f"{row['monitor_over_off']:.3f}x fastmlp-off; fastmlp-off "
-                f"{row['fastmlp-off_ms']:.2f} ms, {row['off_ratio']:.3f}x plain "
+                f"{row['fastmlp-off_ms']:.2f} ms, {row['off_ratio']:.3f}x plain; a second "
+                f"plain network {row['plain2_ratio']:.3f}x plain "
                 f"({row['steps_per_variant']} steps each)",
                 flush=True,
             )

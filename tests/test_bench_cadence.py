@@ -20,7 +20,7 @@ def test_cadence_bench_writes_its_json(tmp_path, capsys):
     assert [r["batch"] for r in doc["results"]] == [3, 5]
     for r in doc["results"]:
         assert r["steps_per_variant"] == 8 and r["logged_steps"] == 2
-        assert set(r["block_ms"]) == {"plain", "fastmlp-off", "monitor"}
+        assert set(r["block_ms"]) == {"plain", "plain-2", "fastmlp-off", "monitor"}
         assert all(len(v) == 2 and min(v) > 0 for v in r["block_ms"].values())
         blocks = r["block_ms"]
         ratios = [m / p for m, p in zip(blocks["monitor"], blocks["plain"], strict=True)]
