@@ -44,6 +44,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import tokenize
 import warnings
 from dataclasses import dataclass, field
 
@@ -225,7 +226,9 @@ def _forward_tree(cls: type[nn.Module]) -> ast.FunctionDef | ast.AsyncFunctionDe
     source cannot be read or parsed."""
     try:
         fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
+    except (OSError, TypeError, SyntaxError, IndexError, tokenize.TokenError):
+        # (TokenError: inspect read lines that are not the function's, as for code compiled
+        # under a file name whose file holds something else)
         return None
     return fn if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
 

@@ -284,9 +284,11 @@ def test_checkpoint_written_before_the_op_still_loads():
         # the figures of 0.1.0 read as then (rows have gained name, absmax, zero_fraction)
         assert {k: v for k, v in new.items() if k in old} == old
         added = {"name", "absmax", "skewness", "kurtosis", "zero_fraction", "dead_fraction"}
-        added.add("formats")
+        added |= {"formats", "l1", "rms"}
         assert set(new) - set(old) == added
         assert new["zero_fraction"] is None  # not recorded then (and off by default)
+        assert new["l1"] is None  # no abs_sum field then: unknown until a reset
+        assert new["rms"] == pytest.approx(math.hypot(new["std"], new["mean"]), rel=1e-12)
     # and training continues from the loaded calibration
     assert all(model.layers[0].stats.calibrated)
     model(torch.rand(2, a["in_features"])).sum().backward()

@@ -328,3 +328,27 @@ def test_fastmlp_train_on_a_small_image_folder_with_the_default_sizes(tmp_path, 
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert "10% split" in capsys.readouterr().err
+
+
+def test_instrument_survives_source_it_cannot_tokenize(tmp_path):
+    """A model class compiled under a file name whose file holds other lines (exec'd code,
+    an edited file, a notebook cell's name reused): inspect returns lines that do not
+    tokenize. instrument() leaves the pair unfused, saying why, instead of raising
+    tokenize.TokenError."""
+    src = (
+        "class Block(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 4)\n"
+        "        self.act = nn.Tanh()\n"
+        "    def forward(self, x):\n"
+        "        return self.act(self.fc(x))\n"
+    )
+    other = tmp_path / "other.py"
+    other.write_text("x = (\n" * 20)
+    scope: dict = {"nn": torch.nn}
+    exec(compile(src, str(other), "exec"), scope)  # noqa: S102 - the test's own code
+    model = fastmlp.instrument(scope["Block"]())
+    assert [p for p, _ in model.fastmlp_report.lone] == ["fc"]
+    x = torch.randn(3, 4)
+    assert model(x).shape == (3, 4)
