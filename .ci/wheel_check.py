@@ -31,6 +31,14 @@ OPTIONAL: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"pytest"}),
         "the pytest-benchmark suite (pytest bench); pytest is in the dev extra only",
     ),
+    "fastmlp.integrations.lightning": (
+        frozenset({"lightning"}),
+        "the Lightning callback; lightning is the [lightning] extra",
+    ),
+    "fastmlp.integrations.transformers": (
+        frozenset({"transformers"}),
+        "the Hugging Face Trainer callback; transformers is the [transformers] extra",
+    ),
 }
 
 

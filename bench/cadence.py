@@ -62,6 +62,7 @@ def _trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor=None):
 def measure(batch: int, every: int, repeats: int, depth: int, width: int, log_dir: Path) -> dict:
     """Per-step seconds of both variants at one batch size: steps alternate between the
     variants (so both see the same machine), summed per block of ``every`` steps."""
+
     # Every variant's network built the same way (the same seed, no copies): on a shared CPU
     # two identical plain networks can run at different speeds for where their memory
     # lies, so "plain-2", a second plain network, measures that floor in the same run.

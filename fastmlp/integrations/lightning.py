@@ -22,7 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
+try:
+    import lightning.pytorch as pl
+except ModuleNotFoundError as e:  # (the same error, saying which extra installs it)
+    raise ModuleNotFoundError(
+        f"fastmlp.integrations.lightning needs lightning ({e}): pip install 'fastmlp[lightning]'",
+        name=e.name,
+    ) from e
 
 from fastmlp.monitor import Monitor
 from fastmlp.stats.config import StatsConfig

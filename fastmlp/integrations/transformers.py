@@ -29,7 +29,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as e:  # (the same error, saying which extra installs it)
+    raise ModuleNotFoundError(
+        f"fastmlp.integrations.transformers needs transformers ({e}): "
+        f"pip install 'fastmlp[transformers]'",
+        name=e.name,
+    ) from e
 
 from fastmlp.monitor import Monitor
 from fastmlp.stats.config import StatsConfig
