@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from fastmlp.errors import UsageError
-from fastmlp.stats.snapshot import Snapshot
+from fastmlp.stats.snapshot import ROW_FIELDS, Snapshot
 from fastmlp.writers.base import json_safe
 from fastmlp.writers.tensorboard import add_histogram
 
@@ -139,6 +139,11 @@ _NUMBER_OR_NULL = (lambda v: v is None or _is_number(v), "a number or null")
 _TEXT = (lambda v: isinstance(v, str), "a string")
 _TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
 _NUMBERS_OR_NULL = (lambda v: v is None or _numbers(v), "a list of numbers or null")
+# Row fields of stats.jsonl that are not figures (checked each as itself above).
+_STATS_NOT_FIGURES = frozenset(
+    {"layer", "name", "quantity", "count", "nonfinite", "underflow", "overflow", "hist_edges",
+     "hist_counts", "formats"}
+)  # fmt: skip
 _SCHEMAS: dict[str, dict[str, tuple]] = {
     METRICS: {"step": _INT, "split": _TEXT, "loss": _NUMBER_OR_NULL, "error": _NUMBER_OR_NULL},
     STATS: {
@@ -154,26 +159,8 @@ _SCHEMAS: dict[str, dict[str, tuple]] = {
         "hist_edges": _NUMBERS_OR_NULL,
         "hist_counts": _NUMBERS_OR_NULL,
         "formats": (lambda v: v is None or isinstance(v, dict), "an object or null"),
-        **{
-            k: _NUMBER_OR_NULL
-            for k in (
-                "mean",
-                "var",
-                "std",
-                "l1",
-                "rms",
-                "min",
-                "max",
-                "absmax",
-                "skewness",
-                "kurtosis",
-                "zero_fraction",
-                "dead_fraction",
-                "saturated_low",
-                "saturated_high",
-                "saturated",
-            )
-        },  # fmt: skip
+        # every other field of the snapshot's rows is a figure: a number or null
+        **{k: _NUMBER_OR_NULL for k in ROW_FIELDS if k not in _STATS_NOT_FIGURES},
     },
     JACOBIAN: {
         "step": _INT,

@@ -365,9 +365,8 @@ def main(out: str, port: int, seed: int) -> None:
     mp.spawn(worker, args=(WORLD, port, out, seed), nprocs=WORLD)
 
 
-def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
-    """One rank: every case in turn; saves ``rank{rank}.pt`` (a case that raised is saved as
-    ``{"error": traceback}``)."""
+def _join(rank: int, world_size: int, port: int):  # noqa: ANN202 - fastmlp's DistInfo
+    """This spawned process joins the gloo group as ``rank`` (one thread, oneDNN off)."""
     from fastmlp import distributed
 
     os.environ.update(
@@ -379,7 +378,15 @@ def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
         LOCAL_WORLD_SIZE=str(world_size),
     )
     _one_thread_no_onednn()
-    info = distributed.setup(timeout=45)
+    return distributed.setup(timeout=45)
+
+
+def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
+    """One rank: every case in turn; saves ``rank{rank}.pt`` (a case that raised is saved as
+    ``{"error": traceback}``)."""
+    from fastmlp import distributed
+
+    info = _join(rank, world_size, port)
     assert info.backend == "gloo" and info.world_size == world_size == WORLD
     results: dict = {}
     cases = [(f"fsdp-{d}-{r}", fsdp_case, (rank, seed, d, r)) for d, r in FSDP_CASES]
@@ -486,16 +493,7 @@ def mesh2d_worker(rank: int, world_size: int, port: int, out: str, seed: int) ->
     """One rank of the 2-D mesh test: saves ``rank{rank}.pt`` (or its traceback)."""
     from fastmlp import distributed
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    _one_thread_no_onednn()
-    distributed.setup(timeout=45)
+    _join(rank, world_size, port)
     try:
         result = mesh2d_case(seed)
     except Exception:  # noqa: BLE001 - recorded for the test to report
