@@ -62,4 +62,5 @@ def monitor_worker(rank: int, world_size: int, port: int, out: str) -> None:
     if rank == 0:
         same = {str(r): gathered[r] == gathered[0] for r in range(world_size)}
         (Path(out) / "same.json").write_text(json.dumps(same))
-    distributed.cleanup()
+    distributed.cleanup(wait=True)  # a rank leaving while its peer still works can abort it
+    distributed.exit_rank(0)  # the interpreter's teardown can abort a finished gloo rank
