@@ -83,6 +83,7 @@ __all__ = [
     "coord_check",
     "coord_check_mlp",
     "format_predictions",
+    "linear_at_zero",
     "mlp_builder",
     "plot_predictions",
     "predict_variances",
@@ -580,6 +581,21 @@ def _gain_at_zero(activation: Any) -> float:
     e = torch.tensor([-1e-6, 1e-6], dtype=torch.float64)
     v = act.forward(e)
     return float((v[1] - v[0]) / 2e-6)
+
+
+@torch.no_grad()
+def linear_at_zero(activation: Any) -> bool:
+    """Whether eq. 5-6's linear regime describes ``activation``: ``f(0) = 0``, ``f'(0) = 1``
+    and ``f`` odd, so that a layer's output has the variance of ``f'(0) z`` for small ``z``
+    (tanh, softsign, identity; not sigmoid, whose mean is 1/2, nor relu, which halves it)."""
+    act = get_activation(activation) if isinstance(activation, str) else activation
+    z = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    f, g = act.forward(z), act.forward(-z)
+    return (
+        abs(float(f[0])) < 1e-12
+        and abs(_gain_at_zero(act) - 1.0) < 1e-4
+        and bool(torch.allclose(g, -f, rtol=1e-9, atol=1e-12))
+    )
 
 
 def predict_variances(

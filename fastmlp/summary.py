@@ -10,7 +10,10 @@ per-layer table of the last probe, the diagnosis and where everything is.
 With ``twin`` (:func:`twin_at_init`: the same network with the other paper
 initialization, probed once at initialization, no training) it also shows the
 contrast the paper is about (Fig 7): the back-propagated gradient std of each
-layer at initialization under this run's init and under the other one.
+layer at initialization under this run's init and under the other one. With
+``prediction`` (:func:`prediction_at_init`) it shows the paper's eq. 5-6 for the run's own
+network at initialization: the activation and back-propagated gradient variances the
+linear regime predicts per layer, beside the measured ones.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "finish_run",
     "init_contrast",
     "layer_table",
+    "prediction_at_init",
     "read_diagnosis",
     "twin_at_init",
 ]
@@ -110,6 +114,22 @@ def _final_error(run_dir: Path) -> str:
     )
 
 
+def _fresh(model: MLP, init: str, seed: int | None) -> MLP:
+    """``model``'s architecture freshly initialized with ``init`` (seeded by ``seed``)."""
+    from fastmlp.mlp import MLP
+
+    first, last = model.layers[0], model.layers[-1]
+    return MLP(
+        first.in_features,
+        last.out_features,
+        width=list(model.widths),
+        activation=model.activation,
+        init=init,
+        seed=seed,
+        device=first.weight.device,
+    )
+
+
 def twin_at_init(
     model: MLP, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None
 ) -> tuple[str, Snapshot] | None:
@@ -117,23 +137,27 @@ def twin_at_init(
     paper init (standard <-> normalized), probed on ``(x, y)``; ``None`` for other inits.
 
     Costs one forward and backward on the probe set, no training."""
-    from fastmlp.mlp import MLP
     from fastmlp.probe import probe
 
-    first, last = model.layers[0], model.layers[-1]
-    other = _OTHER_INIT.get(first.init)
+    other = _OTHER_INIT.get(model.layers[0].init)
     if other is None:
         return None
-    twin = MLP(
-        first.in_features,
-        last.out_features,
-        width=list(model.widths),
-        activation=model.activation,
-        init=other,
-        seed=seed,
-        device=first.weight.device,
-    )
-    return other, probe(twin, x, y)
+    return other, probe(_fresh(model, other, seed), x, y)
+
+
+def prediction_at_init(
+    model: MLP, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None
+) -> list[dict] | None:
+    """The paper's eq. 5-6 beside the measured variances (:func:`fastmlp.coordcheck.
+    predict_variances`) for ``model``'s network as initialized: its architecture and init,
+    seeded by ``seed`` (the run's seed gives the run's own initial weights), on ``(x, y)``.
+    ``None`` where the linear regime does not describe the activation (sigmoid, relu, ...:
+    :func:`fastmlp.coordcheck.linear_at_zero`). Costs one forward and backward, no training."""
+    from fastmlp.coordcheck import linear_at_zero, predict_variances
+
+    if not linear_at_zero(model.activation):
+        return None
+    return predict_variances(_fresh(model, model.layers[0].init, seed), x, y)
 
 
 def init_contrast(this_init: str, this: Snapshot, other_init: str, other: Snapshot) -> str:
@@ -170,11 +194,13 @@ def finish_run(
     *,
     figures: bool = True,
     twin: tuple[str, Snapshot] | None = None,
+    prediction: list[dict] | None = None,
 ) -> str:
     """Write ``diagnosis.json`` and (with ``figures``) the PNG figures of ``run_dir``; return
     the summary to print. ``twin``: :func:`twin_at_init`'s result, shown beside this run's
-    first probe. A missing optional piece (no probe yet, matplotlib not importable) is said
-    in the text, never raised."""
+    first probe; ``prediction``: :func:`prediction_at_init`'s, the eq. 5-6 table (also
+    written to ``diagnosis.json`` as ``prediction_at_init``). A missing optional piece (no
+    probe yet, matplotlib not importable) is said in the text, never raised."""
     run = Path(run_dir)
     lines: list[str] = []
     err = _final_error(run)
@@ -204,6 +230,8 @@ def finish_run(
             "init": twin[0],
             "findings": [f.to_dict() for f in diagnose(twin[1])],
         }
+    if prediction is not None:
+        extra["prediction_at_init"] = prediction
     (run / DIAGNOSIS).write_text(findings_json(findings, **extra) + "\n")
 
     lines += ["", f"per layer, probe at step {step}:", layer_table(snap), ""]
@@ -218,6 +246,16 @@ def finish_run(
         this_init = _config_init(run)
         lines.append("back-propagated gradient std dC/ds at initialization (paper Fig 7):")
         lines.append(_indent(init_contrast(this_init, first, twin[0], twin[1])))
+        lines.append("")
+    if prediction is not None:
+        from fastmlp.coordcheck import format_predictions
+
+        lines.append("variances at initialization, eq. 5-6 (linear regime) and measured:")
+        lines.append(_indent(format_predictions(prediction)))
+        lines.append(
+            "  ratio: predicted / measured; eq. 5-6 assume units in the linear regime f(s) ~ s,"
+            " a ratio above 1 says they are not (tanh compresses large inputs)"
+        )
         lines.append("")
     if figures:
         lines.append(_draw(run))

@@ -59,7 +59,7 @@ from fastmlp.run import (
     save_checkpoint,
 )
 from fastmlp.stats.snapshot import Snapshot
-from fastmlp.summary import compact_finding, finish_run, twin_at_init
+from fastmlp.summary import compact_finding, finish_run, prediction_at_init, twin_at_init
 from fastmlp.tripwire import NonFinite
 
 __all__ = ["TrainConfig", "check_resume", "default_run_dir", "load_config", "train"]
@@ -254,7 +254,8 @@ def _train(config: TrainConfig, resume: bool, run_dir: Path, device: torch.devic
         elapsed = time.perf_counter() - t0
         x_probe, y_probe = monitor.probe_set
         twin = twin_at_init(model, x_probe, y_probe, seed=config.seed)  # the other paper init
-        report = finish_run(run_dir, figures=config.figures, twin=twin)
+        prediction = prediction_at_init(model, x_probe, y_probe, seed=config.seed)  # eq. 5-6
+        report = finish_run(run_dir, figures=config.figures, twin=twin, prediction=prediction)
         if config.progress:
             print(
                 f"{step - start_step} steps in {elapsed:.1f} s; run written to {run_dir}\n{report}",

@@ -98,3 +98,35 @@ def test_missing_tensorboard_is_said(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "no TensorBoard events" in err and "pip install tensorboard" in err
+
+
+def test_summary_shows_eq5_6_for_the_runs_own_network_at_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The eq. 5-6 table of the run's network at initialization: measured on the run's own
+    initial weights (its step-0 probe), predicted from them; none for relu."""
+    from fastmlp.run import load_run_snapshot
+
+    base = dict(
+        depth=3, width=32, steps=4, eval_every=4, probe_every=4, probe_size=200, valid_size=50,
+        test_size=200, jacobian_every=-1, tensorboard=False, figures=False, seed=7,
+    )  # fmt: skip
+    run = train(TrainConfig(init="normalized", out=str(tmp_path / "tanh"), **base))
+    err = capsys.readouterr().err
+    rows = json.loads((run / "diagnosis.json").read_text())["prediction_at_init"]
+    _, first = load_run_snapshot(run, 0)
+    assert [r["layer"] for r in rows] == sorted(first.layers) == [1, 2, 3, 4]
+    for r in rows:  # the network measured is the run's own at step 0
+        for key, quantity in (("activation_var", "activation"), ("grad_var", "preactivation_grad")):
+            assert r[key]["measured"] == pytest.approx(first[r["layer"]][quantity].var, rel=1e-5)
+    # the factors are the run's weights': normalized init, n_in Var[W] = 2 n_in / (n_in + n_out)
+    for r in rows:
+        expected = 2 * r["n_in"] / (r["n_in"] + r["n_out"])
+        assert r["forward_factor"] == pytest.approx(expected, rel=0.1)
+    assert "variances at initialization, eq. 5-6 (linear regime) and measured:" in err
+    assert re.search(r"layer n_in Var\[W\] act var pred", err)
+
+    run = train(TrainConfig(activation="relu", out=str(tmp_path / "relu"), **base))
+    err = capsys.readouterr().err
+    assert "prediction_at_init" not in json.loads((run / "diagnosis.json").read_text())
+    assert "eq. 5-6" not in err
