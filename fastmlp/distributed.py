@@ -16,7 +16,9 @@ moves them into one rank's buffers before a checkpoint.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import logging
 import math
 import os
 import sys
@@ -50,6 +52,7 @@ __all__ = [
     "describe_failure",
     "exit_rank",
     "launch",
+    "launched",
     "merge_buffers",
     "rank_world",
     "regroup_bins",
@@ -337,13 +340,62 @@ def launch(
         monitor_interval=monitor_interval,
     )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _launched_env(), _quiet_shutdown():
             warnings.simplefilter("ignore", FutureWarning)
             elastic_launch(config, sys.executable)("-u", "-m", module, *[str(a) for a in argv])
     except ChildFailedError as e:
         print(f"{module}: error: {describe_failure(e.failures, nproc)}", file=sys.stderr)
         return 1
     return 0
+
+
+#: Set in the environment of the processes :func:`launch` starts: their launcher reports an
+#: interruption, so they need not (``fastmlp train --nproc`` says it once, not per rank).
+LAUNCHED = "FASTMLP_LAUNCHED"
+
+
+def launched() -> bool:
+    """Whether this process is a rank that :func:`launch` started."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
+@contextlib.contextmanager
+def _launched_env() -> Any:
+    saved = os.environ.get(LAUNCHED)
+    os.environ[LAUNCHED] = "1"  # the agent starts the ranks with this process' environment
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[LAUNCHED]
+        else:
+            os.environ[LAUNCHED] = saved
+
+
+class _ShutdownNotes(logging.Filter):
+    """Drops the agent's warnings that it stops the ranks (on Ctrl-C, SIGTERM or a failed
+    rank): the launching command says what happened in one line."""
+
+    NOTES = ("Received %s death signal", "Sending process %s closing signal")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
+@contextlib.contextmanager
+def _quiet_shutdown() -> Any:
+    loggers = [
+        logging.getLogger("torch.distributed.elastic.agent.server.api"),
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api"),
+    ]
+    notes = _ShutdownNotes()
+    for log in loggers:
+        log.addFilter(notes)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(notes)
 
 
 # Messages of processes that failed because a peer died, not by themselves.

@@ -1,9 +1,10 @@
 """How the ``fastmlp`` command answers Ctrl-C (SIGINT) and SIGTERM.
 
 - While the command is still importing (torch takes a second or more), Ctrl-C ends it at
-  once with one line, ``fastmlp: interrupted``, and exit status 130
-  (:func:`install_early`, called first thing by ``fastmlp/__init__.py``, only when the
-  process is the ``fastmlp`` command).
+  once with one line, ``fastmlp: interrupted``, and exit status 130, and SIGTERM with
+  ``fastmlp: terminated (SIGTERM)`` and 143 (:func:`install_early`, called first thing by
+  ``fastmlp/__init__.py``, only when the process is the ``fastmlp`` command; SIGTERM not
+  in a torchrun rank, which leaves it to torchrun's agent).
 - Once it runs (:func:`handling`): the first Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM
   raises :class:`Terminated`, so the command stops where it is and says where the run stands;
   further signals while it is stopping are ignored (a third Ctrl-C ends it at once,
@@ -41,22 +42,28 @@ def _is_command() -> bool:
 
 
 def _early(signum: int, frame: object) -> None:
+    if signum == signal.SIGTERM:
+        os.write(2, b"fastmlp: terminated (SIGTERM)\n")
+        os._exit(EXIT_TERMINATED)
     os.write(2, b"fastmlp: interrupted\n")
     os._exit(128 + signal.SIGINT)
 
 
 def install_early() -> None:
-    """Ctrl-C during the imports of the ``fastmlp`` command: one line, exit status 130.
+    """Ctrl-C or SIGTERM during the imports of the ``fastmlp`` command: one line, exit status
+    130 or 143.
 
-    Does nothing in any other process (a program that imports fastmlp keeps its own Ctrl-C),
-    outside the main thread, or where SIGINT is not Python's default handler (ignored by a
-    shell's background job, or set by the program)."""
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        and _is_command()
-    ):
+    Does nothing in any other process (a program that imports fastmlp keeps its own
+    handlers) or outside the main thread; leaves a signal alone where its handler is not
+    Python's default (SIGINT ignored by a shell's background job, or a handler the program
+    set), and SIGTERM in a torchrun rank (``RANK`` set: torchrun's agent stops its ranks
+    with it)."""
+    if threading.current_thread() is not threading.main_thread() or not _is_command():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _early)
+    if "RANK" not in os.environ and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _early)
 
 
 class _Handler:
@@ -99,8 +106,12 @@ def handling(*, sigterm: bool = True) -> Iterator[None]:
         for s, h in saved.items():
             if ending:
                 signal.signal(s, signal.SIG_IGN)
+            elif h is _early:
+                signal.signal(
+                    s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler
+                )
             else:
-                signal.signal(s, signal.default_int_handler if h is _early else h)
+                signal.signal(s, h)
 
 
 install_early()  # on import: fastmlp/__init__.py imports this module before anything heavy

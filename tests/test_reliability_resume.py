@@ -171,11 +171,13 @@ def _default_sigint() -> None:
 
 def _start(*args: str) -> subprocess.Popen:
     # SIGINT as a terminal delivers it, also when this suite runs as a background job (whose
-    # children inherit an ignored SIGINT from the shell)
+    # children inherit an ignored SIGINT from the shell); a process group of its own, as a
+    # terminal's job has (Ctrl-C reaches every process of it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-P", "-m", "fastmlp", "train", *args], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+        start_new_session=True,
     )  # fmt: skip
 
 
@@ -198,7 +200,15 @@ def _finish(proc: subprocess.Popen) -> str:
     return err
 
 
-def test_ctrl_c_during_the_imports_is_one_line_and_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [(signal.SIGINT, 130, "fastmlp: interrupted"),
+     (signal.SIGTERM, 143, "fastmlp: terminated (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"],
+)  # fmt: skip
+def test_a_signal_during_the_imports_is_one_line_and_its_status(
+    tmp_path: Path, signum: int, status: int, line: str
+) -> None:
     proc = _start(*FLAGS, "--steps", "5", "--out", str(tmp_path / "run"))
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 30
@@ -209,11 +219,39 @@ def test_ctrl_c_during_the_imports_is_one_line_and_130(tmp_path: Path) -> None:
         time.sleep(0.01)
     if not maps.exists():
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     err = _finish(proc)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["fastmlp: interrupted"], err
+    assert proc.returncode == status, err
+    assert err.strip().splitlines() == [line], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "whole_group", "status", "said"),
+    [(signal.SIGINT, True, 130, "interrupted"),
+     (signal.SIGTERM, False, 143, "terminated (SIGTERM)")],
+    ids=["ctrl-c-to-the-job", "sigterm-to-the-launcher"],
+)  # fmt: skip
+def test_a_signal_to_an_nproc_2_run_is_one_line(
+    tmp_path: Path, signum: int, whole_group: bool, status: int, said: str
+) -> None:
+    """``fastmlp train --nproc 2``: Ctrl-C (every process of the job gets SIGINT) or SIGTERM
+    to the launcher alone: one line, from the launcher, none from rank 0 or torchrun's agent."""
+    run = tmp_path / "run"
+    proc = _start(*FLAGS, "--nproc", "2", "--steps", "100000000", "--out", str(run))
+    _after_checkpoint(run, proc)
+    if whole_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    err = _finish(proc)
+    assert proc.returncode == status, err
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    assert err.strip().splitlines() == [
+        f"fastmlp train: {said}; {run}/checkpoint.pt (step {step}) is intact: "
+        f"continue with fastmlp train --resume {run}"
+    ], err
 
 
 def test_sigterm_says_where_the_run_stands_and_exits_143(tmp_path: Path) -> None:

@@ -268,8 +268,8 @@ def _train(config: TrainConfig, *, resume: bool, world: int | None) -> int:
         # Errors are recorded for torchrun's agent, which reports the failing rank.
         distributed.run_recorded(train, config, resume=resume)
         finished = True
-    except KeyboardInterrupt as e:  # rank 0 says where the run stands; the agent the rest
-        if os.environ.get("RANK") == "0" and config.out is not None:
+    except KeyboardInterrupt as e:  # rank 0 says where the run stands, unless --nproc will
+        if os.environ.get("RANK") == "0" and config.out is not None and not distributed.launched():
             status = _interrupted(Path(config.out), e)
         else:
             status = EXIT_INTERRUPTED
