@@ -516,7 +516,8 @@ def dense_chain(
     settings)``; the same values, gradients and statistics. In plain eager mode it is one
     autograd node for the whole chain (:class:`ChainFunction`); otherwise one :func:`dense`
     a pass (what tracing and modes see is the same either way: one op node a pass)."""
-    if not _eager():
+    plain = (_plain(x, params[2 * i], params[2 * i + 1], *p[1:]) for i, p in enumerate(passes))
+    if not _eager() or all(plain):
         for i, (bufs, activation, backend, settings) in enumerate(passes):
             x = dense(x, params[2 * i], params[2 * i + 1], bufs, activation, backend, settings)
         return x
@@ -535,8 +536,39 @@ def dense(
     """``f(x W^T + b)`` for a 2-D ``x``, recording statistics into ``bufs`` when
     ``settings.enabled``; differentiable in ``x``, ``weight`` and ``bias``."""
     if _eager():
+        if _plain(x, weight, bias, activation, backend, settings):
+            return activation.forward(torch.nn.functional.linear(x, weight, bias))
         return EagerDenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)
     return DenseFunction.apply(x, weight, bias, bufs, activation, backend, settings)[0]
+
+
+# Activations that PyTorch differentiates with one node of its own (the registry's objects).
+_NATIVE = frozenset(("identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"))
+
+
+def _plain(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: Activation,
+    backend: str,
+    settings: StatsConfig,
+) -> bool:
+    """Whether an eager pass is plain PyTorch's ``linear`` and activation, with PyTorch's own
+    autograd nodes: statistics off, on the CPU backend, where a gradient is taken (what
+    :func:`fastmlp.backends.cpu.forward` computes there, ``addmm`` then the activation, but
+    without a Python autograd node's cost a pass, forward and backward: the steps a
+    :class:`fastmlp.Monitor` does not record cost what plain ``nn.Linear`` steps cost).
+    Without gradients the CPU backend's own forward stays (oneDNN where it times faster)."""
+    return (
+        not settings.enabled
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        and x.device.type == "cpu"
+        and backend != "triton"
+        and activation.name in _NATIVE
+        and get_activation(activation.name) is activation
+    )
 
 
 class RowwiseFunction(torch.autograd.Function):

@@ -59,7 +59,9 @@ def test_outputs_and_gradients_equal_plain_pytorch(act, batch, bias):
 def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     """oneDNN's fused matmul (with the activation fused into it when no statistics need the
     pre-activation), forced here whatever the per-shape measurement would choose, still
-    equals nn.Linear + activation, and equals the MKL path with oneDNN switched off."""
+    equals nn.Linear + activation, and equals the MKL path with oneDNN switched off. With
+    statistics off, a pass with gradients is PyTorch's own linear and activation, and oneDNN
+    runs where no gradient is taken."""
     from fastmlp.backends import cpu
 
     used = []
@@ -82,6 +84,12 @@ def test_onednn_path_equals_plain_pytorch(act, bias, stats, monkeypatch):
     xa = x.clone().requires_grad_(True)
     out = layer(xa)
     out.backward(up)
+    if not stats and act != "softsign":  # (softsign has no autograd node of PyTorch's)
+        assert not any(used)  # PyTorch's own linear and activation, no CPU backend call
+        assert torch.equal(out, torch_act(act, _plain(layer)(x)))
+        layer.requires_grad_(False)  # no gradient: the CPU backend's forward, oneDNN
+        torch.testing.assert_close(layer(x), out, **close)
+        layer.requires_grad_(True)
     assert any(used) == cpu._onednn_works()
     if torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64"):
         assert cpu._onednn_works()  # CI's machine: the oneDNN path is really tested
@@ -585,3 +593,42 @@ def test_a_lone_layer_output_modified_in_place_still_trains(inplace):
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert fastmlp.stats_of(model).snapshot()[1]["preactivation_grad"].count == 6 * 5
+
+
+@pytest.mark.parametrize("build", ["instrument", "mlp"])
+def test_statistics_off_training_step_is_plain_pytorch_bit_for_bit(build):
+    """With statistics off (a Monitor's unrecorded steps), a CPU training step runs PyTorch's
+    own linear and activation nodes: outputs and every gradient equal the uninstrumented
+    network's bit for bit, and the autograd graph holds no fastmlp node."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(33, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(),
+                          nn.Linear(40, 7))  # fmt: skip
+    if build == "instrument":
+        model = fastmlp.instrument(copy.deepcopy(plain))
+    else:
+        model = MLP(33, 7, width=[40, 40], activation="tanh")
+        for layer, lin in zip(model.layers, plain[::2], strict=True):
+            with torch.no_grad():
+                layer.weight.copy_(lin.weight)
+                layer.bias.copy_(lin.bias)
+    ModelStats(model).enabled = False
+    x = torch.randn(19, 33)
+    y = torch.randint(0, 7, (19,))
+    outs = []
+    for net in (plain, model):
+        out = net(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert type(outs[1].grad_fn).__name__ == "AddmmBackward0"
+    nodes, todo = set(), [outs[1].grad_fn]
+    while todo:
+        node = todo.pop()
+        nodes.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions if n is not None]
+    assert not any("Dense" in n or "Chain" in n for n in nodes), nodes
+    plain_grads = [p.grad for p in plain.parameters()]
+    model_grads = [p.grad for p in model.parameters()]
+    assert len(plain_grads) == len(model_grads) == 6
+    for a, b in zip(plain_grads, model_grads, strict=True):
+        assert torch.equal(a, b)
