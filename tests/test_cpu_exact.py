@@ -79,3 +79,41 @@ def test_long_tensor_of_equal_magnitudes_keeps_its_variance():
         update(stats, WEIGHT_GRAD, x)
     qs = Snapshot.from_layers([(1, stats)])[1]["weight_grad"]
     _check(qs, [b.numpy() for b in batches])
+
+
+@pytest.mark.parametrize(
+    "case", ["normal", "offset", "power_of_two_max", "zeros", "float32_sum_overflows", "nan"]
+)
+def test_calibration_matches_the_reference(case):
+    """The CPU path's calibration (each quantity's first batch after a reset) fixes what the
+    reference's does: the same histogram range, bit for bit, and the shift at the batch mean
+    (within float32 summation error of the float64 mean); non-finite batches as the
+    reference treats them."""
+    from fastmlp import get_activation
+    from fastmlp.backends import reference
+    from fastmlp.stats import LayerStats
+    from fastmlp.stats.layout import CALIBRATED, NONFINITE
+
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    x = torch.randn(300_000, generator=g) * 0.01
+    if case == "offset":
+        x += 3.0
+    elif case == "power_of_two_max":
+        x[123] = -0.5  # |x| max exactly a power of two: the range is the next one, 1
+    elif case == "zeros":
+        x.zero_()
+    elif case == "float32_sum_overflows":
+        x[:10] = 3e38
+    elif case == "nan":
+        x[7] = float("nan")
+    got, want = (LayerStats(get_activation("identity")) for _ in range(2))
+    for q in range(len(QUANTITIES)):
+        cpu._calibrate(got.buffers_tuple(), q, x, fixed=False)
+        reference.calibrate(want.buffers_tuple(), q, x, fixed=False)
+    assert torch.equal(got.hist_range, want.hist_range)
+    assert torch.equal(got.state[CALIBRATED], want.state[CALIBRATED])
+    assert torch.equal(got.acc[:, NONFINITE], want.acc[:, NONFINITE])
+    spread = float(x[torch.isfinite(x)].double().std()) + 1e-30
+    torch.testing.assert_close(got.shift, want.shift, rtol=1e-6, atol=1e-6 * spread)
+    if case == "power_of_two_max":
+        assert got.hist_range[0].tolist() == [-1.0, 1.0]
