@@ -43,7 +43,7 @@ from types import ModuleType
 
 import torch
 
-from fastmlp.activations import Activation, get_activation
+from fastmlp.activations import ACTIVATIONS, Activation, get_activation
 from fastmlp.backends import cpu, reference
 from fastmlp.backends.determinism import is_deterministic, set_deterministic
 from fastmlp.stats.buffers import calibration_flags
@@ -560,14 +560,15 @@ def _plain(
     without a Python autograd node's cost a pass, forward and backward: the steps a
     :class:`fastmlp.Monitor` does not record cost what plain ``nn.Linear`` steps cost).
     Without gradients the CPU backend's own forward stays (oneDNN where it times faster)."""
+    # (x.is_cpu, not x.device.type: creating the device object cost more than all the rest)
     return (
         not settings.enabled
+        and x.is_cpu
+        and backend != "triton"
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-        and x.device.type == "cpu"
-        and backend != "triton"
         and activation.name in _NATIVE
-        and get_activation(activation.name) is activation
+        and ACTIVATIONS.get(activation.name) is activation
     )
 
 
