@@ -104,7 +104,18 @@ def test_save_checkpoint_is_atomic_and_weights_only(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
 
 
-def test_ctrl_c_in_the_middle_of_a_checkpoint_write_lets_it_finish(tmp_path, monkeypatch):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler during the test, also where the suite runs as a shell's
+    background job (which starts with SIGINT ignored)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_ctrl_c_in_the_middle_of_a_checkpoint_write_lets_it_finish(
+    tmp_path, monkeypatch, python_ctrl_c
+):
     """SIGINT arriving inside torch.save's write: the C++ writer would turn the interrupt
     into a RuntimeError ("unexpected pos") and the CLI would report a failure (exit 1);
     the write finishes, then KeyboardInterrupt is raised, and the new checkpoint is whole."""
