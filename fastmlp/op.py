@@ -514,12 +514,18 @@ def dense_chain(
     """:func:`dense` applied pass after pass to the 2-D ``x``: pass ``i`` with weight
     ``params[2 i]``, bias ``params[2 i + 1]`` and ``passes[i] = (bufs, activation, backend,
     settings)``; the same values, gradients and statistics. In plain eager mode it is one
-    autograd node for the whole chain (:class:`ChainFunction`); otherwise one :func:`dense`
-    a pass (what tracing and modes see is the same either way: one op node a pass)."""
-    plain = (_plain(x, params[2 * i], params[2 * i + 1], *p[1:]) for i, p in enumerate(passes))
-    if not _eager() or all(plain):
+    autograd node for the whole chain (:class:`ChainFunction`), or PyTorch's own nodes where
+    every pass is plain (:func:`_plain`); otherwise one :func:`dense` a pass (what tracing
+    and modes see is the same either way: one op node a pass)."""
+    if not _eager():
         for i, (bufs, activation, backend, settings) in enumerate(passes):
             x = dense(x, params[2 * i], params[2 * i + 1], bufs, activation, backend, settings)
+        return x
+    # Each pass checked with the chain's input: a pass that passes then passes with its own
+    # input too (which needs a gradient where the chain's input does), so it is checked once.
+    if all(_plain(x, params[2 * i], params[2 * i + 1], *p[1:]) for i, p in enumerate(passes)):
+        for i, (_, activation, _, _) in enumerate(passes):
+            x = activation.forward(torch.nn.functional.linear(x, params[2 * i], params[2 * i + 1]))
         return x
     return ChainFunction.apply(x, passes, *params)
 
